@@ -1,0 +1,46 @@
+"""jaxreg: learned deformable CT registration in JAX (a TotalRegistrator reimplementation).
+
+Modules, each one idea:
+
+* :mod:`jaxreg.grid` -- identity grids, voxel <-> world maps, field units.
+* :mod:`jaxreg.warp` -- the differentiable pull-back warp (``jaxreg.warp.warp``;
+  the top-level name ``warp`` is this module).
+* :mod:`jaxreg.fields` -- compose, integrate (scaling and squaring), resize,
+  Jacobian determinant.
+* :mod:`jaxreg.decompose` -- combine K sub-fields into one displacement.
+"""
+
+__version__ = "0.1.0"
+
+from jaxreg import decompose as decompose
+from jaxreg import fields as fields
+from jaxreg import grid as grid
+from jaxreg import warp as warp
+from jaxreg.decompose import combine as combine
+from jaxreg.decompose import compose_all as compose_all
+from jaxreg.decompose import compose_all_svf as compose_all_svf
+from jaxreg.decompose import sum_all as sum_all
+from jaxreg.fields import compose as compose
+from jaxreg.fields import integrate as integrate
+from jaxreg.fields import jacobian_determinant as jacobian_determinant
+from jaxreg.fields import resize as resize
+from jaxreg.grid import identity_grid as identity_grid
+from jaxreg.warp import warp_batch as warp_batch
+
+__all__ = [
+    "__version__",
+    "combine",
+    "compose",
+    "compose_all",
+    "compose_all_svf",
+    "decompose",
+    "fields",
+    "grid",
+    "identity_grid",
+    "integrate",
+    "jacobian_determinant",
+    "resize",
+    "sum_all",
+    "warp",
+    "warp_batch",
+]

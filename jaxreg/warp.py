@@ -1,0 +1,210 @@
+"""Differentiable resampling of volumes: the pull-back warp.
+
+``warp(image, u)(x) = image(x + u(x))`` for every voxel ``x`` of the output
+grid, with ``u`` in voxels. Sampling is a flat-index gather: each coordinate
+array is floored separately, the 8 trilinear corners become int32 indices into
+the flattened volume, and each channel is gathered as a scalar array (gathering
+rows of a channels-last ``[N, C]`` array is ~20x slower on XLA:CPU).
+
+Border rule (``padding``):
+
+* ``"constant"``: every corner outside the volume contributes ``cval``
+  (per-corner padding). Equals ``scipy.ndimage.map_coordinates(...,
+  mode="grid-constant")``, ``jax.scipy.ndimage.map_coordinates(...,
+  mode="constant")`` and torch ``grid_sample(padding_mode="zeros",
+  align_corners=True)`` for ``cval=0``.
+* ``"border"``: corner indices are clamped to the volume, i.e. the edge value
+  extends outwards. Equals scipy ``mode="nearest"`` and torch
+  ``padding_mode="border"``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["sample", "warp", "warp_batch", "PADDINGS"]
+
+PADDINGS = ("constant", "border")
+
+
+def _check_options(order: int, padding: str) -> None:
+  if order not in (0, 1):
+    raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {order!r}")
+  if padding not in PADDINGS:
+    raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def _axis_terms(c: jax.Array, n: int, padding: str):
+  """Lower/upper corner index and weights along one axis.
+
+  Returns ``(i0, i1, w0, w1)``: clamped int32 indices and the linear weights,
+  with weights of out-of-volume corners set to zero for constant padding.
+  """
+  f = jnp.floor(c)
+  t = c - f
+  i0 = f.astype(jnp.int32)
+  i1 = i0 + 1
+  w0, w1 = 1.0 - t, t
+  if padding == "constant":
+    w0 = jnp.where((i0 >= 0) & (i0 < n), w0, 0.0)
+    w1 = jnp.where((i1 >= 0) & (i1 < n), w1, 0.0)
+  return jnp.clip(i0, 0, n - 1), jnp.clip(i1, 0, n - 1), w0, w1
+
+
+def _trilinear(channels, coords, shape, padding, cval):
+  """Trilinear samples of each flat channel at the three coordinate arrays."""
+  nx, ny, nz = shape
+  (x0, x1, wx0, wx1), (y0, y1, wy0, wy1), (z0, z1, wz0, wz1) = (
+      _axis_terms(c, n, padding) for c, n in zip(coords, shape))
+  # Flat index pieces, combined per corner: (ix * ny + iy) * nz + iz.
+  xs = ((x0 * ny, wx0), (x1 * ny, wx1))
+  ys = ((y0, wy0), (y1, wy1))
+  zs = ((z0, wz0), (z1, wz1))
+  outs = [0.0] * len(channels)
+  for ix, wx in xs:
+    for iy, wy in ys:
+      ixy = (ix + iy) * nz
+      wxy = wx * wy
+      for iz, wz in zs:
+        idx = ixy + iz
+        w = wxy * wz
+        for k, ch in enumerate(channels):
+          outs[k] = outs[k] + w * ch[idx]
+  if padding == "constant" and cval != 0:
+    # Corners outside the volume carry weight (1 - sum of in-volume weights).
+    inside = (wx0 + wx1) * (wy0 + wy1) * (wz0 + wz1)
+    outs = [o + cval * (1.0 - inside) for o in outs]
+  return outs
+
+
+def _nearest(channels, coords, shape, padding, cval):
+  """Nearest-neighbour samples (round half up, as scipy) of each flat channel."""
+  nx, ny, nz = shape
+  idx = [jnp.floor(c + 0.5).astype(jnp.int32) for c in coords]
+  inside = None
+  if padding == "constant":
+    inside = functools.reduce(
+        jnp.logical_and, [(i >= 0) & (i < n) for i, n in zip(idx, shape)])
+  ix, iy, iz = (jnp.clip(i, 0, n - 1) for i, n in zip(idx, shape))
+  flat = (ix * ny + iy) * nz + iz
+  outs = [ch[flat] for ch in channels]
+  if inside is not None:
+    outs = [jnp.where(inside, o, jnp.asarray(cval, o.dtype)) for o in outs]
+  return outs
+
+
+def _check_image(image, name: str = "image") -> None:
+  if np.ndim(image) not in (3, 4):
+    raise ValueError(
+        f"{name} must be [X, Y, Z] or [X, Y, Z, C], got shape {np.shape(image)}")
+
+
+def sample(image: jax.Array, coords: jax.Array, *, order: int = 1,
+           padding: str = "constant", cval: float = 0.0) -> jax.Array:
+  """Sample a volume at arbitrary voxel coordinates.
+
+  Args:
+    image: ``[X, Y, Z]`` or ``[X, Y, Z, C]`` volume.
+    coords: ``[..., 3]`` voxel coordinates into ``image`` (array axis order).
+    order: 1 for trilinear (differentiable in ``image`` and ``coords``), 0 for
+      nearest neighbour (rounding half up; for label maps; keeps ``image``'s
+      dtype).
+    padding: ``"constant"`` or ``"border"`` (see the module docstring).
+    cval: value outside the volume for ``padding="constant"``.
+
+  Returns:
+    ``[...]`` or ``[..., C]`` samples. Trilinear output is floating point.
+
+  Raises:
+    ValueError: bad rank, trailing size of ``coords``, ``order`` or ``padding``.
+  """
+  _check_options(order, padding)
+  _check_image(image)
+  if np.ndim(coords) < 1 or np.shape(coords)[-1] != 3:
+    raise ValueError(f"coords must be [..., 3] voxel coordinates, got shape {np.shape(coords)}")
+  image = jnp.asarray(image)
+  coords = jnp.asarray(coords)
+  has_channels = image.ndim == 4
+  shape = image.shape[:3]
+  if order == 1 and not jnp.issubdtype(image.dtype, jnp.floating):
+    image = image.astype(jnp.result_type(coords.dtype, jnp.float32))
+  if not jnp.issubdtype(coords.dtype, jnp.floating):
+    coords = coords.astype(jnp.float32)
+  n_ch = image.shape[3] if has_channels else 1
+  flat = image.reshape(-1, n_ch) if has_channels else image.reshape(-1, 1)
+  channels = [flat[:, k] for k in range(n_ch)]
+  xyz = [coords[..., i] for i in range(3)]
+  fn = _trilinear if order == 1 else _nearest
+  outs = fn(channels, xyz, shape, padding, cval)
+  return jnp.stack(outs, axis=-1) if has_channels else outs[0]
+
+
+def warp(image: jax.Array, disp: jax.Array, *, order: int = 1,
+         padding: str = "constant", cval: float = 0.0) -> jax.Array:
+  """Pull-back warp: ``out(x) = image(x + disp(x))``.
+
+  Args:
+    image: ``[X, Y, Z]`` or ``[X, Y, Z, C]`` volume (the moving image).
+    disp: ``[X, Y, Z, 3]`` displacement in **voxels** of the output (fixed)
+      grid, component ``i`` along array axis ``i``. ``image`` must lie on the
+      same grid.
+    order: 1 trilinear, 0 nearest neighbour (label maps; dtype kept).
+    padding: ``"constant"`` (``cval`` outside, per corner) or ``"border"``
+      (edge value extends outwards).
+    cval: value outside the volume for ``padding="constant"``.
+
+  Returns:
+    Warped volume, same shape as ``image``.
+
+  Raises:
+    ValueError: wrong ranks, or ``disp``'s grid differs from ``image``'s.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> img = jnp.arange(4.0)[:, None, None] * jnp.ones((4, 2, 2))
+    >>> shift = jnp.zeros((4, 2, 2, 3)).at[..., 0].set(1.0)
+    >>> warp(img, shift, padding="border")[:, 0, 0].tolist()
+    [1.0, 2.0, 3.0, 3.0]
+  """
+  _check_image(image)
+  if np.ndim(disp) != 4 or np.shape(disp)[-1] != 3:
+    raise ValueError(f"disp must be [X, Y, Z, 3] (voxels), got shape {np.shape(disp)}")
+  if tuple(np.shape(disp)[:3]) != tuple(np.shape(image)[:3]):
+    raise ValueError(
+        f"disp grid {tuple(np.shape(disp)[:3])} differs from image grid "
+        f"{tuple(np.shape(image)[:3])}; resample one onto the other first")
+  disp = jnp.asarray(disp)
+  if not jnp.issubdtype(disp.dtype, jnp.floating):
+    disp = disp.astype(jnp.float32)
+  shape = disp.shape[:3]
+  axes = [jnp.arange(n, dtype=disp.dtype) for n in shape]
+  grid = jnp.meshgrid(*axes, indexing="ij")
+  coords = jnp.stack([g + disp[..., i] for i, g in enumerate(grid)], axis=-1)
+  return sample(image, coords, order=order, padding=padding, cval=cval)
+
+
+def warp_batch(image: jax.Array, disp: jax.Array, *, order: int = 1,
+               padding: str = "constant", cval: float = 0.0) -> jax.Array:
+  """:func:`warp` over a leading batch axis.
+
+  Args:
+    image: ``[B, X, Y, Z]`` or ``[B, X, Y, Z, C]``.
+    disp: ``[B, X, Y, Z, 3]`` displacements in voxels.
+    order, padding, cval: as in :func:`warp`.
+
+  Returns:
+    ``[B, ...]`` warped volumes, same shape as ``image``.
+  """
+  if np.ndim(image) not in (4, 5) or np.ndim(disp) != 5:
+    raise ValueError(
+        f"warp_batch needs image [B, X, Y, Z(, C)] and disp [B, X, Y, Z, 3], got "
+        f"image {np.shape(image)} and disp {np.shape(disp)}")
+  if np.shape(image)[0] != np.shape(disp)[0]:
+    raise ValueError(
+        f"batch sizes differ: image {np.shape(image)} vs disp {np.shape(disp)}")
+  fn = functools.partial(warp, order=order, padding=padding, cval=cval)
+  return jax.vmap(fn)(image, disp)
