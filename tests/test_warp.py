@@ -85,30 +85,48 @@ def _central_difference(f, x, index, eps):
   return (f(xp) - f(xm)) / (2 * eps)
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("padding,cval", [("constant", 0.0), ("constant", 2.5), ("border", 0.0)])
+@pytest.mark.parametrize("channels", [None, 2])
+def test_gradients_match_finite_differences(padding, cval, channels):
   rng = np.random.default_rng(5)
   shape = (8, 9, 7)
-  img = rng.normal(size=shape)
-  disp = rng.uniform(-1.5, 1.5, size=shape + (3,))
+  img = rng.normal(size=shape + ((channels,) if channels else ()))
+  # Amplitude 2.5 on an 8-voxel grid: many samples, and their gradients, fall outside.
+  disp = rng.uniform(-2.5, 2.5, size=shape + (3,))
   # Keep samples away from cell edges, where trilinear interpolation has kinks.
   frac = (np.indices(shape).transpose(1, 2, 3, 0) + disp) % 1.0
   disp = np.where((frac < 0.05) | (frac > 0.95), disp + 0.2, disp)
-  weights = rng.normal(size=shape)
+  weights = rng.normal(size=img.shape)
 
   with jax.enable_x64(True):
     def loss(image, d):
-      return jnp.sum(W.warp(image, d) * weights)
+      return jnp.sum(W.warp(image, d, padding=padding, cval=cval) * weights)
 
     g_img, g_disp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(img), jnp.asarray(disp))
     f_img = lambda x: float(loss(jnp.asarray(x), jnp.asarray(disp)))
     f_disp = lambda d: float(loss(jnp.asarray(img), jnp.asarray(d)))
-    for _ in range(12):
-      i = tuple(rng.integers(0, n) for n in shape)
+    for _ in range(10):
+      i = tuple(int(rng.integers(0, n)) for n in img.shape)
       np.testing.assert_allclose(g_img[i], _central_difference(f_img, img, i, 1e-3),
                                  rtol=1e-6, atol=1e-8)
-      j = i + (int(rng.integers(0, 3)),)
+      j = i[:3] + (int(rng.integers(0, 3)),)
       np.testing.assert_allclose(g_disp[j], _central_difference(f_disp, disp, j, 1e-5),
                                  rtol=1e-5, atol=1e-8)
+    # Forward mode agrees with finite differences along a random direction.
+    direction = rng.normal(size=disp.shape)
+    _, jvp = jax.jvp(lambda d: loss(jnp.asarray(img), d), (jnp.asarray(disp),),
+                     (jnp.asarray(direction),))
+    eps = 1e-6
+    fd = (f_disp(disp + eps * direction) - f_disp(disp - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(float(jvp), fd, rtol=1e-4)
+
+
+def test_gradient_is_zero_far_outside():
+  img = np.random.default_rng(9).normal(size=(8, 8, 8)).astype(np.float32)
+  disp = np.full((8, 8, 8, 3), 20.0, np.float32)
+  for padding in ("constant", "border"):
+    g = jax.grad(lambda d: W.warp(img, d, padding=padding).sum())(disp)
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
 def test_batch_equals_loop_and_jit_equals_eager():
