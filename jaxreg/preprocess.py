@@ -1,0 +1,260 @@
+"""Put a fixed/moving pair on one model grid, and map results back to the fixed image.
+
+The **model grid** is derived from the fixed image: axis-aligned with the world
+(RAS+, canonical orientation), isotropic (``spacing`` mm, default 2), centred
+on the fixed image's field of view and padded (or cropped, with ``max_shape``)
+to a shape divisible by the UNet's stride. Both images are resampled onto it
+in one interpolation each (orientation, spacing and field of view at once);
+the moving image may differ from the fixed one in all of those. Outside its
+field of view an image reads as air.
+
+A field predicted on the model grid (voxels of that grid) is brought back to
+the **original fixed grid** with :func:`field_to_world` (world mm, RAS+) and
+applied to the original moving image with :func:`resample_moving`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage as ndi
+
+from jaxreg import grid as _grid
+from jaxreg import warp as _warp
+from jaxreg.io import InputError, Volume
+
+__all__ = [
+    "Grid",
+    "PreparedPair",
+    "model_grid",
+    "resample",
+    "window",
+    "prepare_pair",
+    "field_to_world",
+    "resample_moving",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """A voxel grid: ``shape`` ``(X, Y, Z)`` and its ``[4, 4]`` voxel-to-world ``affine`` (mm)."""
+  shape: tuple[int, int, int]
+  affine: np.ndarray
+
+  @classmethod
+  def of(cls, volume: Volume) -> "Grid":
+    return cls(tuple(int(s) for s in volume.shape), np.asarray(volume.affine, np.float64))
+
+  @property
+  def spacing(self) -> np.ndarray:
+    return _grid.spacing(self.affine)
+
+  def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max world coordinate (mm) of the grid's voxel centres, per world axis."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in self.shape], indexing="ij"))
+    world = corners.reshape(3, -1).T @ self.affine[:3, :3].T + self.affine[:3, 3]
+    return world.min(0), world.max(0)
+
+
+def _round_up(n: int, divisor: int) -> int:
+  return int(math.ceil(n / divisor) * divisor)
+
+
+def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
+               max_shape: tuple[int, int, int] | None = None) -> Grid:
+  """The RAS-aligned isotropic grid covering the fixed image's field of view.
+
+  Args:
+    fixed: the fixed image (or its grid).
+    spacing: voxel size of the model grid in mm.
+    divisor: every axis of the shape is a multiple of this (the UNet's total stride).
+    max_shape: optional upper bound per axis (multiples of ``divisor``); a
+      larger field of view is cropped symmetrically about its centre.
+
+  Returns:
+    :class:`Grid` with affine ``diag(spacing) + origin`` (RAS+).
+  """
+  if isinstance(fixed, Volume):
+    fixed = Grid.of(fixed)
+  if not spacing > 0:
+    raise ValueError(f"spacing must be positive, got {spacing}")
+  if divisor < 1:
+    raise ValueError(f"divisor must be >= 1, got {divisor}")
+  lo, hi = fixed.world_bounds()
+  shape = [_round_up(int(math.ceil((h - l) / spacing - 1e-6)) + 1, divisor)
+           for l, h in zip(lo, hi)]
+  if max_shape is not None:
+    if len(max_shape) != 3 or any(m % divisor for m in max_shape):
+      raise ValueError(f"max_shape must be 3 multiples of divisor={divisor}, got {max_shape}")
+    shape = [min(s, m) for s, m in zip(shape, max_shape)]
+  centre = (lo + hi) / 2
+  affine = np.diag([spacing, spacing, spacing, 1.0])
+  affine[:3, 3] = centre - (np.array(shape) - 1) / 2 * spacing
+  return Grid(tuple(shape), affine)
+
+
+def _voxel_map(source_affine: np.ndarray, target: Grid) -> np.ndarray:
+  """4x4 map from target voxel indices to source voxel indices."""
+  return np.linalg.inv(source_affine) @ target.affine
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _affine_coords(matrix, shape):
+  grid = _grid.identity_grid(shape)
+  return grid @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _coords(source_affine, target: Grid) -> jax.Array:
+  """``[*target.shape, 3]`` source voxel coordinates of every target voxel."""
+  m = jnp.asarray(_voxel_map(source_affine, target), jnp.float32)
+  return _affine_coords(m, tuple(target.shape))
+
+
+def _antialias(array: np.ndarray, source_spacing, target_spacing) -> np.ndarray:
+  """Gaussian pre-filter before downsampling: sigma = 0.5 * (ratio - 1) source voxels."""
+  ratio = np.asarray(target_spacing) / np.asarray(source_spacing)
+  sigma = np.where(ratio > 1, 0.5 * (ratio - 1), 0.0)
+  if not np.any(sigma > 0.1):
+    return array
+  return ndi.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
+
+
+def resample(volume: Volume, target: Grid, *, order: int = 1, cval: float = 0.0,
+             antialias: bool = True) -> np.ndarray:
+  """Resample a volume onto another grid through world coordinates.
+
+  Args:
+    volume: source image and affine.
+    target: grid to sample on.
+    order: 1 trilinear (images), 0 nearest neighbour (labels; dtype kept).
+    cval: value outside the source's field of view (per-corner, see
+      :mod:`jaxreg.warp`).
+    antialias: Gaussian pre-filter along axes that are downsampled (order 1 only).
+
+  Returns:
+    ``target.shape`` numpy array.
+  """
+  array = volume.array
+  if order == 1 and antialias:
+    array = _antialias(array, volume.spacing, Grid(target.shape, target.affine).spacing)
+  out = _warp.sample(jnp.asarray(array), _coords(volume.affine, target), order=order,
+                     padding="constant", cval=cval)
+  return np.asarray(out)
+
+
+def window(hu, lo: float = -1000.0, hi: float = 1000.0):
+  """Clip Hounsfield units to ``[lo, hi]`` and scale linearly to ``[0, 1]``."""
+  if not hi > lo:
+    raise ValueError(f"window needs hi > lo, got ({lo}, {hi})")
+  return (np.clip(hu, lo, hi) - lo) / (hi - lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedPair:
+  """A fixed/moving pair on the model grid, and the grids to map results back.
+
+  Attributes:
+    fixed, moving: ``grid.shape`` float32 intensities in ``[0, 1]``.
+    fixed_labels, moving_labels: ``grid.shape`` int32 label maps, or None.
+    grid: the model grid.
+    fixed_grid: the original fixed image's grid (where outputs are written).
+  """
+  fixed: np.ndarray
+  moving: np.ndarray
+  fixed_labels: np.ndarray | None
+  moving_labels: np.ndarray | None
+  grid: Grid
+  fixed_grid: Grid
+
+
+def _overlap(a: Grid, b: Grid) -> bool:
+  alo, ahi = a.world_bounds()
+  blo, bhi = b.world_bounds()
+  return bool(np.all(alo <= bhi) and np.all(blo <= ahi))
+
+
+def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = None,
+                 moving_labels: Volume | None = None, *, spacing: float = 2.0,
+                 divisor: int = 16, max_shape=None,
+                 hu_window: tuple[float, float] = (-1000.0, 1000.0),
+                 names: tuple[str, str] = ("fixed", "moving")) -> PreparedPair:
+  """Resample a CT pair (and labels) onto the fixed image's model grid.
+
+  Args:
+    fixed, moving: CT volumes in HU with their own affines (any orientation,
+      spacing, shape and field of view).
+    fixed_labels, moving_labels: optional label maps on their image's grid.
+    spacing, divisor, max_shape: model grid, see :func:`model_grid`.
+    hu_window: HU clipping range, scaled to ``[0, 1]``; outside its field of
+      view an image is ``hu_window[0]`` (air), i.e. 0.
+    names: how to name the two images in error messages (e.g. file names).
+
+  Returns:
+    :class:`PreparedPair`.
+
+  Raises:
+    InputError: the moving image does not overlap the fixed one.
+  """
+  grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape)
+  if not _overlap(Grid.of(moving), grid):
+    raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
+                     "(check the affines / that both are the same patient and frame)")
+  lo, hi = hu_window
+  images = [window(resample(v, grid, cval=lo), lo, hi).astype(np.float32)
+            for v in (fixed, moving)]
+  labels = [None if v is None else resample(v, grid, order=0).astype(np.int32)
+            for v in (fixed_labels, moving_labels)]
+  return PreparedPair(images[0], images[1], labels[0], labels[1], grid, Grid.of(fixed))
+
+
+def field_to_world(disp_model: jax.Array, grid: Grid, target: Grid) -> np.ndarray:
+  """Express a model-grid displacement on another grid, in world millimetres.
+
+  Args:
+    disp_model: ``[*grid.shape, 3]`` displacement in voxels of the model grid
+      (pull-back: fixed point ``x`` reads the moving image at ``x + u(x)``).
+    grid: the model grid.
+    target: the grid to express it on (normally the original fixed grid).
+
+  Returns:
+    ``[*target.shape, 3]`` float32 displacement vectors in world mm (RAS+):
+    the fixed point ``p`` corresponds to the moving point ``p + d(p)``.
+    Outside the model grid the edge displacement is repeated.
+  """
+  if tuple(np.shape(disp_model)) != tuple(grid.shape) + (3,):
+    raise ValueError(f"disp_model must be {tuple(grid.shape) + (3,)}, got {np.shape(disp_model)}")
+  u = _warp.sample(jnp.asarray(disp_model), _coords(grid.affine, target), order=1,
+                   padding="border")
+  return np.asarray(_grid.disp_voxel_to_mm(u, grid.affine), dtype=np.float32)
+
+
+def resample_moving(moving: Volume, disp_mm: np.ndarray, target: Grid, *, order: int = 1,
+                    cval: float = 0.0) -> np.ndarray:
+  """Warp the original moving image onto ``target`` with a world-space field.
+
+  ``out(x) = moving(A_m^-1 (p + d(p)))`` with ``p = A_t x``: one interpolation
+  from the moving image's own grid, whatever its orientation and spacing.
+
+  Args:
+    moving: moving image (or labels, with ``order=0``) and its affine.
+    disp_mm: ``[*target.shape, 3]`` displacement in world mm (RAS+), e.g. from
+      :func:`field_to_world`.
+    target: output grid (normally the original fixed grid).
+    order: 1 trilinear, 0 nearest neighbour.
+    cval: value outside the moving image.
+
+  Returns:
+    ``target.shape`` numpy array.
+  """
+  if tuple(np.shape(disp_mm)) != tuple(target.shape) + (3,):
+    raise ValueError(f"disp_mm must be {tuple(target.shape) + (3,)}, got {np.shape(disp_mm)}")
+  inv = jnp.asarray(np.linalg.inv(moving.affine), jnp.float32)
+  world = _grid.voxel_to_world(_grid.identity_grid(target.shape), target.affine)
+  coords = (world + jnp.asarray(disp_mm)) @ inv[:3, :3].T + inv[:3, 3]
+  return np.asarray(_warp.sample(jnp.asarray(moving.array), coords, order=order,
+                                 padding="constant", cval=cval))
