@@ -71,7 +71,9 @@ def _trilinear_value(vol, x, y, z, padding, cval):
         out = out + wxy * wz * flat[ixy + iz]
   if padding == "constant" and cval != 0:
     # Corners outside the volume carry weight (1 - sum of in-volume weights).
-    out = out + cval * (1.0 - (wx0 + wx1) * (wy0 + wy1) * (wz0 + wz1))
+    # (A where, not a product, so that cval=nan marks only such samples.)
+    outside = 1.0 - (wx0 + wx1) * (wy0 + wy1) * (wz0 + wz1)
+    out = out + jnp.where(outside > 0, cval * outside, 0.0)
   return out
 
 

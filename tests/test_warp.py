@@ -70,6 +70,16 @@ def test_integer_shift_equals_array_shift():
   np.testing.assert_array_equal(got, want)
 
 
+def test_nan_cval_marks_only_samples_with_a_corner_outside():
+  img, disp = _random_case(10)
+  got = np.asarray(W.warp(img, disp, cval=np.nan))
+  coords = np.indices(SHAPE) + np.moveaxis(disp, -1, 0)
+  all_in = np.all((coords >= 0) & (coords <= np.array(SHAPE)[:, None, None, None] - 1), axis=0)
+  np.testing.assert_array_equal(np.isnan(got), ~all_in)
+  np.testing.assert_allclose(got[all_in], _scipy_warp(img, disp, 1, "grid-constant")[all_in],
+                             atol=2e-5)
+
+
 def test_sample_at_points_matches_scipy():
   img, _ = _random_case(4)
   rng = np.random.default_rng(4)

@@ -1,0 +1,143 @@
+"""Model grid, resampling (against nibabel/scipy) and the round trip back to the fixed grid."""
+
+import nibabel as nib
+import nibabel.processing
+import numpy as np
+import pytest
+import scipy.linalg
+
+from jaxreg import grid as G
+from jaxreg import io
+from jaxreg import preprocess as P
+
+
+def _affine(rotvec, spacing, origin):
+  a = np.eye(4)
+  a[:3, :3] = scipy.linalg.expm(np.cross(np.eye(3), rotvec)) @ np.diag(spacing)
+  a[:3, 3] = origin
+  return a
+
+
+FIXED_AFFINE = _affine([0.05, -0.1, 0.2], [-1.7, 1.3, 3.0], [60.0, -40.0, -70.0])
+FIXED_SHAPE = (40, 44, 24)
+
+
+def world_function(p):
+  """A smooth function of world position (mm), the 'anatomy' both images show."""
+  x, y, z = p[..., 0], p[..., 1], p[..., 2]
+  return 500 * np.sin(x / 17.0) * np.cos(y / 23.0) + 300 * np.sin(z / 29.0 + 0.3)
+
+
+def volume_of(shape, affine):
+  pts = nib.affines.apply_affine(affine, np.indices(shape).transpose(1, 2, 3, 0))
+  return io.Volume(world_function(pts).astype(np.float32), affine)
+
+
+def test_model_grid_is_ras_isotropic_divisible_and_covers_fixed():
+  grid = P.model_grid(P.Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=2.0, divisor=16)
+  assert all(s % 16 == 0 for s in grid.shape)
+  np.testing.assert_allclose(grid.affine[:3, :3], 2.0 * np.eye(3))
+  lo, hi = P.Grid(FIXED_SHAPE, FIXED_AFFINE).world_bounds()
+  glo, ghi = grid.world_bounds()
+  assert np.all(glo <= lo) and np.all(ghi >= hi)
+  assert np.all(ghi - glo < (hi - lo) + 2 * 16 * 2.0)  # no more padding than one stride per side
+  np.testing.assert_allclose((glo + ghi) / 2, (lo + hi) / 2, atol=1e-9)
+
+
+def test_model_grid_max_shape_crops_about_centre():
+  grid = P.model_grid(P.Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=1.0, divisor=8,
+                      max_shape=(32, 32, 32))
+  assert grid.shape == (32, 32, 32)
+  lo, hi = P.Grid(FIXED_SHAPE, FIXED_AFFINE).world_bounds()
+  np.testing.assert_allclose(np.mean(grid.world_bounds(), 0), (lo + hi) / 2, atol=1e-9)
+
+
+def test_resample_matches_nibabel_resample_from_to():
+  vol = volume_of(FIXED_SHAPE, FIXED_AFFINE)
+  target = P.model_grid(vol, spacing=2.0, divisor=8)
+  ours = P.resample(vol, target, antialias=False, cval=-1000.0)
+  ref = nibabel.processing.resample_from_to(
+      nib.Nifti1Image(vol.array, vol.affine), (target.shape, target.affine), order=1,
+      mode="constant", cval=-1000.0).get_fdata()
+  # Compare where the sample lies at least one voxel inside the source (scipy's
+  # legacy 'constant' mode differs from per-corner padding in the outer voxel).
+  coords = nib.affines.apply_affine(np.linalg.inv(vol.affine) @ target.affine,
+                                    np.indices(target.shape).transpose(1, 2, 3, 0))
+  inner = np.all((coords >= 1) & (coords <= np.array(FIXED_SHAPE) - 2), axis=-1)
+  assert inner.mean() > 0.3
+  np.testing.assert_allclose(ours[inner], ref[inner], atol=0.05)
+  assert np.all(ours[~np.all((coords > -1) & (coords < np.array(FIXED_SHAPE)), -1)] == -1000)
+
+
+def test_resample_labels_nearest_keeps_values():
+  labels = io.Volume((volume_of(FIXED_SHAPE, FIXED_AFFINE).array > 100).astype(np.int32) * 7,
+                     FIXED_AFFINE)
+  out = P.resample(labels, P.model_grid(labels, spacing=2.0, divisor=8), order=0)
+  assert out.dtype == np.int32 and set(np.unique(out)) == {0, 7}
+
+
+def test_window_clips_and_scales():
+  np.testing.assert_allclose(P.window(np.array([-2000, -1000, 0, 500, 3000])),
+                             [0, 0, 0.5, 0.75, 1])
+
+
+def test_prepare_pair_with_different_grids_orientation_and_fov():
+  fixed = volume_of(FIXED_SHAPE, FIXED_AFFINE)
+  # Moving: other orientation (LPS-like flip), spacing, shape and a shifted field of view.
+  moving = volume_of((30, 36, 50), _affine([0.0, 0.15, -0.05], [1.9, -1.6, 1.5],
+                                           [-10.0, 30.0, -60.0]))
+  labels = io.Volume((fixed.array > 0).astype(np.int32), fixed.affine)
+  pair = P.prepare_pair(fixed, moving, fixed_labels=labels, spacing=2.5, divisor=8)
+  assert pair.fixed.shape == pair.moving.shape == pair.grid.shape
+  assert pair.fixed.dtype == np.float32 and 0 <= pair.fixed.min() and pair.fixed.max() <= 1
+  assert pair.fixed_labels.shape == pair.grid.shape and pair.moving_labels is None
+  # Where both images see the anatomy, they agree (same world function, no motion).
+  grid_pts = nib.affines.apply_affine(pair.grid.affine,
+                                      np.indices(pair.grid.shape).transpose(1, 2, 3, 0))
+  inside = []
+  for vol in (fixed, moving):
+    c = nib.affines.apply_affine(np.linalg.inv(vol.affine), grid_pts)
+    inside.append(np.all((c >= 1) & (c <= np.array(vol.shape) - 2), -1))
+  both = inside[0] & inside[1]
+  assert both.mean() > 0.1
+  np.testing.assert_allclose(pair.fixed[both], pair.moving[both], atol=0.03)
+  c = nib.affines.apply_affine(np.linalg.inv(moving.affine), grid_pts)
+  beyond = np.any((c < -1) | (c > np.array(moving.shape)), -1)  # no corner inside
+  assert beyond.mean() > 0.05 and np.all(pair.moving[beyond] == 0)  # air
+  expected = P.window(world_function(grid_pts))
+  np.testing.assert_allclose(pair.moving[inside[1]], expected[inside[1]], atol=0.03)
+
+
+def test_round_trip_of_a_known_world_transform_to_the_fixed_grid():
+  # A known world transform T: fixed point p corresponds to moving point T(p).
+  t = _affine([0.03, -0.02, 0.06], [1.04, 0.97, 1.02], [3.0, -4.0, 2.5])
+  grid = P.model_grid(P.Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=2.0, divisor=16)
+  # The exact model-grid field of T, in model voxels: u(m) = A_g^-1 T A_g m - m.
+  u_model = G.affine_displacement(np.linalg.inv(grid.affine) @ t @ grid.affine, grid.shape)
+  d_mm = P.field_to_world(u_model, grid, P.Grid(FIXED_SHAPE, FIXED_AFFINE))
+  p = nib.affines.apply_affine(FIXED_AFFINE, np.indices(FIXED_SHAPE).transpose(1, 2, 3, 0))
+  np.testing.assert_allclose(d_mm, nib.affines.apply_affine(t, p) - p, atol=2e-3)
+  # and in fixed voxels, as written for Learn2Reg
+  d_vox = np.asarray(G.disp_mm_to_voxel(d_mm, FIXED_AFFINE))
+  want_vox = G.affine_displacement(np.linalg.inv(FIXED_AFFINE) @ t @ FIXED_AFFINE, FIXED_SHAPE)
+  np.testing.assert_allclose(d_vox, np.asarray(want_vox), atol=2e-3)
+
+  # Applying it to a moving image on its own grid reads the anatomy at T(p).
+  moving = volume_of((50, 50, 40), _affine([0.1, 0.0, 0.0], [1.5, 1.5, 2.0], [-40, -70, -80]))
+  warped = P.resample_moving(moving, d_mm, P.Grid(FIXED_SHAPE, FIXED_AFFINE), cval=np.nan)
+  want = world_function(nib.affines.apply_affine(t, p))
+  ok = np.isfinite(warped)
+  assert ok.mean() > 0.5
+  np.testing.assert_allclose(warped[ok], want[ok], atol=25.0)  # interpolation of a 800-HU wave
+
+
+def test_no_overlap_and_bad_fields_raise():
+  fixed = volume_of(FIXED_SHAPE, FIXED_AFFINE)
+  far = io.Volume(fixed.array, _affine([0, 0, 0], [1, 1, 1], [5000.0, 0.0, 0.0]))
+  with pytest.raises(io.InputError, match="moving.nii.gz: no overlap with fixed.nii.gz"):
+    P.prepare_pair(fixed, far, names=("fixed.nii.gz", "moving.nii.gz"))
+  grid = P.model_grid(fixed)
+  with pytest.raises(ValueError, match="disp_model must be"):
+    P.field_to_world(np.zeros((4, 4, 4, 3)), grid, P.Grid.of(fixed))
+  with pytest.raises(ValueError, match="max_shape"):
+    P.model_grid(fixed, max_shape=(30, 32, 32))
