@@ -110,6 +110,15 @@ def test_itk_file_layout(tmp_path):
   np.testing.assert_allclose(lps, a[:3, 0] * [-1, -1, 1], atol=1e-5)
 
 
+def test_written_files_follow_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    io.save(tmp_path / "x.nii.gz", smooth(0), np.eye(4))
+  finally:
+    os.umask(old)
+  assert (os.stat(tmp_path / "x.nii.gz").st_mode & 0o777) == 0o644
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
   def broken_save(img, path):
     with open(path, "wb") as f:
