@@ -8,13 +8,21 @@ Modules, each one idea:
 * :mod:`jaxreg.fields` -- compose, integrate (scaling and squaring), resize,
   Jacobian determinant.
 * :mod:`jaxreg.decompose` -- combine K sub-fields into one displacement.
+* :mod:`jaxreg.io` -- NIfTI in/out, atomic writes, ITK displacement fields.
+* :mod:`jaxreg.preprocess` -- the model grid, resampling, mapping back.
+* :mod:`jaxreg.data` -- manifests, demo CT, synthetic pairs, the loader.
+* :mod:`jaxreg.metrics` -- evaluation metrics.
 """
 
 __version__ = "0.1.0"
 
+from jaxreg import data as data
 from jaxreg import decompose as decompose
 from jaxreg import fields as fields
 from jaxreg import grid as grid
+from jaxreg import io as io
+from jaxreg import metrics as metrics
+from jaxreg import preprocess as preprocess
 from jaxreg import warp as warp
 from jaxreg.decompose import combine as combine
 from jaxreg.decompose import compose_all as compose_all
@@ -33,12 +41,16 @@ __all__ = [
     "compose",
     "compose_all",
     "compose_all_svf",
+    "data",
     "decompose",
     "fields",
     "grid",
     "identity_grid",
     "integrate",
+    "io",
     "jacobian_determinant",
+    "metrics",
+    "preprocess",
     "resize",
     "sum_all",
     "warp",

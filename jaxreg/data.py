@@ -39,6 +39,7 @@ __all__ = [
     "read_keypoints",
     "Demo",
     "demo",
+    "demo_pair",
     "SyntheticPair",
     "random_smooth_field",
     "breathing_field",
@@ -247,6 +248,46 @@ def demo() -> Demo:
       if row["evaluated"] == "1":
         evaluated.append(int(row["id"]))
   return Demo(ct, labels, names, tuple(evaluated))
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_on_grid(spacing: float | None, divisor: int):
+  from jaxreg import preprocess  # preprocess imports io only; kept local to stay light
+  d = demo()
+  if spacing is None:
+    return d.ct.array.astype(np.float32), d.labels.array, d.ct.affine
+  grid = preprocess.model_grid(d.ct, spacing=spacing, divisor=divisor)
+  ct = preprocess.resample(d.ct, grid, cval=-1024.0)
+  labels = preprocess.resample(d.labels, grid, order=0).astype(np.int32)
+  return ct, labels, grid.affine
+
+
+def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
+              divisor: int = 16, **kwargs) -> "SyntheticPair":
+  """Synthetic pair number ``index`` made from the demo CT.
+
+  Training and evaluation pairs use disjoint seeds (``TRAIN_SEED_BASE + index``
+  and ``EVAL_SEED_BASE + index``), so no evaluation pair is ever trained on.
+
+  Args:
+    index: pair number (>= 0).
+    split: ``"train"`` or ``"eval"``.
+    spacing: if given, the demo CT is first resampled onto its RAS model grid
+      at this spacing (mm; see :func:`jaxreg.preprocess.model_grid`); else its
+      own 2.5 mm grid is used.
+    divisor: model-grid shape divisor.
+    **kwargs: passed to :func:`synthetic_pair` (magnitudes, contrast, ...).
+
+  Returns:
+    :class:`SyntheticPair` in HU on that grid (``affine`` says which).
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if index < 0:
+    raise ValueError(f"index must be >= 0, got {index}")
+  base = TRAIN_SEED_BASE if split == "train" else EVAL_SEED_BASE
+  ct, labels, affine = _demo_on_grid(spacing, divisor)
+  return synthetic_pair(ct, affine, labels, seed=base + index, **kwargs)
 
 
 # ---------------------------------------------------------------------------

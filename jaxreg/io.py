@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_displacement",
     "check_same_grid",
     "atomic_path",
+    "atomic_dir",
     "CONVENTIONS",
 ]
 
@@ -235,6 +237,41 @@ def atomic_path(path, suffix: str = ""):
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+  """Yield a temporary folder beside ``path``; it replaces ``path`` on success.
+
+  A previous folder at ``path`` is removed only after the new one is complete;
+  if the body raises, ``path`` is left as it was and the temporary folder is
+  removed.
+
+  Raises:
+    InputError: ``path`` exists and is not a folder, or its parent is missing.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{path}: exists and is not a folder")
+  if not os.path.isdir(parent):
+    raise InputError(f"{path}: parent folder {parent} does not exist")
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+  try:
+    yield tmp
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+    old = None
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+      os.replace(path, os.path.join(old, "previous"))
+    os.replace(tmp, path)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 

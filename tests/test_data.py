@@ -205,3 +205,15 @@ def test_loader_shards_partition_the_global_order():
   assert [next(b)["x"][:, 0].tolist() for _ in range(3)] == glob[1::2]
   batch = next(D.Loader(_counting_source, 2, seed=0))
   assert batch["x"].shape == (2, 2)
+
+
+def test_demo_pairs_train_and_eval_are_disjoint_and_on_the_model_grid():
+  a = D.demo_pair(0, split="train", spacing=6.0)
+  b = D.demo_pair(0, split="eval", spacing=6.0)
+  assert a.fixed.shape == b.fixed.shape and all(n % 16 == 0 for n in a.fixed.shape)
+  np.testing.assert_allclose(a.affine[:3, :3], 6.0 * np.eye(3))
+  np.testing.assert_array_equal(a.moving, b.moving)  # same source CT
+  assert np.abs(a.disp - b.disp).max() > 0.1  # different deformations
+  assert D.EVAL_SEED_BASE - D.TRAIN_SEED_BASE > 10**8
+  with pytest.raises(ValueError, match="split"):
+    D.demo_pair(0, split="test")

@@ -229,3 +229,24 @@ def test_bad_output_paths(tmp_path):
   with pytest.raises(ValueError, match="NaN"):
     io.save_displacement(tmp_path / "d.nii.gz", np.full(SHAPE + (3,), np.nan), np.eye(4))
   assert os.listdir(tmp_path) == []
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+  out = tmp_path / "out"
+  with io.atomic_dir(out) as d:
+    assert not out.exists()
+    open(os.path.join(d, "a.txt"), "w").write("1")
+  assert (out / "a.txt").read_text() == "1"
+  with pytest.raises(RuntimeError):
+    with io.atomic_dir(out) as d:
+      open(os.path.join(d, "b.txt"), "w").write("2")
+      raise RuntimeError("interrupted")
+  assert sorted(os.listdir(out)) == ["a.txt"]  # old result intact
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp folder left
+  with io.atomic_dir(out) as d:
+    open(os.path.join(d, "c.txt"), "w").write("3")
+  assert sorted(os.listdir(out)) == ["c.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(io.InputError, match="exists and is not a folder"):
+    with io.atomic_dir(tmp_path / "file"):
+      pass

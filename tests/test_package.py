@@ -15,6 +15,13 @@ CONTRACT = {
     "jaxreg.fields": ["compose", "integrate", "resize", "jacobian_determinant", "compose_batch",
                       "integrate_batch", "jacobian_determinant_batch"],
     "jaxreg.decompose": ["compose_all", "sum_all", "compose_all_svf", "combine", "combine_batch"],
+    "jaxreg.io": ["load", "load_labels", "save", "save_displacement", "load_displacement",
+                  "atomic_path", "atomic_dir", "check_same_grid"],
+    "jaxreg.preprocess": ["model_grid", "resample", "window", "prepare_pair", "field_to_world",
+                          "resample_moving"],
+    "jaxreg.data": ["read_learn2reg", "read_pairs_csv", "read_keypoints", "demo", "demo_pair",
+                    "synthetic_pair", "random_smooth_field", "breathing_field", "Loader"],
+    "jaxreg.metrics": ["dice"],
 }
 
 
@@ -48,4 +55,31 @@ def test_cli_unbuilt_command_is_one_line_exit_2():
   out = _cli("register")
   assert out.returncode == 2
   assert out.stderr.strip() == "jaxreg register: error: 'jaxreg register' is not built yet"
+  assert "Traceback" not in out.stderr
+
+
+def test_cli_demo_writes_pairs_whose_itk_field_overlays_in_simpleitk(tmp_path):
+  import numpy as np
+  import SimpleITK as sitk
+
+  out = _cli("demo", "--out", str(tmp_path / "demo"), "--pairs", "1")
+  assert out.returncode == 0, out.stderr
+  assert "Dice before registration" in out.stdout
+  folder = tmp_path / "demo" / "pair_000"
+  moving = sitk.ReadImage(str(folder / "moving_labels.nii.gz"))
+  field = sitk.ReadImage(str(folder / "true_displacement.nii.gz"), sitk.sitkVectorFloat64)
+  warped = sitk.Resample(moving, moving, sitk.DisplacementFieldTransform(field),
+                         sitk.sitkNearestNeighbor, 0)
+  fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "fixed_labels.nii.gz")))
+  warped = sitk.GetArrayFromImage(warped)
+  assert (warped == fixed).mean() >= 0.999
+  assert (sitk.GetArrayFromImage(moving) != fixed).mean() > 0.01  # the pair is deformed
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temp folders left
+
+
+def test_cli_demo_into_a_file_is_one_line_exit_2(tmp_path):
+  (tmp_path / "f").write_text("x")
+  out = _cli("demo", "--out", str(tmp_path / "f"))
+  assert out.returncode == 2
+  assert out.stderr.strip().count("\n") == 0 and "exists and is not a folder" in out.stderr
   assert "Traceback" not in out.stderr
