@@ -1,0 +1,183 @@
+"""The registration network: a plain 3-D UNet (Flax NNX) whose outputs are sub-fields.
+
+``RegistrationNet(fixed, moving) -> [u_1, ..., u_K]``: K displacement fields,
+coarse to fine, each ``[B, X_k, Y_k, Z_k, 3]`` in **voxels of its own grid**.
+:func:`jaxreg.decompose.combine` turns them into one field on the input grid.
+
+Heads (``heads=``):
+
+* ``"levels"`` (default): one 3-channel convolution on each of the K finest
+  decoder levels (level k has ``1/2**(K-k)`` of the input resolution), the
+  multi-resolution decomposition of the method.
+* ``"full"``: K heads on the full-resolution decoder output.
+
+Output convolutions start near zero (normal, std ``head_init``), so training
+starts from the identity; ``max_disp`` optionally bounds each sub-field with
+``max_disp * tanh(u / max_disp)`` (voxels of its grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxreg import decompose as _decompose
+
+__all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement"]
+
+HEADS = ("levels", "full")
+
+
+def _conv(cin: int, cout: int, stride: int, rngs: nnx.Rngs, **kw) -> nnx.Conv:
+  return nnx.Conv(cin, cout, (3, 3, 3), strides=stride, padding="SAME", rngs=rngs, **kw)
+
+
+def _upsample2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling of ``[B, X, Y, Z, C]``."""
+  for axis in (1, 2, 3):
+    x = jnp.repeat(x, 2, axis=axis)
+  return x
+
+
+class UNet(nnx.Module):
+  """A VoxelMorph-style 3-D UNet, channels last.
+
+  Level 0 works at the input resolution with ``widths[0]`` channels; level i
+  is reached by a stride-2 convolution and has ``widths[i]`` channels. The
+  decoder upsamples (nearest neighbour), concatenates the skip connection and
+  convolves, back up to level 0. Activations are LeakyReLU(0.2).
+
+  Args:
+    in_channels: input channels.
+    widths: channels per level, e.g. ``(16, 32, 32, 64)`` (4 levels, stride 8).
+    convs_per_level: convolutions per encoder and decoder level.
+    rngs: NNX random streams.
+
+  Call: ``[B, X, Y, Z, C_in] -> list of [B, X/2**i, Y/2**i, Z/2**i, widths[i]]``
+  for i = L-1 .. 0 (coarse to fine); X, Y, Z must be divisible by ``2**(L-1)``.
+  """
+
+  def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 32, 64), *,
+               convs_per_level: int = 1, rngs: nnx.Rngs):
+    if len(widths) < 1 or min(widths) < 1:
+      raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}")
+    self.widths = tuple(int(w) for w in widths)
+    enc, cin = [], in_channels
+    for i, w in enumerate(self.widths):
+      convs = [_conv(cin, w, 1 if i == 0 else 2, rngs)]
+      convs += [_conv(w, w, 1, rngs) for _ in range(convs_per_level - 1)]
+      enc.append(nnx.List(convs))
+      cin = w
+    dec = []
+    for i in range(len(self.widths) - 2, -1, -1):
+      w = self.widths[i]
+      convs = [_conv(cin + w, w, 1, rngs)]
+      convs += [_conv(w, w, 1, rngs) for _ in range(convs_per_level - 1)]
+      dec.append(nnx.List(convs))
+      cin = w
+    self.encoder = nnx.List(enc)
+    self.decoder = nnx.List(dec)
+
+  @property
+  def stride(self) -> int:
+    return 2 ** (len(self.widths) - 1)
+
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    if x.ndim != 5:
+      raise ValueError(f"UNet input must be [B, X, Y, Z, C], got shape {x.shape}")
+    if any(n % self.stride for n in x.shape[1:4]):
+      raise ValueError(f"spatial shape {x.shape[1:4]} must be divisible by {self.stride} "
+                       f"(2 ** (levels - 1) for {len(self.widths)} levels)")
+    skips = []
+    for convs in self.encoder:
+      for conv in convs:
+        x = nnx.leaky_relu(conv(x), 0.2)
+      skips.append(x)
+    outs = [x]
+    for convs, skip in zip(self.decoder, reversed(skips[:-1])):
+      x = jnp.concatenate([_upsample2(x), skip], axis=-1)
+      for conv in convs:
+        x = nnx.leaky_relu(conv(x), 0.2)
+      outs.append(x)
+    return outs
+
+
+class RegistrationNet(nnx.Module):
+  """UNet + K sub-field heads; see the module docstring.
+
+  Args:
+    in_channels: 2 (fixed, moving) plus any extra channels (e.g. organ masks).
+    widths: UNet channels per level.
+    num_subfields: K.
+    heads: ``"levels"`` or ``"full"``.
+    max_disp: optional bound (voxels of each sub-field's grid).
+    head_init: std of the heads' initial weights (small: start at identity).
+    convs_per_level: UNet convolutions per level.
+    rngs: NNX random streams.
+
+  Call: ``(fixed [B, X, Y, Z(, C)], moving [B, X, Y, Z(, C)], extra=None)``
+  -> list of K arrays ``[B, X_k, Y_k, Z_k, 3]`` (voxels, coarse to fine).
+  """
+
+  def __init__(self, *, in_channels: int = 2, widths: Sequence[int] = (16, 32, 32, 64),
+               num_subfields: int = 3, heads: str = "levels", max_disp: float | None = None,
+               head_init: float = 1e-5, convs_per_level: int = 1, rngs: nnx.Rngs):
+    if heads not in HEADS:
+      raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
+    if num_subfields < 1:
+      raise ValueError(f"num_subfields must be >= 1, got {num_subfields}")
+    if heads == "levels" and num_subfields > len(widths):
+      raise ValueError(f"heads='levels' needs num_subfields <= levels ({len(widths)}), "
+                       f"got {num_subfields}")
+    self.unet = UNet(in_channels, widths, convs_per_level=convs_per_level, rngs=rngs)
+    self.heads = heads
+    self.num_subfields = num_subfields
+    self.max_disp = max_disp
+    init = nnx.initializers.normal(head_init)
+    if heads == "levels":
+      level_widths = [widths[k] for k in range(num_subfields - 1, -1, -1)]
+    else:
+      level_widths = [widths[0]] * num_subfields
+    self.head_convs = nnx.List([_conv(w, 3, 1, rngs, kernel_init=init) for w in level_widths])
+
+  def __call__(self, fixed: jax.Array, moving: jax.Array,
+               extra: jax.Array | None = None) -> list[jax.Array]:
+    chans = [c if c.ndim == 5 else c[..., None] for c in (fixed, moving)]
+    if extra is not None:
+      chans.append(extra if extra.ndim == 5 else extra[..., None])
+    x = jnp.concatenate(chans, axis=-1)
+    feats = self.unet(x)
+    if self.heads == "levels":
+      feats = feats[-self.num_subfields:]
+    else:
+      feats = [feats[-1]] * self.num_subfields
+    out = []
+    for conv, f in zip(self.head_convs, feats):
+      u = conv(f)
+      if self.max_disp is not None:
+        u = self.max_disp * jnp.tanh(u / self.max_disp)
+      out.append(u)
+    return out
+
+
+def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.Array, *,
+                         method: str = "compose", steps: int = 7,
+                         extra: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+  """The total displacement the network predicts for a batch.
+
+  Args:
+    model: the network.
+    fixed, moving: ``[B, X, Y, Z(, C)]`` images on one grid.
+    method: decomposition (``compose``, ``sum``, ``svf``).
+    steps: scaling-and-squaring steps for ``svf``.
+    extra: optional extra input channels.
+
+  Returns:
+    ``(disp [B, X, Y, Z, 3] voxels, sub-fields)``.
+  """
+  subfields = model(fixed, moving, extra)
+  shape = tuple(fixed.shape[1:4])
+  return _decompose.combine_batch(subfields, method, shape, steps), subfields
