@@ -18,7 +18,6 @@ import jaxreg.grid
 # Commands that later work adds; listed so that `jaxreg --help` tells the truth.
 _PLANNED = {
     "register": "register a fixed/moving CT pair (not built yet)",
-    "train": "train a model from a config (not built yet)",
     "evaluate": "evaluate methods on a dataset (not built yet)",
 }
 
@@ -81,12 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--out", default="jaxreg-demo", help="output folder (replaced atomically)")
   demo.add_argument("--pairs", type=int, default=2, help="number of evaluation pairs")
   demo.set_defaults(func=_demo)
+  train = sub.add_parser("train", help="train a model from a config (as train.py)",
+                         add_help=False)
+  train.set_defaults(func=None)
   for name, text in _PLANNED.items():
     sub.add_parser(name, help=text).set_defaults(func=_not_built(name))
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["train"]:  # its own flags, including --config.FIELD=VALUE overrides
+    from jaxreg.training.main import main as train_main
+    return train_main(argv[1:], prog="jaxreg train")
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:

@@ -251,19 +251,20 @@ def demo() -> Demo:
 
 
 @functools.lru_cache(maxsize=4)
-def _demo_on_grid(spacing: float | None, divisor: int):
+def _demo_on_grid(spacing: float | None, divisor: int, shape: tuple[int, int, int] | None):
   from jaxreg import preprocess  # preprocess imports io only; kept local to stay light
   d = demo()
   if spacing is None:
     return d.ct.array.astype(np.float32), d.labels.array, d.ct.affine
-  grid = preprocess.model_grid(d.ct, spacing=spacing, divisor=divisor)
+  grid = preprocess.model_grid(d.ct, spacing=spacing, divisor=divisor, shape=shape)
   ct = preprocess.resample(d.ct, grid, cval=-1024.0)
   labels = preprocess.resample(d.labels, grid, order=0).astype(np.int32)
   return ct, labels, grid.affine
 
 
 def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
-              divisor: int = 16, **kwargs) -> "SyntheticPair":
+              divisor: int = 16, shape: tuple[int, int, int] | None = None,
+              **kwargs) -> "SyntheticPair":
   """Synthetic pair number ``index`` made from the demo CT.
 
   Training and evaluation pairs use disjoint seeds (``TRAIN_SEED_BASE + index``
@@ -276,6 +277,7 @@ def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
       at this spacing (mm; see :func:`jaxreg.preprocess.model_grid`); else its
       own 2.5 mm grid is used.
     divisor: model-grid shape divisor.
+    shape: exact model-grid shape (see :func:`jaxreg.preprocess.model_grid`).
     **kwargs: passed to :func:`synthetic_pair` (magnitudes, contrast, ...).
 
   Returns:
@@ -286,7 +288,7 @@ def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
   if index < 0:
     raise ValueError(f"index must be >= 0, got {index}")
   base = TRAIN_SEED_BASE if split == "train" else EVAL_SEED_BASE
-  ct, labels, affine = _demo_on_grid(spacing, divisor)
+  ct, labels, affine = _demo_on_grid(spacing, divisor, None if shape is None else tuple(shape))
   return synthetic_pair(ct, affine, labels, seed=base + index, **kwargs)
 
 

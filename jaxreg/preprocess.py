@@ -66,7 +66,8 @@ def _round_up(n: int, divisor: int) -> int:
 
 
 def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
-               max_shape: tuple[int, int, int] | None = None) -> Grid:
+               max_shape: tuple[int, int, int] | None = None,
+               shape: tuple[int, int, int] | None = None) -> Grid:
   """The RAS-aligned isotropic grid covering the fixed image's field of view.
 
   Args:
@@ -75,6 +76,8 @@ def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
     divisor: every axis of the shape is a multiple of this (the UNet's total stride).
     max_shape: optional upper bound per axis (multiples of ``divisor``); a
       larger field of view is cropped symmetrically about its centre.
+    shape: optional exact shape (multiples of ``divisor``): the field of view
+      is padded or cropped symmetrically about its centre (to batch pairs).
 
   Returns:
     :class:`Grid` with affine ``diag(spacing) + origin`` (RAS+).
@@ -85,6 +88,7 @@ def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
     raise ValueError(f"spacing must be positive, got {spacing}")
   if divisor < 1:
     raise ValueError(f"divisor must be >= 1, got {divisor}")
+  exact = shape
   lo, hi = fixed.world_bounds()
   shape = [_round_up(int(math.ceil((h - l) / spacing - 1e-6)) + 1, divisor)
            for l, h in zip(lo, hi)]
@@ -92,6 +96,10 @@ def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
     if len(max_shape) != 3 or any(m % divisor for m in max_shape):
       raise ValueError(f"max_shape must be 3 multiples of divisor={divisor}, got {max_shape}")
     shape = [min(s, m) for s, m in zip(shape, max_shape)]
+  if exact is not None:
+    if len(exact) != 3 or any(int(m) % divisor or int(m) < 1 for m in exact):
+      raise ValueError(f"shape must be 3 positive multiples of divisor={divisor}, got {exact}")
+    shape = [int(m) for m in exact]
   centre = (lo + hi) / 2
   affine = np.diag([spacing, spacing, spacing, 1.0])
   affine[:3, 3] = centre - (np.array(shape) - 1) / 2 * spacing
@@ -180,7 +188,7 @@ def _overlap(a: Grid, b: Grid) -> bool:
 
 def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = None,
                  moving_labels: Volume | None = None, *, spacing: float = 2.0,
-                 divisor: int = 16, max_shape=None,
+                 divisor: int = 16, max_shape=None, shape=None,
                  hu_window: tuple[float, float] = (-1000.0, 1000.0),
                  names: tuple[str, str] = ("fixed", "moving")) -> PreparedPair:
   """Resample a CT pair (and labels) onto the fixed image's model grid.
@@ -189,7 +197,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
     fixed, moving: CT volumes in HU with their own affines (any orientation,
       spacing, shape and field of view).
     fixed_labels, moving_labels: optional label maps on their image's grid.
-    spacing, divisor, max_shape: model grid, see :func:`model_grid`.
+    spacing, divisor, max_shape, shape: model grid, see :func:`model_grid`.
     hu_window: HU clipping range, scaled to ``[0, 1]``; outside its field of
       view an image is ``hu_window[0]`` (air), i.e. 0.
     names: how to name the two images in error messages (e.g. file names).
@@ -200,7 +208,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
   Raises:
     InputError: the moving image does not overlap the fixed one.
   """
-  grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape)
+  grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape)
   if not _overlap(Grid.of(moving), grid):
     raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
                      "(check the affines / that both are the same patient and frame)")

@@ -52,6 +52,17 @@ def test_model_grid_max_shape_crops_about_centre():
   np.testing.assert_allclose(np.mean(grid.world_bounds(), 0), (lo + hi) / 2, atol=1e-9)
 
 
+def test_model_grid_exact_shape_pads_or_crops_about_centre():
+  fixed = P.Grid(FIXED_SHAPE, FIXED_AFFINE)
+  lo, hi = fixed.world_bounds()
+  for shape in [(16, 32, 96), (64, 64, 64)]:
+    grid = P.model_grid(fixed, spacing=2.0, divisor=16, shape=shape)
+    assert grid.shape == shape
+    np.testing.assert_allclose(np.mean(grid.world_bounds(), 0), (lo + hi) / 2, atol=1e-9)
+  with pytest.raises(ValueError, match="multiples of divisor=16"):
+    P.model_grid(fixed, shape=(16, 16, 20))
+
+
 def test_resample_matches_nibabel_resample_from_to():
   vol = volume_of(FIXED_SHAPE, FIXED_AFFINE)
   target = P.model_grid(vol, spacing=2.0, divisor=8)

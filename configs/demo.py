@@ -1,0 +1,96 @@
+"""Demo: the embedded chest/abdomen CT, synthetic pairs, a UNet that trains on 2 CPU cores.
+
+Run: python train.py --config configs/demo.py --workdir runs/demo
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # Seed of the network initialisation and of everything random in training.
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # "demo" (synthetic pairs from the embedded CT), "learn2reg" or "csv".
+  c.data.source = "demo"
+  # Learn2Reg folder or pairs CSV (source "learn2reg" / "csv").
+  c.data.path = ""
+  # Model-grid voxel size, mm (isotropic, RAS-aligned).
+  c.data.spacing = 8.0
+  # Model-grid shape (X, Y, Z); every axis a multiple of the UNet stride. None: fit the
+  # fixed image's field of view (then all pairs must give the same shape to batch).
+  c.data.shape = (48, 48, 48)
+  # Hounsfield window, clipped and scaled to [0, 1].
+  c.data.hu_window = (-1000.0, 1000.0)
+  # Label ids used for the Dice loss and validation Dice (TotalSegmentator ids:
+  # spleen, kidneys R/L, liver, stomach, lung lobes, heart, aorta).
+  c.data.label_ids = (1, 2, 3, 5, 6, 10, 11, 12, 13, 14, 51, 52)
+  # Synthetic pairs: largest random smooth displacement (mm), its control-point
+  # spacing (mm), largest breathing shift (mm), contrast change, noise (HU).
+  c.data.max_disp_mm = 15.0
+  c.data.control_spacing_mm = 60.0
+  c.data.breathing_mm = 10.0
+  c.data.contrast = 0.1
+  c.data.noise_hu = 10.0
+  # Held-out validation pairs (evaluation seeds, disjoint from training seeds).
+  c.data.val_pairs = 4
+  # Batches prepared ahead by the loader, and its worker threads.
+  c.data.prefetch = 2
+  c.data.workers = 1
+
+  c.model = ml_collections.ConfigDict()
+  # UNet channels per level (level i has 1/2**i of the resolution).
+  c.model.widths = (16, 32, 32, 32)
+  # UNet convolutions per level.
+  c.model.convs_per_level = 1
+  # K, the number of sub-fields; "levels": one per decoder level (coarse to fine),
+  # "full": K heads at full resolution.
+  c.model.num_subfields = 3
+  c.model.heads = "levels"
+  # Bound on each sub-field's magnitude (voxels of its grid); None: unbounded.
+  c.model.max_disp = None
+  # Std of the heads' initial weights (near-identity start).
+  c.model.head_init = 1e-5
+
+  # How the sub-fields are combined: "compose" (the method), "sum", "svf".
+  c.decomposition = "compose"
+  # Scaling-and-squaring steps for "svf".
+  c.svf_steps = 7
+
+  c.loss = ml_collections.ConfigDict()
+  # Image similarity: "lncc" (local NCC), "ncc" (global), "mse".
+  c.loss.similarity = "lncc"
+  # LNCC window, voxels.
+  c.loss.window = 9
+  c.loss.sim_weight = 1.0
+  # Smoothness regulariser: "diffusion" or "bending", weighted on the mean over
+  # sub-fields and on the total field.
+  c.loss.reg = "diffusion"
+  c.loss.reg_weight = 0.5
+  c.loss.total_reg_weight = 0.5
+  # Soft Dice of warped one-hot labels (weak supervision; 0 disables it).
+  c.loss.dice_weight = 1.0
+  # Penalty on non-positive Jacobian determinants of the total field.
+  c.loss.folding_weight = 0.0
+
+  c.optim = ml_collections.ConfigDict()
+  # Adam peak learning rate, linear warm-up steps, cosine decay to lr * end_lr_fraction.
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.end_lr_fraction = 0.05
+  # Global gradient-norm clipping.
+  c.optim.clip_norm = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  # Optimisation steps and global batch size (a multiple of the device count).
+  c.train.steps = 1500
+  c.train.batch_size = 1
+  # Log train metrics, run validation and save a checkpoint every so many steps.
+  c.train.log_every = 25
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  # Checkpoints kept: the latest N, and the best N by validation loss.
+  c.train.keep_last = 2
+  c.train.keep_best = 1
+  return c

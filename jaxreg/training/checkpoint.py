@@ -1,0 +1,76 @@
+"""Orbax checkpoints of the train state, the loader position and the resolved config."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as _policies
+
+__all__ = ["Checkpoints", "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced NaN/Inf; nothing non-finite was written."""
+
+
+def _all_finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+class Checkpoints:
+  """``workdir/checkpoints``: keeps the latest ``keep_last`` and the best ``keep_best``
+  steps by validation loss (lower is better).
+
+  Each step holds ``state`` (the :class:`~jaxreg.training.state.TrainState`),
+  ``loader`` (the data loader's position) and ``config`` (the resolved config).
+  Saving is Orbax's: written to a temporary folder and renamed when complete,
+  from every process in a multi-process run.
+  """
+
+  def __init__(self, workdir: str, *, keep_last: int = 2, keep_best: int = 1):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    policy = _policies.AnyPreservationPolicy([
+        _policies.LatestN(keep_last),
+        # BestN keeps the top of an ascending sort; reverse=True makes that the lowest loss.
+        _policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=keep_best,
+                        keep_checkpoints_without_metrics=False),
+    ])
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, loader: dict, config: dict,
+           metrics: dict[str, float] | None = None) -> None:
+    """Save ``state`` at ``step``; raises :class:`NonFiniteError` instead of writing NaN/Inf."""
+    if not _all_finite(state):
+      raise NonFiniteError(f"step {step}: the train state has NaN/Inf values; not saved")
+    if metrics is not None and not np.all(np.isfinite(list(metrics.values()))):
+      raise NonFiniteError(f"step {step}: validation metrics are not finite: {metrics}")
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader),
+        config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
+
+  def restore(self, step: int, like) -> tuple[object, dict]:
+    """Restore ``(state, loader position)`` at ``step`` into the structure and shardings of ``like``."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+    return out["state"], out["loader"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,120 @@
+"""Loading configs (``path/to/config.py[:variant]``), overriding fields, writing them out."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import sys
+
+import ml_collections
+
+from jaxreg.io import InputError, atomic_path
+
+__all__ = ["load_config", "override", "to_json", "write_config", "check_config"]
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Load ``get_config()`` from a Python file; ``"file.py:arg"`` passes ``arg`` to it.
+
+  The file's parent folder's parent is put on ``sys.path`` while loading, so a
+  config may import its siblings as ``from configs import demo``.
+
+  Raises:
+    InputError: missing file, no ``get_config``, or an error while running it.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: no such config file")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  sys.path.insert(0, root)
+  try:
+    module_spec = importlib.util.spec_from_file_location(
+        f"jaxreg_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise InputError(f"{path}: defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+  except InputError:
+    raise
+  except Exception as e:
+    raise InputError(f"{path}: cannot load config ({type(e).__name__}: {e})") from e
+  finally:
+    sys.path.remove(root)
+  return config
+
+
+def _parse(value: str):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value  # a bare string
+
+
+def override(config: ml_collections.ConfigDict, assignments: list[str]) -> ml_collections.ConfigDict:
+  """Apply ``field.sub=value`` assignments (values parsed as Python literals).
+
+  Raises:
+    InputError: unknown field, or a value of the wrong type.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  for item in assignments:
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise InputError(f"config override {item!r}: expected field=value")
+    parts = key.split(".")
+    node = config
+    for p in parts[:-1]:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise InputError(f"config override {item!r}: no config section {p!r}")
+      node = node[p]
+    if parts[-1] not in node:
+      raise InputError(f"config override {item!r}: no field {key!r} "
+                       f"(fields here: {sorted(node.keys())})")
+    old, new = node[parts[-1]], _parse(value)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+      new = type(old)(new)
+    elif old is not None and new is not None and not isinstance(new, type(old)) and not (
+        isinstance(old, float) and isinstance(new, int)):
+      raise InputError(f"config override {item!r}: {key} is a {type(old).__name__}, "
+                       f"got {new!r}")
+    with node.ignore_type():
+      node[parts[-1]] = float(new) if isinstance(old, float) and isinstance(new, int) else new
+  return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raise :class:`InputError` for values that cannot work, before anything is built."""
+  t, d, m = config.train, config.data, config.model
+  problems = []
+  if t.steps < 1:
+    problems.append(f"train.steps must be >= 1, got {t.steps}")
+  if t.batch_size < 1:
+    problems.append(f"train.batch_size must be >= 1, got {t.batch_size}")
+  for k in ("log_every", "eval_every", "checkpoint_every"):
+    if t[k] < 1:
+      problems.append(f"train.{k} must be >= 1, got {t[k]}")
+  if d.spacing <= 0:
+    problems.append(f"data.spacing must be positive, got {d.spacing}")
+  stride = 2 ** (len(m.widths) - 1)
+  if d.shape is not None and any(int(s) % stride for s in d.shape):
+    problems.append(f"data.shape {tuple(d.shape)} must be divisible by the UNet stride {stride}")
+  if config.optim.lr <= 0:
+    problems.append(f"optim.lr must be positive, got {config.optim.lr}")
+  if d.source not in ("demo", "learn2reg", "csv"):
+    problems.append(f"data.source must be demo, learn2reg or csv, got {d.source!r}")
+  if problems:
+    raise InputError("bad config: " + "; ".join(problems))
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def write_config(config: ml_collections.ConfigDict, path: str) -> None:
+  """Write the resolved config as JSON, atomically."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(to_json(config) + "\n")

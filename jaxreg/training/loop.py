@@ -1,0 +1,190 @@
+"""``train_and_evaluate(config, workdir)``: the training run as a readable story.
+
+1. Check the config, build the mesh over all devices, write the resolved config.
+2. Build the data (a seeded, prefetching loader; this process reads its shard).
+3. Initialise the state, or resume it and the loader from the latest checkpoint.
+4. Step: one jitted, sharded, donated train step per batch; stop on NaN/Inf.
+5. Every ``log_every`` steps log metrics (JSONL + TensorBoard); every
+   ``eval_every`` validate (loss, Dice vs identity); every ``checkpoint_every``
+   and at the end, validate and save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxreg import data as _data
+from jaxreg.training import checkpoint as _checkpoint
+from jaxreg.training import config as _config
+from jaxreg.training import sharding as _sharding
+from jaxreg.training import sources as _sources
+from jaxreg.training import state as _state
+from jaxreg.training import step as _step
+
+__all__ = ["train_and_evaluate"]
+
+
+class _Writer:
+  """Metrics to ``workdir/metrics.jsonl`` and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):  # drop records a resumed run will write again
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # imported lazily: optional for library users
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, kind: str, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+    for k, v in metrics.items():
+      self.tb.add_scalar(f"{kind}/{k}", v, step)
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _validate(eval_step, params, val_source, num_val, mesh) -> dict[str, float]:
+  """Mean loss terms and mean Dice (network and identity) over the validation pairs."""
+  rep = _sharding.replicated(mesh)
+  sums: dict[str, float] = {}
+  dice, identity = [], []
+  for i in range(num_val):
+    example = val_source(i)
+    batch = {k: jax.make_array_from_process_local_data(rep, v[None]) for k, v in example.items()}
+    m = jax.device_get(eval_step(params, batch))
+    for k, v in m.items():
+      if k not in ("dice", "dice_identity", "present"):
+        sums[k] = sums.get(k, 0.0) + float(v)
+    if "dice" in m:
+      present = np.asarray(m["present"][0])
+      dice.append(float(np.mean(np.asarray(m["dice"][0])[present])))
+      identity.append(float(np.mean(np.asarray(m["dice_identity"][0])[present])))
+  out = {f"val_{k}": v / num_val for k, v in sums.items()}
+  if dice:
+    out["val_dice"], out["val_dice_identity"] = float(np.mean(dice)), float(np.mean(identity))
+  return out
+
+
+def _progress(enabled: bool, total: int, start: int):
+  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                             TimeElapsedColumn, TimeRemainingColumn)
+  progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                      TimeRemainingColumn(), disable=not enabled)
+  task = progress.add_task("train", total=total, completed=start, info="")
+  return progress, task
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool = True, log: Callable[[str], None] = print,
+                       stop_at: int | None = None) -> dict[str, float]:
+  """Train (or resume training) a registration network; see the module docstring.
+
+  Args:
+    config: a config as in ``configs/demo.py``.
+    workdir: output folder: ``config.json``, ``checkpoints/``, ``metrics.jsonl``,
+      ``tensorboard/``. An existing run there is resumed from its latest
+      checkpoint (its loader position too), so the result equals an
+      uninterrupted run.
+    progress: show a progress bar (loss, ETA).
+    log: where one-line messages go.
+    stop_at: stop after this step, with a checkpoint, as a preempted run would
+      (the schedule still follows ``config.train.steps``); run again to resume.
+
+  Returns:
+    the final validation metrics, with ``step`` and ``train_seconds``.
+
+  Raises:
+    jaxreg.io.InputError: bad config or data.
+    ValueError: a batch size the devices do not divide.
+    NonFiniteError: the loss became NaN/Inf (the message names the step).
+  """
+  _config.check_config(config)
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  mesh = _sharding.make_mesh()
+  _sharding.check_batch_size(tc.batch_size, mesh)
+  n_proc, pid = jax.process_count(), jax.process_index()
+  if tc.batch_size % n_proc:
+    raise ValueError(f"batch size {tc.batch_size} is not divisible by {n_proc} processes")
+  config_dict = json.loads(_config.to_json(config))
+  if pid == 0:
+    _config.write_config(config, os.path.join(workdir, "config.json"))
+  log(f"jaxreg train: {mesh.devices.size} device(s) in {n_proc} process(es), "
+      f"{jax.devices()[0].platform}; workdir {workdir}")
+
+  train_source, num_train, val_source, num_val = _sources.make_sources(config)
+  loader = _data.Loader(train_source, tc.batch_size // n_proc, num_examples=num_train,
+                        seed=config.seed, prefetch=config.data.prefetch,
+                        workers=config.data.workers, shard=(pid, n_proc))
+  graphdef, template, state = _state.init_state(config)
+  state = jax.device_put(state, _sharding.replicated(mesh))
+  ckpts = _checkpoint.Checkpoints(workdir, keep_last=tc.keep_last, keep_best=tc.keep_best)
+  start = ckpts.latest_step() or 0
+  if start:
+    state, loader_state = ckpts.restore(start, state)
+    loader.restore(loader_state)
+    log(f"resumed from step {start} ({ckpts.directory})")
+  if start >= tc.steps:
+    log(f"nothing to do: the run in {workdir} is at step {start} >= train.steps={tc.steps}")
+
+  tx = _state.make_optimizer(config)
+  train_step = _step.jit_train_step(_step.make_train_step(graphdef, template, config, tx),
+                                    mesh, state)
+  eval_fn = _step.make_eval_step(graphdef, template, config)
+  rep = _sharding.replicated(mesh)
+  eval_step = jax.jit(eval_fn, in_shardings=(jax.tree.map(lambda _: rep, state.params), rep),
+                      out_shardings=rep)
+  writer = _Writer(workdir, start, enabled=pid == 0)
+  bar, task = _progress(progress and pid == 0, tc.steps, start)
+  val: dict[str, float] = {}
+  t0, seconds = time.time(), 0.0
+  last = tc.steps if stop_at is None else min(tc.steps, stop_at)
+  try:
+    with bar:
+      for step in range(start + 1, last + 1):
+        batch = _sharding.global_batch(next(loader), mesh)
+        state, metrics = train_step(state, batch)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+          raise _checkpoint.NonFiniteError(
+              f"step {step}: training loss is {loss}; stopped without saving. Lower "
+              f"optim.lr (now {config.optim.lr}) or check the data.")
+        bar.update(task, advance=1, info=f"loss {loss:.4f}")
+        if step % tc.log_every == 0 or step == tc.steps:
+          writer.write(step, "train", {k: float(v) for k, v in jax.device_get(metrics).items()})
+        save = step % tc.checkpoint_every == 0 or step == last
+        if save or step % tc.eval_every == 0:
+          val = _validate(eval_step, state.params, val_source, num_val, mesh)
+          writer.write(step, "val", val)
+          log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())))
+        if save:
+          ckpts.save(step, state, loader.state(), config_dict,
+                     metrics={"val_loss": val["val_loss"]})
+    seconds = time.time() - t0
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    loader.close()
+    writer.close()
+  return {"step": int(state.step), "train_seconds": seconds, **val}

@@ -1,0 +1,75 @@
+"""The train state: a plain pytree of arrays (params, optimiser state, step, RNG key)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from jaxreg import model as _model
+
+__all__ = ["TrainState", "build_model", "make_optimizer", "init_state", "merge"]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs, as arrays.
+
+  Attributes:
+    step: int32 scalar, optimisation steps taken.
+    params: the network's parameters as a pure nested dict of arrays.
+    opt_state: optax state for ``params``.
+    rng: uint32 key data (``jax.random.key_data``), folded with the step.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> _model.RegistrationNet:
+  """The network a config describes (``config.model``)."""
+  m = config.model
+  extra = len(config.data.get("input_label_ids", ()) or ())
+  return _model.RegistrationNet(
+      in_channels=2 + 2 * extra, widths=tuple(m.widths), num_subfields=m.num_subfields,
+      heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,
+      convs_per_level=m.get("convs_per_level", 1), rngs=nnx.Rngs(seed))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with linear warm-up and cosine decay, after global-norm clipping (``config.optim``)."""
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+      decay_steps=max(config.train.steps, o.warmup_steps + 1),
+      end_value=o.lr * o.end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm), optax.adam(schedule))
+
+
+def init_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
+  """A fresh state from ``config.seed``.
+
+  Returns:
+    ``(graphdef, abstract_params, state)``: the static network structure, the
+    NNX ``State`` template that :func:`merge` fills, and the train state.
+  """
+  net = build_model(config, seed=config.seed)
+  graphdef, params = nnx.split(net)
+  pure = nnx.to_pure_dict(params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=pure,
+                     opt_state=make_optimizer(config).init(pure),
+                     rng=jax.random.key_data(jax.random.key(config.seed)))
+  return graphdef, params, state
+
+
+def merge(graphdef: nnx.GraphDef, template: nnx.State, params) -> _model.RegistrationNet:
+  """The network with ``params`` (a pure dict) in place: use inside a jitted function."""
+  state = jax.tree.map(lambda x: x, template)  # a copy: replace_by_pure_dict mutates
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,159 @@
+"""The training objective and the jitted, sharded train and eval steps.
+
+A batch is a dict of arrays: ``fixed`` and ``moving`` ``[B, X, Y, Z]``
+intensities in [0, 1] on one grid and, when labels are used, ``fixed_labels``
+and ``moving_labels`` ``[B, X, Y, Z]`` int32 *class indices* (0 = background,
+``1..C`` = ``config.data.label_ids`` in order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from jaxreg import losses as _losses
+from jaxreg import model as _model
+from jaxreg import warp as _warp
+from jaxreg.training import sharding as _sharding
+from jaxreg.training.state import TrainState, merge
+
+__all__ = ["make_loss_fn", "make_train_step", "make_eval_step", "jit_train_step",
+           "jit_eval_step", "SIMILARITIES", "REGULARISERS"]
+
+SIMILARITIES = ("lncc", "ncc", "mse")
+REGULARISERS = ("diffusion", "bending")
+
+
+def _similarity_loss(config) -> Callable:
+  name, window = config.loss.similarity, config.loss.get("window", 9)
+  if name == "lncc":
+    return lambda f, w: -_losses.local_ncc(f, w, window=window)
+  if name == "ncc":
+    return lambda f, w: -_losses.global_ncc(f, w)
+  if name == "mse":
+    return _losses.mse
+  raise ValueError(f"config.loss.similarity must be one of {SIMILARITIES}, got {name!r}")
+
+
+def _regulariser(config) -> Callable:
+  name = config.loss.reg
+  if name == "diffusion":
+    return _losses.diffusion
+  if name == "bending":
+    return _losses.bending_energy
+  raise ValueError(f"config.loss.reg must be one of {REGULARISERS}, got {name!r}")
+
+
+def num_classes(config) -> int:
+  """Label classes including background (0 when labels are not used)."""
+  ids = config.data.get("label_ids", ()) or ()
+  return len(ids) + 1 if ids else 0
+
+
+def _forward(graphdef, template, config, params, batch):
+  net = merge(graphdef, template, params)
+  return _model.predict_displacement(net, batch["fixed"], batch["moving"],
+                                     method=config.decomposition, steps=config.svf_steps)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
+                 config: ml_collections.ConfigDict) -> Callable:
+  """``loss(params, batch) -> (scalar, metrics)`` for ``config.loss``.
+
+  ``sim_weight * similarity_loss(fixed, warped)``
+  ``+ reg_weight * mean_k reg(u_k) + total_reg_weight * reg(phi)``
+  ``+ dice_weight * (1 - soft Dice of warped one-hot labels)``
+  ``+ folding_weight * folding(phi)``, each averaged over the batch.
+  """
+  sim_fn, reg_fn = _similarity_loss(config), _regulariser(config)
+  lw = config.loss
+  classes = num_classes(config)
+
+  def loss_fn(params, batch):
+    disp, subfields = _forward(graphdef, template, config, params, batch)
+    warped = _warp.warp_batch(batch["moving"], disp)
+    sim = jnp.mean(jax.vmap(sim_fn)(batch["fixed"], warped))
+    reg_sub = sum(jnp.mean(jax.vmap(reg_fn)(u)) for u in subfields) / len(subfields)
+    reg_total = jnp.mean(jax.vmap(reg_fn)(disp))
+    total = lw.sim_weight * sim + lw.reg_weight * reg_sub + lw.total_reg_weight * reg_total
+    metrics = {"similarity_loss": sim, "reg_subfields": reg_sub, "reg_total": reg_total}
+    if classes and lw.dice_weight > 0 and "moving_labels" in batch:
+      fixed_p = jax.nn.one_hot(batch["fixed_labels"], classes)
+      warped_p = _warp.warp_batch(jax.nn.one_hot(batch["moving_labels"], classes), disp)
+      dice = jnp.mean(jax.vmap(_losses.soft_dice)(fixed_p, warped_p))
+      total = total + lw.dice_weight * (1.0 - dice)
+      metrics["soft_dice"] = dice
+    if lw.folding_weight > 0:
+      fold = jnp.mean(jax.vmap(_losses.folding)(disp))
+      total = total + lw.folding_weight * fold
+      metrics["folding_loss"] = fold
+    return total, metrics
+
+  return loss_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, template: nnx.State,
+                    config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation) -> Callable:
+  """``step(state, batch) -> (state, metrics)``: one Adam step on the objective."""
+  loss_fn = make_loss_fn(graphdef, template, config)
+
+  def step(state: TrainState, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
+                   config: ml_collections.ConfigDict) -> Callable:
+  """``eval(params, batch) -> metrics``: the loss terms, and hard Dice per class.
+
+  ``dice`` is ``[B, C]`` (classes 1..C) for the network's field and
+  ``dice_identity`` the same before registration; ``present`` marks classes
+  that occur in either map (Dice is undefined otherwise).
+  """
+  loss_fn = make_loss_fn(graphdef, template, config)
+  classes = num_classes(config)
+
+  def hard_dice(a, b):
+    pa, pb = jax.nn.one_hot(a, classes)[..., 1:], jax.nn.one_hot(b, classes)[..., 1:]
+    inter = jnp.sum(pa * pb, axis=(1, 2, 3))
+    denom = jnp.sum(pa, axis=(1, 2, 3)) + jnp.sum(pb, axis=(1, 2, 3))
+    return 2 * inter / jnp.maximum(denom, 1), denom > 0
+
+  def evaluate(params, batch):
+    loss, metrics = loss_fn(params, batch)
+    metrics = dict(metrics, loss=loss)
+    if classes and "moving_labels" in batch:
+      disp, _ = _forward(graphdef, template, config, params, batch)
+      warped = _warp.warp_batch(batch["moving_labels"], disp, order=0)
+      metrics["dice"], metrics["present"] = hard_dice(batch["fixed_labels"], warped)
+      metrics["dice_identity"], _ = hard_dice(batch["fixed_labels"], batch["moving_labels"])
+    return metrics
+
+  return evaluate
+
+
+def jit_train_step(step: Callable, mesh, state: TrainState) -> Callable:
+  """``jax.jit`` with the state replicated and donated, the batch split over ``data``."""
+  rep = _sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: rep, state)
+  return jax.jit(step, in_shardings=(state_sharding, _sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, rep), donate_argnums=0)
+
+
+def jit_eval_step(evaluate: Callable, mesh, params) -> Callable:
+  """``jax.jit`` of an eval step: params replicated, batch split over ``data``."""
+  rep = _sharding.replicated(mesh)
+  return jax.jit(evaluate, in_shardings=(jax.tree.map(lambda _: rep, params),
+                                         _sharding.batch_sharding(mesh)), out_shardings=rep)

@@ -1,0 +1,171 @@
+"""The sharded step, resumable training, the NaN guard, checkpoints and train.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxreg import training
+from jaxreg.io import InputError
+from jaxreg.training import sharding, sources, state as state_lib, step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
+
+
+def _config(**overrides):
+  config = training.load_config(TEST_CONFIG)
+  return training.override(config, [f"{k}={v!r}" for k, v in overrides.items()])
+
+
+def _batch(config, n):
+  source = sources.make_sources(config)[0]
+  examples = [source(i) for i in range(n)]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def test_eight_device_step_equals_one_device_step():
+  assert jax.device_count() == 8, "tests run with 8 fake CPU devices (see tests/conftest.py)"
+  config = _config()
+  graphdef, template, state = state_lib.init_state(config)
+  step = step_lib.make_train_step(graphdef, template, config, state_lib.make_optimizer(config))
+  batch = _batch(config, 8)
+  results = {}
+  for n in (1, 8):
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    s = jax.device_put(jax.device_get(state), sharding.replicated(mesh))  # own copy: donated
+    jitted = step_lib.jit_train_step(step, mesh, s)
+    if n == 8:
+      hlo = jitted.lower(s, sharding.global_batch(batch, mesh)).compile().as_text()
+      assert "all-reduce" in hlo
+    # Two steps: the warm-up starts at lr 0, and the second step uses the
+    # optimiser state carried out of the first.
+    for _ in range(2):
+      s, metrics = jitted(s, sharding.global_batch(batch, mesh))
+    results[n] = (jax.device_get(s.params), float(metrics["loss"]))
+  assert results[1][1] == pytest.approx(results[8][1], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               results[1][0], results[8][0])
+  # and the step moved the parameters, so the comparison is not vacuous
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results[8][0],
+                       jax.device_get(state.params))
+  assert max(jax.tree.leaves(moved)) > 1e-6
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  mesh = sharding.make_mesh()
+  with pytest.raises(ValueError, match="batch size 6 is not divisible by the 8 devices"):
+    sharding.check_batch_size(6, mesh)
+  with pytest.raises(ValueError, match="batch size 4 is not divisible by the 8 devices"):
+    training.train_and_evaluate(_config(**{"train.batch_size": 4}), str(tmp_path),
+                                progress=False, log=lambda s: None)
+
+
+def _final_params(workdir, config):
+  ckpts = training.Checkpoints(workdir)
+  step = ckpts.latest_step()
+  _, _, like = state_lib.init_state(config)
+  restored, loader = ckpts.restore(step, like)
+  ckpts.close()
+  return step, jax.device_get(restored.params), loader
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+  config = _config()
+  quiet = dict(progress=False, log=lambda s: None)
+  full = training.train_and_evaluate(config, str(tmp_path / "full"), **quiet)
+  part = training.train_and_evaluate(config, str(tmp_path / "part"), stop_at=2, **quiet)
+  assert part["step"] == 2
+  messages = []
+  resumed = training.train_and_evaluate(config, str(tmp_path / "part"), progress=False,
+                                        log=messages.append)
+  assert any("resumed from step 2" in m for m in messages)
+  assert resumed["step"] == full["step"] == 4
+  step_a, params_a, loader_a = _final_params(str(tmp_path / "full"), config)
+  step_b, params_b, loader_b = _final_params(str(tmp_path / "part"), config)
+  assert step_a == step_b == 4 and loader_a == loader_b == {"position": 4, "seed": 0}
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert resumed["val_loss"] == full["val_loss"]
+  # the resolved config is written beside the checkpoints
+  written = json.load(open(tmp_path / "full" / "config.json"))
+  assert written["train"]["steps"] == 4 and written["model"]["widths"] == [8, 8, 8]
+  # metrics.jsonl has each train step once, also across the resume
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "part" / "metrics.jsonl")
+           if json.loads(l)["kind"] == "train"]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoints_keep_latest_and_best_by_validation_loss(tmp_path):
+  ckpts = training.Checkpoints(str(tmp_path), keep_last=2, keep_best=1)
+  _, _, state = state_lib.init_state(_config())
+  for step, loss in [(1, 5.0), (2, 1.0), (3, 3.0), (4, 4.0), (5, 6.0)]:
+    ckpts.save(step, state, {"position": step, "seed": 0}, {}, metrics={"val_loss": loss})
+  ckpts.wait()
+  assert sorted(ckpts.all_steps()) == [2, 4, 5]  # best (loss 1.0) + latest two
+  ckpts.close()
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path, monkeypatch):
+  real = sources.make_sources
+
+  def poisoned(config):
+    train, n, val, nv = real(config)
+    def bad(i):
+      example = train(i)
+      if i >= 8:  # the second batch of 8 examples
+        example["fixed"] = np.full_like(example["fixed"], np.nan)
+      return example
+    return bad, n, val, nv
+
+  monkeypatch.setattr(sources, "make_sources", poisoned)
+  config = _config(**{"train.checkpoint_every": 1})
+  with pytest.raises(training.NonFiniteError, match="step 2: training loss is nan"):
+    training.train_and_evaluate(config, str(tmp_path), progress=False, log=lambda s: None)
+  ckpts = training.Checkpoints(str(tmp_path))
+  assert ckpts.all_steps() == [1]  # step 1 was fine; nothing written at or after step 2
+  ckpts.close()
+
+
+def test_checkpoint_refuses_non_finite_state(tmp_path):
+  _, _, state = state_lib.init_state(_config())
+  bad = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+  ckpts = training.Checkpoints(str(tmp_path))
+  with pytest.raises(training.NonFiniteError, match="step 3"):
+    ckpts.save(3, bad, {"position": 0, "seed": 0}, {})
+  assert ckpts.all_steps() == []
+  ckpts.close()
+
+
+def test_config_overrides_and_bad_configs():
+  c = _config(**{"optim.lr": 3e-4, "model.widths": (4, 4)})
+  assert c.optim.lr == 3e-4 and tuple(c.model.widths) == (4, 4)
+  with pytest.raises(InputError, match="no field 'optim.lrr'"):
+    training.override(c, ["optim.lrr=1"])
+  with pytest.raises(InputError, match="optim.lr is a float"):
+    training.override(c, ["optim.lr='fast'"])
+def test_bad_config_values_fail_before_anything_is_written(tmp_path):
+  bad = _config(**{"data.shape": (18, 16, 16), "optim.lr": -1.0})
+  with pytest.raises(InputError, match=r"divisible by the UNet stride 4.*optim.lr must be"):
+    training.train_and_evaluate(bad, str(tmp_path / "w"), progress=False, log=lambda s: None)
+  assert not (tmp_path / "w").exists()
+
+
+def _run(*args, env=None):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                        env=env, timeout=600)
+
+
+def test_train_py_end_to_end_and_bad_flags(tmp_path):
+  out = _run("train.py", "--config", "configs/test.py", "--workdir", str(tmp_path / "w"),
+             "--steps", "2", "--config.train.batch_size=8", "--no-progress")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "done at step 2" in out.stdout
+  assert json.load(open(tmp_path / "w" / "config.json"))["train"]["steps"] == 2
+  bad = _run("train.py", "--config", "configs/test.py", "--workdir", str(tmp_path / "x"),
+             "--config.model.heads='pyramid'")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("train.py: error:")
