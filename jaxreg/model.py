@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxreg import conv as _conv_lib
 from jaxreg import decompose as _decompose
 
 __all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement"]
@@ -31,8 +32,10 @@ __all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement"]
 HEADS = ("levels", "full")
 
 
-def _conv(cin: int, cout: int, stride: int, rngs: nnx.Rngs, **kw) -> nnx.Conv:
-  return nnx.Conv(cin, cout, (3, 3, 3), strides=stride, padding="SAME", rngs=rngs, **kw)
+def _conv(cin: int, cout: int, stride: int, rngs: nnx.Rngs, conv: str = "auto",
+          **kw) -> nnx.Conv:
+  return nnx.Conv(cin, cout, (3, 3, 3), strides=stride, padding="SAME", rngs=rngs,
+                  conv_general_dilated=_conv_lib.conv_fn(conv), **kw)
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
@@ -54,6 +57,8 @@ class UNet(nnx.Module):
     in_channels: input channels.
     widths: channels per level, e.g. ``(16, 32, 32, 64)`` (4 levels, stride 8).
     convs_per_level: convolutions per encoder and decoder level.
+    conv: convolution formulation, ``"auto"`` (depth-folded on CPU, native
+      elsewhere), ``"native"`` or ``"folded"`` (see :mod:`jaxreg.conv`).
     rngs: NNX random streams.
 
   Call: ``[B, X, Y, Z, C_in] -> list of [B, X/2**i, Y/2**i, Z/2**i, widths[i]]``
@@ -61,21 +66,21 @@ class UNet(nnx.Module):
   """
 
   def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 32, 64), *,
-               convs_per_level: int = 1, rngs: nnx.Rngs):
+               convs_per_level: int = 1, conv: str = "auto", rngs: nnx.Rngs):
     if len(widths) < 1 or min(widths) < 1:
       raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}")
     self.widths = tuple(int(w) for w in widths)
     enc, cin = [], in_channels
     for i, w in enumerate(self.widths):
-      convs = [_conv(cin, w, 1 if i == 0 else 2, rngs)]
-      convs += [_conv(w, w, 1, rngs) for _ in range(convs_per_level - 1)]
+      convs = [_conv(cin, w, 1 if i == 0 else 2, rngs, conv)]
+      convs += [_conv(w, w, 1, rngs, conv) for _ in range(convs_per_level - 1)]
       enc.append(nnx.List(convs))
       cin = w
     dec = []
     for i in range(len(self.widths) - 2, -1, -1):
       w = self.widths[i]
-      convs = [_conv(cin + w, w, 1, rngs)]
-      convs += [_conv(w, w, 1, rngs) for _ in range(convs_per_level - 1)]
+      convs = [_conv(cin + w, w, 1, rngs, conv)]
+      convs += [_conv(w, w, 1, rngs, conv) for _ in range(convs_per_level - 1)]
       dec.append(nnx.List(convs))
       cin = w
     self.encoder = nnx.List(enc)
@@ -116,6 +121,7 @@ class RegistrationNet(nnx.Module):
     max_disp: optional bound (voxels of each sub-field's grid).
     head_init: std of the heads' initial weights (small: start at identity).
     convs_per_level: UNet convolutions per level.
+    conv: convolution formulation (``"auto"``, ``"native"``, ``"folded"``).
     rngs: NNX random streams.
 
   Call: ``(fixed [B, X, Y, Z(, C)], moving [B, X, Y, Z(, C)], extra=None)``
@@ -124,7 +130,8 @@ class RegistrationNet(nnx.Module):
 
   def __init__(self, *, in_channels: int = 2, widths: Sequence[int] = (16, 32, 32, 64),
                num_subfields: int = 3, heads: str = "levels", max_disp: float | None = None,
-               head_init: float = 1e-5, convs_per_level: int = 1, rngs: nnx.Rngs):
+               head_init: float = 1e-5, convs_per_level: int = 1, conv: str = "auto",
+               rngs: nnx.Rngs):
     if heads not in HEADS:
       raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
     if num_subfields < 1:
@@ -132,7 +139,7 @@ class RegistrationNet(nnx.Module):
     if heads == "levels" and num_subfields > len(widths):
       raise ValueError(f"heads='levels' needs num_subfields <= levels ({len(widths)}), "
                        f"got {num_subfields}")
-    self.unet = UNet(in_channels, widths, convs_per_level=convs_per_level, rngs=rngs)
+    self.unet = UNet(in_channels, widths, convs_per_level=convs_per_level, conv=conv, rngs=rngs)
     self.heads = heads
     self.num_subfields = num_subfields
     self.max_disp = max_disp
@@ -141,7 +148,8 @@ class RegistrationNet(nnx.Module):
       level_widths = [widths[k] for k in range(num_subfields - 1, -1, -1)]
     else:
       level_widths = [widths[0]] * num_subfields
-    self.head_convs = nnx.List([_conv(w, 3, 1, rngs, kernel_init=init) for w in level_widths])
+    self.head_convs = nnx.List([_conv(w, 3, 1, rngs, conv, kernel_init=init)
+                                for w in level_widths])
 
   def __call__(self, fixed: jax.Array, moving: jax.Array,
                extra: jax.Array | None = None) -> list[jax.Array]:

@@ -58,22 +58,27 @@ def test_cli_unbuilt_command_is_one_line_exit_2():
   assert "Traceback" not in out.stderr
 
 
-def test_cli_demo_writes_pairs_whose_itk_field_overlays_in_simpleitk(tmp_path):
+def test_cli_demo_trains_evaluates_and_writes_an_example_that_overlays(tmp_path):
+  import json
+
   import numpy as np
   import SimpleITK as sitk
 
-  out = _cli("demo", "--out", str(tmp_path / "demo"), "--pairs", "1")
-  assert out.returncode == 0, out.stderr
-  assert "Dice before registration" in out.stdout
-  folder = tmp_path / "demo" / "pair_000"
+  out = _cli("demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--pairs", "1")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| shipped demo model" in out.stdout
+  summary = json.load(open(tmp_path / "demo" / "summary.json"))
+  assert summary["shipped"]["val_dice"] > summary["shipped"]["val_dice_identity"]
+  assert summary["trained_here"]["step"] == 3
+  # The predicted field, applied by SimpleITK to the moving labels, gives jaxreg's warped labels.
+  folder = tmp_path / "demo" / "example"
   moving = sitk.ReadImage(str(folder / "moving_labels.nii.gz"))
-  field = sitk.ReadImage(str(folder / "true_displacement.nii.gz"), sitk.sitkVectorFloat64)
-  warped = sitk.Resample(moving, moving, sitk.DisplacementFieldTransform(field),
-                         sitk.sitkNearestNeighbor, 0)
-  fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "fixed_labels.nii.gz")))
-  warped = sitk.GetArrayFromImage(warped)
-  assert (warped == fixed).mean() >= 0.999
-  assert (sitk.GetArrayFromImage(moving) != fixed).mean() > 0.01  # the pair is deformed
+  field = sitk.ReadImage(str(folder / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+  warped = sitk.GetArrayFromImage(sitk.Resample(
+      moving, moving, sitk.DisplacementFieldTransform(field), sitk.sitkNearestNeighbor, 0))
+  ours = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "warped_labels.nii.gz")))
+  assert (warped == ours).mean() >= 0.999
+  assert (ours != sitk.GetArrayFromImage(moving)).mean() > 0.005  # the field moved them
   assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temp folders left
 
 

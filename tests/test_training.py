@@ -169,3 +169,43 @@ def test_train_py_end_to_end_and_bad_flags(tmp_path):
              "--config.model.heads='pyramid'")
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("train.py: error:")
+
+
+@pytest.mark.parametrize("name", ["demo", "default", "learn2reg_abdomen", "test"])
+def test_shipped_configs_load_and_describe_a_network(name):
+  config = training.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  net = state_lib.build_model(config)
+  assert net.unet.stride == 2 ** (len(config.model.widths) - 1)
+  assert all(s % net.unet.stride == 0 for s in config.data.shape)
+
+
+def test_learn2reg_config_trains_on_a_folder_in_that_layout(tmp_path):
+  from jaxreg import data, io
+  root = tmp_path / "AbdomenCTCT"
+  (root / "imagesTr").mkdir(parents=True)
+  (root / "labelsTr").mkdir()
+  demo = data.demo()
+  entries = []
+  for i in range(6):  # six "patients": shifted crops of the demo CT
+    sl = (slice(30 + 3 * i, 110 + 3 * i), slice(30, 110), slice(40, 120))
+    name = f"AbdomenCTCT_{i + 1:04d}_0000.nii.gz"
+    io.save(str(root / "imagesTr" / name), demo.ct.array[sl], demo.ct.affine)
+    io.save(str(root / "labelsTr" / name), demo.labels.array[sl].astype(np.uint8), demo.ct.affine)
+    entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+  meta = {"training": entries, "training_paired_images": [],
+          "registration_val": [{"fixed": entries[4]["image"], "moving": entries[5]["image"]}]}
+  (root / "AbdomenCTCT_dataset.json").write_text(json.dumps(meta))
+  config = training.override(training.load_config(os.path.join(ROOT, "configs",
+                                                               "learn2reg_abdomen.py")), [
+      f"data.path={str(root)!r}", "data.spacing=12.0", "data.shape=(16, 16, 16)",
+      "data.label_ids=(5, 6)", "data.val_pairs=1", "model.widths=(8, 8, 8)",
+      "model.convs_per_level=1", "model.num_subfields=2", "train.steps=2",
+      "train.batch_size=8", "train.eval_every=2", "train.checkpoint_every=2",
+      "optim.warmup_steps=1"])
+  result = training.train_and_evaluate(config, str(tmp_path / "run"), progress=False,
+                                       log=lambda s: None)
+  assert result["step"] == 2 and np.isfinite(result["val_loss"])
+  assert 0 < result["val_dice_identity"] < 1 and 0 < result["val_dice"] < 1
+  with pytest.raises(InputError, match="data.path is required"):
+    training.train_and_evaluate(training.override(config, ["data.path=''"]), str(tmp_path / "x"),
+                                progress=False, log=lambda s: None)

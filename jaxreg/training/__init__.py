@@ -8,6 +8,7 @@ from jaxreg.training.checkpoint import Checkpoints as Checkpoints
 from jaxreg.training.checkpoint import NonFiniteError as NonFiniteError
 from jaxreg.training.config import load_config as load_config
 from jaxreg.training.config import override as override
+from jaxreg.training.loop import evaluate as evaluate
 from jaxreg.training.loop import train_and_evaluate as train_and_evaluate
 from jaxreg.training.sharding import make_mesh as make_mesh
 from jaxreg.training.state import TrainState as TrainState
@@ -17,6 +18,7 @@ __all__ = [
     "Checkpoints",
     "NonFiniteError",
     "TrainState",
+    "evaluate",
     "init_state",
     "load_config",
     "make_mesh",

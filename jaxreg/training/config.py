@@ -96,6 +96,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for k in ("log_every", "eval_every", "checkpoint_every"):
     if t[k] < 1:
       problems.append(f"train.{k} must be >= 1, got {t[k]}")
+  if t.get("devices", 0) < 0:
+    problems.append(f"train.devices must be >= 0 (0 = all), got {t.devices}")
   if d.spacing <= 0:
     problems.append(f"data.spacing must be positive, got {d.spacing}")
   stride = 2 ** (len(m.widths) - 1)
@@ -105,6 +107,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"optim.lr must be positive, got {config.optim.lr}")
   if d.source not in ("demo", "learn2reg", "csv"):
     problems.append(f"data.source must be demo, learn2reg or csv, got {d.source!r}")
+  elif d.source != "demo" and not d.get("path"):
+    problems.append(f"data.path is required for data.source={d.source!r} "
+                    "(--config.data.path=...)")
   if problems:
     raise InputError("bad config: " + "; ".join(problems))
 

@@ -29,7 +29,7 @@ from jaxreg.training import sources as _sources
 from jaxreg.training import state as _state
 from jaxreg.training import step as _step
 
-__all__ = ["train_and_evaluate"]
+__all__ = ["train_and_evaluate", "evaluate"]
 
 
 class _Writer:
@@ -85,6 +85,27 @@ def _validate(eval_step, params, val_source, num_val, mesh) -> dict[str, float]:
   return out
 
 
+def evaluate(config: ml_collections.ConfigDict, params) -> dict[str, float]:
+  """Validation metrics of ``params`` on ``config``'s validation pairs (one device).
+
+  Returns:
+    ``val_loss`` and its terms, ``val_folding_fraction``, and when labels are
+    used ``val_dice`` / ``val_dice_identity`` (mean over pairs of the mean over
+    the classes present), plus ``seconds_per_pair``.
+  """
+  graphdef, template, _ = _state.init_state(config)
+  mesh = _sharding.make_mesh(jax.devices()[:1])
+  rep = _sharding.replicated(mesh)
+  params = jax.device_put(params, rep)
+  _, _, val_source, num_val = _sources.make_sources(config)
+  eval_step = jax.jit(_step.make_eval_step(graphdef, template, config))
+  _validate(eval_step, params, val_source, 1, mesh)  # compile outside the timing
+  t0 = time.time()
+  out = _validate(eval_step, params, val_source, num_val, mesh)
+  out["seconds_per_pair"] = (time.time() - t0) / num_val
+  return out
+
+
 def _progress(enabled: bool, total: int, start: int):
   from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                              TimeElapsedColumn, TimeRemainingColumn)
@@ -122,9 +143,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _config.check_config(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
-  mesh = _sharding.make_mesh()
-  _sharding.check_batch_size(tc.batch_size, mesh)
   n_proc, pid = jax.process_count(), jax.process_index()
+  n_dev = tc.get("devices", 0)
+  if n_dev and n_proc > 1:
+    raise ValueError("train.devices must be 0 (all devices) in a multi-process run")
+  if n_dev > jax.device_count():
+    raise ValueError(f"train.devices={n_dev} but only {jax.device_count()} device(s) exist")
+  mesh = _sharding.make_mesh(jax.devices()[:n_dev] if n_dev else None)
+  _sharding.check_batch_size(tc.batch_size, mesh)
   if tc.batch_size % n_proc:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by {n_proc} processes")
   config_dict = json.loads(_config.to_json(config))

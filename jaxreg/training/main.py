@@ -31,8 +31,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 def _init_distributed(args) -> None:
   import jax
-  if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives for CPU devices (GPU/TPU use their own); set before
+  # initialize(), which must precede any other JAX call.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if args.coordinator:
     kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,

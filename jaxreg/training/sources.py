@@ -16,7 +16,7 @@ from jaxreg import data as _data
 from jaxreg import io as _io
 from jaxreg import preprocess as _preprocess
 
-__all__ = ["class_lut", "make_sources"]
+__all__ = ["class_lut", "make_sources", "demo_pair_for"]
 
 
 def class_lut(label_ids) -> np.ndarray:
@@ -44,6 +44,17 @@ def _stride(config) -> int:
   return 2 ** (len(config.model.widths) - 1)
 
 
+def demo_pair_for(config: ml_collections.ConfigDict, index: int,
+                  split: str = "eval") -> _data.SyntheticPair:
+  """The synthetic demo pair ``index`` that ``config`` trains or validates on (HU)."""
+  d = config.data
+  return _data.demo_pair(index, split=split, spacing=d.spacing, divisor=_stride(config),
+                         shape=None if d.shape is None else tuple(d.shape),
+                         max_disp_mm=d.max_disp_mm, control_spacing_mm=d.control_spacing_mm,
+                         breathing_mm=d.breathing_mm, contrast=d.contrast,
+                         noise_std=d.noise_hu)
+
+
 def _demo_sources(config):
   d = config.data
   lut = class_lut(d.label_ids) if d.label_ids else None
@@ -51,11 +62,7 @@ def _demo_sources(config):
 
   def make(split):
     def source(index: int):
-      pair = _data.demo_pair(index, split=split, spacing=d.spacing, divisor=_stride(config),
-                             shape=tuple(d.shape), max_disp_mm=d.max_disp_mm,
-                             control_spacing_mm=d.control_spacing_mm,
-                             breathing_mm=d.breathing_mm, contrast=d.contrast,
-                             noise_std=d.noise_hu)
+      pair = demo_pair_for(config, index, split)
       return _example(_preprocess.window(pair.fixed, lo, hi), _preprocess.window(pair.moving, lo, hi),
                       pair.fixed_labels, pair.moving_labels, lut)
     return source

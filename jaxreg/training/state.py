@@ -39,7 +39,8 @@ def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> _model.Regi
   return _model.RegistrationNet(
       in_channels=2 + 2 * extra, widths=tuple(m.widths), num_subfields=m.num_subfields,
       heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,
-      convs_per_level=m.get("convs_per_level", 1), rngs=nnx.Rngs(seed))
+      convs_per_level=m.get("convs_per_level", 1), conv=m.get("conv", "auto"),
+      rngs=nnx.Rngs(seed))
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

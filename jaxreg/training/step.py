@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from jaxreg import fields as _fields
 from jaxreg import losses as _losses
 from jaxreg import model as _model
 from jaxreg import warp as _warp
@@ -120,7 +121,8 @@ def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
 
   ``dice`` is ``[B, C]`` (classes 1..C) for the network's field and
   ``dice_identity`` the same before registration; ``present`` marks classes
-  that occur in either map (Dice is undefined otherwise).
+  that occur in either map (Dice is undefined otherwise); ``folding_fraction``
+  is the fraction of voxels with ``det J <= 0``.
   """
   loss_fn = make_loss_fn(graphdef, template, config)
   classes = num_classes(config)
@@ -134,8 +136,10 @@ def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
   def evaluate(params, batch):
     loss, metrics = loss_fn(params, batch)
     metrics = dict(metrics, loss=loss)
+    disp, _ = _forward(graphdef, template, config, params, batch)
+    metrics["folding_fraction"] = jnp.mean(
+        jax.vmap(_fields.jacobian_determinant)(disp) <= 0)
     if classes and "moving_labels" in batch:
-      disp, _ = _forward(graphdef, template, config, params, batch)
       warped = _warp.warp_batch(batch["moving_labels"], disp, order=0)
       metrics["dice"], metrics["present"] = hard_dice(batch["fixed_labels"], warped)
       metrics["dice_identity"], _ = hard_dice(batch["fixed_labels"], batch["moving_labels"])

@@ -1,0 +1,220 @@
+"""Train step: jaxreg vs the same UNet + loss in PyTorch, and how jaxreg's cost grows with size.
+
+Run: ``python benchmarks/train_step.py [--sizes 32 64 96] [--grow 32 48 64 96 128]``
+(``pip install -e '.[bench]'`` for the PyTorch column).
+
+Both sides: the demo network (UNet widths 16-32-32-32, stride-2 encoder,
+nearest-neighbour upsampling, LeakyReLU(0.2), K=3 sub-field heads on the three
+finest decoder levels, small-init heads), sub-fields upsampled and composed
+coarse first, the moving image warped trilinearly, loss = -LNCC(9) + 0.5 *
+(diffusion of the sub-fields + of the total field), one Adam step, batch 1,
+float32. Time: median of ``--repeats`` steps after two warm-up steps. Peak
+memory: the process's peak resident set (``ru_maxrss``) grows monotonically, so
+each size is run in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+WIDTHS = (16, 32, 32, 32)
+K = 3
+
+
+def _median_step(step, repeats):
+  step()
+  step()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def jaxreg_step(n: int, conv: str):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  import optax
+
+  from jaxreg import losses, model, warp
+
+  net = model.RegistrationNet(widths=WIDTHS, num_subfields=K, conv=conv, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(net)
+  tx = optax.adam(1e-4)
+  opt = tx.init(params)
+  rng = np.random.default_rng(0)
+  f, m = (jnp.asarray(rng.random((1, n, n, n)), jnp.float32) for _ in range(2))
+
+  def loss_fn(params):
+    disp, subs = model.predict_displacement(nnx.merge(graphdef, params), f, m)
+    warped = warp.warp_batch(m, disp)
+    sim = -jnp.mean(jax.vmap(losses.local_ncc)(f, warped))
+    reg = sum(jnp.mean(jax.vmap(losses.diffusion)(u)) for u in subs) / K
+    return sim + 0.5 * reg + 0.5 * jnp.mean(jax.vmap(losses.diffusion)(disp))
+
+  @jax.jit
+  def step(params, opt):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  state = [params, opt]
+
+  def run():
+    state[0], state[1], loss = step(*state)
+    loss.block_until_ready()
+  return run
+
+
+def torch_step(n: int, threads: int):
+  import torch
+  import torch.nn as nn
+  import torch.nn.functional as tf
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+
+  class Net(nn.Module):
+    def __init__(self):
+      super().__init__()
+      cin, self.enc = 2, nn.ModuleList()
+      for i, w in enumerate(WIDTHS):
+        self.enc.append(nn.Conv3d(cin, w, 3, stride=1 if i == 0 else 2, padding=1))
+        cin = w
+      self.dec = nn.ModuleList()
+      for i in range(len(WIDTHS) - 2, -1, -1):
+        self.dec.append(nn.Conv3d(cin + WIDTHS[i], WIDTHS[i], 3, padding=1))
+        cin = WIDTHS[i]
+      self.heads = nn.ModuleList(nn.Conv3d(WIDTHS[k], 3, 3, padding=1) for k in range(K - 1, -1, -1))
+      for h in self.heads:
+        nn.init.normal_(h.weight, std=1e-5)
+        nn.init.zeros_(h.bias)
+
+    def forward(self, x):
+      skips = []
+      for conv in self.enc:
+        x = tf.leaky_relu(conv(x), 0.2)
+        skips.append(x)
+      outs = [x]
+      for conv, skip in zip(self.dec, reversed(skips[:-1])):
+        x = torch.cat([tf.interpolate(x, scale_factor=2, mode="nearest"), skip], 1)
+        x = tf.leaky_relu(conv(x), 0.2)
+        outs.append(x)
+      return [h(o) for h, o in zip(self.heads, outs[-K:])]
+
+  base = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32)] * 3,
+                                    indexing="ij"), 0)[None]  # (1, 3, n, n, n) voxels
+
+  def sample(img, disp, padding):  # img (1, C, n, n, n), disp (1, 3, n, n, n) voxels
+    grid = ((base + disp) * (2.0 / (n - 1)) - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
+    return tf.grid_sample(img, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+
+  def upsample(u):  # resize with align_corners and magnitude scaling, as jaxreg.fields.resize
+    return tf.interpolate(u, size=(n, n, n), mode="trilinear", align_corners=True) * (
+        (n - 1) / (u.shape[2] - 1))
+
+  def box(x, w=9):
+    return tf.avg_pool3d(x, w, stride=1, padding=w // 2, count_include_pad=True) * w ** 3
+
+  def lncc(f, w, win=9, eps=1e-5):
+    ones = torch.ones_like(f)
+    cnt = box(ones, win)
+    sf, sw = box(f, win), box(w, win)
+    cross = box(f * w, win) - sf * sw / cnt
+    vf = (box(f * f, win) - sf * sf / cnt).clamp_min(0)
+    vw = (box(w * w, win) - sw * sw / cnt).clamp_min(0)
+    return (cross * cross / (vf * vw + eps)).mean()
+
+  def diffusion(u):
+    return sum(((u.diff(dim=d)) ** 2).sum(1).mean() for d in (2, 3, 4)) / 3
+
+  net = Net()
+  opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+  rng = np.random.default_rng(0)
+  f, m = (torch.from_numpy(rng.random((1, 1, n, n, n)).astype(np.float32)) for _ in range(2))
+
+  def run():
+    opt.zero_grad()
+    subs = net(torch.cat([f, m], 1))
+    ups = [upsample(u) if u.shape[2] != n else u for u in subs]
+    total = ups[-1]
+    for u in reversed(ups[:-1]):
+      total = total + sample(u, total, "border")
+    warped = sample(m, total, "zeros")
+    loss = -lncc(f, warped) + 0.5 * sum(diffusion(u) for u in subs) / K + 0.5 * diffusion(total)
+    loss.backward()
+    opt.step()
+  return run
+
+
+def _child(args):
+  if args.impl == "torch":
+    run = torch_step(args.size, args.threads)
+  else:
+    run = jaxreg_step(args.size, args.impl.split(":")[1])
+  seconds = _median_step(run, args.repeats)
+  print(json.dumps({"seconds": seconds,
+                    "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _measure(impl, size, repeats, threads):
+  out = subprocess.run([sys.executable, __file__, "--child", "--impl", impl, "--size", str(size),
+                        "--repeats", str(repeats), "--threads", str(threads)],
+                       capture_output=True, text=True)
+  if out.returncode:
+    return None, out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
+  return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96])
+  parser.add_argument("--grow", type=int, nargs="*", default=[32, 48, 64, 96, 128],
+                      help="sizes for the jaxreg-only cost-growth table")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--impl", help=argparse.SUPPRESS)
+  parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    return _child(args)
+
+  import jax
+  print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}; torch threads {args.threads}")
+  print("size  jaxreg (folded conv)   jaxreg (native conv)   torch                  "
+        "torch/jaxreg")
+  for n in args.sizes:
+    res = {impl: _measure(impl, n, args.repeats, args.threads)
+           for impl in ("jax:folded", "jax:native", "torch")}
+    cells = []
+    for impl in ("jax:folded", "jax:native", "torch"):
+      r, err = res[impl]
+      cells.append(f"{r['seconds']:7.3f} s {r['peak_mib']:6.0f} MiB" if r else f"{'n/a':>20}")
+    ours, ref = res["jax:folded"][0], res["torch"][0]
+    ratio = f"{ref['seconds'] / ours['seconds']:.2f}x" if ours and ref else "n/a"
+    print(f"{n:3d}^3  " + "   ".join(cells) + f"   {ratio}", flush=True)
+  if args.grow:
+    print("\n# jaxreg (folded conv) cost vs size")
+    for n in args.grow:
+      r, err = _measure("jax:folded", n, max(2, args.repeats // 2), args.threads)
+      print(f"{n:3d}^3  {r['seconds']:7.3f} s  {r['peak_mib']:7.0f} MiB" if r else f"{n}^3 {err}",
+            flush=True)
+  print("# ratio = torch time / jaxreg time (> 1: jaxreg faster)")
+
+
+if __name__ == "__main__":
+  main()

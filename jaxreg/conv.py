@@ -1,0 +1,110 @@
+"""3-D convolution formulations with the signature of ``lax.conv_general_dilated``.
+
+XLA:CPU runs 3-D convolutions (and especially the gradient of strided ones)
+several times slower than 2-D ones. :func:`conv3d_folded` computes the same
+convolution with the kernel's depth index unrolled: each depth tap ``k`` is a
+2-D convolution of the depth-shifted input with the depth folded into the
+batch, ``[B, D, H, W, C] -> [B * D', H, W, C]``. Two ways to combine taps:
+
+* ``"sum"``: one 2-D convolution per tap, summed (the default for wide layers);
+* ``"concat"``: the taps' inputs stacked on channels and one 2-D convolution
+  with a ``[kh, kw, kd * C, O]`` kernel (best for few input channels).
+
+Pass it to ``flax.nnx.Conv(..., conv_general_dilated=conv3d_folded)``; it is
+numerically the same operation (tested against ``lax.conv_general_dilated``).
+Accelerators keep the native convolution (``jaxreg.model`` picks per backend).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["conv3d_folded", "CONV_IMPLS", "conv_fn"]
+
+CONV_IMPLS = ("native", "folded", "auto")
+_CONCAT_MAX_CHANNELS = 8  # "concat" below this many input channels, "sum" above
+
+
+def _is_ndhwc(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    # ('NDHWC', 'DHWIO', 'NDHWC') in ConvDimensionNumbers form
+    return (tuple(dimension_numbers.lhs_spec) == (0, 4, 1, 2, 3)
+            and tuple(dimension_numbers.rhs_spec) == (4, 3, 0, 1, 2)
+            and tuple(dimension_numbers.out_spec) == (0, 4, 1, 2, 3))
+  return tuple(dimension_numbers) == ("NDHWC", "DHWIO", "NDHWC")
+
+
+def conv3d_folded(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                  precision=None, preferred_element_type=None, out_sharding=None, *,
+                  combine: str | None = None):
+  """A drop-in for ``lax.conv_general_dilated`` on NDHWC/DHWIO 3-D convolutions.
+
+  Supported: any kernel size, strides and padding (``"SAME"``, ``"VALID"`` or
+  explicit pairs); other cases (dilation, groups, other layouts, an explicit
+  ``out_sharding``) fall back to ``lax.conv_general_dilated``.
+
+  Args:
+    lhs: ``[B, D, H, W, C]`` input.
+    rhs: ``[kd, kh, kw, C, O]`` kernel.
+    window_strides, padding, ...: as ``lax.conv_general_dilated``.
+    combine: ``"sum"``, ``"concat"`` or None (choose by input channels).
+
+  Returns:
+    ``[B, D', H', W', O]``, equal to ``lax.conv_general_dilated`` up to rounding.
+  """
+  native = functools.partial(
+      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type,
+      **({} if out_sharding is None else {"out_sharding": out_sharding}))
+  dilated = any(d != 1 for d in (lhs_dilation or (1,))) or any(d != 1 for d in (rhs_dilation or (1,)))
+  if (lhs.ndim != 5 or not _is_ndhwc(dimension_numbers) or dilated or feature_group_count != 1
+      or batch_group_count != 1 or out_sharding is not None):
+    return native()
+  b, d, h, w, c = lhs.shape
+  kd, kh, kw, _, o = rhs.shape
+  strides = tuple(window_strides)
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads((d, h, w), (kd, kh, kw), strides, padding)
+  else:
+    pads = [tuple(p) for p in padding]
+  (dlo, dhi), hw_pads = pads[0], list(pads[1:])
+  xp = jnp.pad(lhs, ((0, 0), (dlo, dhi), (0, 0), (0, 0), (0, 0)))
+  sd = strides[0]
+  out_d = (d + dlo + dhi - kd) // sd + 1
+  taps = [lax.slice_in_dim(xp, k, k + sd * (out_d - 1) + 1, stride=sd, axis=1)
+          .reshape(b * out_d, h, w, c) for k in range(kd)]
+  conv2d = functools.partial(lax.conv_general_dilated, window_strides=strides[1:],
+                             padding=hw_pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                             precision=precision, preferred_element_type=preferred_element_type)
+  if combine is None:
+    combine = "concat" if c <= _CONCAT_MAX_CHANNELS else "sum"
+  if combine == "concat":
+    kernel = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, o)
+    out = conv2d(jnp.concatenate(taps, axis=-1), kernel)
+  elif combine == "sum":
+    out = sum(conv2d(t, rhs[k]) for k, t in enumerate(taps))
+  else:
+    raise ValueError(f"combine must be 'sum', 'concat' or None, got {combine!r}")
+  return out.reshape((b, out_d) + out.shape[1:])
+
+
+def conv_fn(impl: str):
+  """The convolution callable for a model option: ``native``, ``folded`` or ``auto``.
+
+  ``auto`` is ``folded`` on CPU (measured faster there) and native elsewhere
+  (cuDNN / TPU convolutions).
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "folded" if jax.default_backend() == "cpu" else "native"
+  return conv3d_folded if impl == "folded" else lax.conv_general_dilated

@@ -1,0 +1,124 @@
+"""Trained networks as files: a folder with ``config.json`` and ``params.msgpack``.
+
+This is the inference format (what ``jaxreg register`` loads and what the
+package ships as its demo model); training checkpoints are Orbax's, in a run's
+``workdir/checkpoints``. :func:`export_checkpoint` turns the latter into the
+former.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx, serialization
+
+from jaxreg.io import InputError, atomic_dir
+
+__all__ = ["save_weights", "load_weights", "export_checkpoint", "demo_model", "DEMO_MODEL"]
+
+DEMO_MODEL = str(importlib.resources.files("jaxreg") / "demo_model")
+
+
+def save_weights(path: str, config: ml_collections.ConfigDict, params,
+                 info: dict | None = None) -> None:
+  """Write ``config.json``, ``params.msgpack`` (and ``info.json``) into folder ``path``, atomically.
+
+  Args:
+    path: output folder (replaced if it exists).
+    config: the training config (it defines the network).
+    params: the network parameters as a pure dict of arrays.
+    info: optional provenance (how it was trained, scores), stored as JSON.
+  """
+  params = jax.device_get(params)
+  if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)):
+    raise ValueError(f"{path}: refusing to save non-finite parameters")
+  with atomic_dir(path) as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+    with open(os.path.join(tmp, "params.msgpack"), "wb") as f:
+      f.write(serialization.msgpack_serialize(params))
+    if info is not None:
+      with open(os.path.join(tmp, "info.json"), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+
+
+def _as_config(d: dict) -> ml_collections.ConfigDict:
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(x) if isinstance(x, list) else x
+  return ml_collections.ConfigDict(tuples(d))
+
+
+def load_weights(path: str):
+  """Load a network saved by :func:`save_weights`.
+
+  Returns:
+    ``(net, config)``: a :class:`jaxreg.model.RegistrationNet` with the saved
+    parameters, and its config.
+
+  Raises:
+    InputError: missing files, or parameters that do not fit the config's
+      network (e.g. a checkpoint of another model).
+  """
+  from jaxreg.training import state as _state  # the config -> network mapping lives there
+
+  cfg_path, par_path = os.path.join(path, "config.json"), os.path.join(path, "params.msgpack")
+  for p in (cfg_path, par_path):
+    if not os.path.isfile(p):
+      raise InputError(f"{path}: not a jaxreg model folder ({os.path.basename(p)} is missing)")
+  try:
+    with open(cfg_path) as f:
+      config = _as_config(json.load(f))
+    with open(par_path, "rb") as f:
+      loaded = serialization.msgpack_restore(f.read())
+  except Exception as e:
+    raise InputError(f"{path}: cannot read the model files ({type(e).__name__}: {e})") from e
+  try:
+    net = _state.build_model(config)
+  except Exception as e:
+    raise InputError(f"{path}: config.json does not describe a network ({e})") from e
+  graphdef, template = nnx.split(net)
+  want = nnx.to_pure_dict(template)
+  got_shapes = jax.tree.map(np.shape, loaded)
+  want_shapes = jax.tree.map(np.shape, want)
+  if got_shapes != want_shapes:
+    raise InputError(f"{path}: params.msgpack does not fit the network in config.json "
+                     "(a checkpoint of another model?)")
+  nnx.replace_by_pure_dict(template, jax.tree.map(np.asarray, loaded))
+  return nnx.merge(graphdef, template), config
+
+
+def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:
+  """Write the latest checkpoint of a training run as a model folder.
+
+  Returns:
+    the step exported.
+  """
+  from jaxreg.training import checkpoint as _checkpoint
+  from jaxreg.training import state as _state
+
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise InputError(f"{workdir}: not a training workdir (no config.json)")
+  with open(cfg_path) as f:
+    config = _as_config(json.load(f))
+  ckpts = _checkpoint.Checkpoints(workdir)
+  step = ckpts.latest_step()
+  if step is None:
+    raise InputError(f"{workdir}: has no checkpoint")
+  _, _, like = _state.init_state(config)
+  state, _ = ckpts.restore(step, like)
+  ckpts.close()
+  save_weights(path, config, state.params, info=dict(info or {}, step=int(step)))
+  return int(step)
+
+
+def demo_model():
+  """The network shipped with jaxreg, trained by ``configs/demo.py`` (see its ``info.json``)."""
+  return load_weights(DEMO_MODEL)

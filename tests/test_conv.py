@@ -1,0 +1,75 @@
+"""The depth-folded 3-D convolution equals lax.conv_general_dilated, values and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from jaxreg import conv as C
+from jaxreg import model as M
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _native(x, k, strides, padding):
+  return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN)
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 8, 10, 6, 3), (3, 3, 3), (1, 1, 1), "SAME"),
+    ((1, 8, 8, 8, 4), (3, 3, 3), (2, 2, 2), "SAME"),
+    ((1, 9, 7, 11, 2), (3, 3, 3), (2, 2, 2), "SAME"),
+    ((1, 8, 8, 8, 2), (5, 3, 1), (1, 2, 1), "VALID"),
+    ((1, 7, 8, 6, 3), (3, 3, 3), (2, 1, 1), [(2, 0), (1, 1), (0, 2)]),
+])
+def test_folded_equals_native_values_and_gradients(combine, shape, kernel, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (shape[-1], 5)), jnp.float32)
+  folded = functools.partial(C.conv3d_folded, dimension_numbers=DN, combine=combine)
+  want = _native(x, k, strides, padding)
+  got = folded(x, k, strides, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+  w = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  g_want = jax.grad(lambda x, k: jnp.sum(_native(x, k, strides, padding) * w), (0, 1))(x, k)
+  g_got = jax.grad(lambda x, k: jnp.sum(folded(x, k, strides, padding) * w), (0, 1))(x, k)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-3)
+
+
+def test_unsupported_cases_fall_back_to_native():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 8, 2)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 3)), jnp.float32)
+  want = lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", rhs_dilation=(2, 2, 2),
+                                  dimension_numbers=DN)
+  got = C.conv3d_folded(x, k, (1, 1, 1), "SAME", rhs_dilation=(2, 2, 2), dimension_numbers=DN)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_model_with_folded_convs_equals_native_model():
+  rng = np.random.default_rng(2)
+  f, m = (jnp.asarray(rng.random((1, 16, 16, 16)), jnp.float32) for _ in range(2))
+  outs = []
+  for impl in ("native", "folded"):
+    net = M.RegistrationNet(widths=(8, 16, 16), num_subfields=2, head_init=0.1, conv=impl,
+                            rngs=nnx.Rngs(0))
+    outs.append(net(f, m))
+  for a, b in zip(*outs):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert max(float(jnp.abs(o).max()) for o in outs[0]) > 1e-3
+
+
+def test_conv_fn_choices():
+  assert C.conv_fn("native") is lax.conv_general_dilated
+  assert C.conv_fn("folded") is C.conv3d_folded
+  assert C.conv_fn("auto") is (C.conv3d_folded if jax.default_backend() == "cpu"
+                               else lax.conv_general_dilated)
+  with pytest.raises(ValueError, match="conv impl must be one of"):
+    C.conv_fn("im2col")

@@ -1,0 +1,65 @@
+"""Two real processes on localhost (gloo collectives) train like one process with two devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from jaxreg import training
+from jaxreg.training import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["train.py", "--config", "configs/test.py", "--no-progress",
+        "--config.train.batch_size=2", "--config.train.steps=3",
+        "--config.train.checkpoint_every=3", "--config.train.eval_every=3"]
+
+
+def _env(devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONUNBUFFERED="1")
+  env.pop("JAX_PLATFORMS", None)
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _params(workdir):
+  config = training.override(training.load_config(os.path.join(ROOT, "configs", "test.py")),
+                             ["train.batch_size=2"])
+  ckpts = training.Checkpoints(workdir)
+  step = ckpts.latest_step()
+  _, _, like = state_lib.init_state(config)
+  restored, loader = ckpts.restore(step, like)
+  ckpts.close()
+  return step, jax.device_get(restored.params), loader
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  one = subprocess.run([sys.executable, *ARGS, "--workdir", str(tmp_path / "one")], cwd=ROOT,
+                       env=_env(2), capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert "2 device(s) in 1 process(es)" in one.stdout
+
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, *ARGS, "--workdir", str(tmp_path / "two"), "--distributed",
+       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 device(s) in 2 process(es)" in outs[0][0]
+
+  step_1, params_1, loader_1 = _params(str(tmp_path / "one"))
+  step_2, params_2, loader_2 = _params(str(tmp_path / "two"))
+  assert step_1 == step_2 == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               params_1, params_2)
