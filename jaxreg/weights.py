@@ -47,14 +47,6 @@ def save_weights(path: str, config: ml_collections.ConfigDict, params,
         json.dump(info, f, indent=2, sort_keys=True)
 
 
-def _as_config(d: dict) -> ml_collections.ConfigDict:
-  def tuples(x):
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    return tuple(x) if isinstance(x, list) else x
-  return ml_collections.ConfigDict(tuples(d))
-
-
 def load_weights(path: str):
   """Load a network saved by :func:`save_weights`.
 
@@ -66,27 +58,27 @@ def load_weights(path: str):
     InputError: missing files, or parameters that do not fit the config's
       network (e.g. a checkpoint of another model).
   """
-  from jaxreg.training import state as _state  # the config -> network mapping lives there
+  from jaxreg.training import config as _config  # the config -> network mapping lives there
+  from jaxreg.training import state as _state
 
   cfg_path, par_path = os.path.join(path, "config.json"), os.path.join(path, "params.msgpack")
   for p in (cfg_path, par_path):
     if not os.path.isfile(p):
       raise InputError(f"{path}: not a jaxreg model folder ({os.path.basename(p)} is missing)")
   try:
-    with open(cfg_path) as f:
-      config = _as_config(json.load(f))
+    config = _config.read_config_json(cfg_path)
     with open(par_path, "rb") as f:
       loaded = serialization.msgpack_restore(f.read())
   except Exception as e:
     raise InputError(f"{path}: cannot read the model files ({type(e).__name__}: {e})") from e
-  try:
-    net = _state.build_model(config)
+  try:  # abstract: no initializer runs, the loaded values replace every leaf
+    net = nnx.eval_shape(lambda: _state.build_model(config))
   except Exception as e:
     raise InputError(f"{path}: config.json does not describe a network ({e})") from e
   graphdef, template = nnx.split(net)
   want = nnx.to_pure_dict(template)
-  got_shapes = jax.tree.map(np.shape, loaded)
-  want_shapes = jax.tree.map(np.shape, want)
+  got_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), loaded)
+  want_shapes = jax.tree.map(lambda x: tuple(x.shape), want)
   if got_shapes != want_shapes:
     raise InputError(f"{path}: params.msgpack does not fit the network in config.json "
                      "(a checkpoint of another model?)")
@@ -101,20 +93,8 @@ def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:
     the step exported.
   """
   from jaxreg.training import checkpoint as _checkpoint
-  from jaxreg.training import state as _state
 
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise InputError(f"{workdir}: not a training workdir (no config.json)")
-  with open(cfg_path) as f:
-    config = _as_config(json.load(f))
-  ckpts = _checkpoint.Checkpoints(workdir)
-  step = ckpts.latest_step()
-  if step is None:
-    raise InputError(f"{workdir}: has no checkpoint")
-  _, _, like = _state.init_state(config)
-  state, _ = ckpts.restore(step, like)
-  ckpts.close()
+  step, state, _, config = _checkpoint.restore_latest(workdir)
   save_weights(path, config, state.params, info=dict(info or {}, step=int(step)))
   return int(step)
 

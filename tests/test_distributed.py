@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 from jaxreg import training
-from jaxreg.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train.py", "--config", "configs/test.py", "--no-progress",
@@ -31,14 +30,8 @@ def _free_port():
 
 
 def _params(workdir):
-  config = training.override(training.load_config(os.path.join(ROOT, "configs", "test.py")),
-                             ["train.batch_size=2"])
-  ckpts = training.Checkpoints(workdir)
-  step = ckpts.latest_step()
-  _, _, like = state_lib.init_state(config)
-  restored, loader = ckpts.restore(step, like)
-  ckpts.close()
-  return step, jax.device_get(restored.params), loader
+  step, state, loader, _ = training.restore_latest(workdir)
+  return step, jax.device_get(state.params), loader
 
 
 def test_two_processes_equal_one_process(tmp_path):

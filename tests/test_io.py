@@ -1,6 +1,5 @@
 """NIfTI I/O: round trips, SimpleITK as the independent reader/resampler, bad files."""
 
-import gzip
 import os
 
 import nibabel as nib

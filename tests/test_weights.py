@@ -59,10 +59,7 @@ def test_export_checkpoint_matches_the_trained_state(tmp_path):
   step = weights.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "m"))
   assert step == 2
   net, _ = weights.load_weights(str(tmp_path / "m"))
-  ckpts = training.Checkpoints(str(tmp_path / "run"))
-  _, _, like = state_lib.init_state(config)
-  state, _ = ckpts.restore(2, like)
-  ckpts.close()
+  _, state, _, _ = training.restore_latest(str(tmp_path / "run"))
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(net)),
                jax.device_get(state.params))
 

@@ -6,6 +6,7 @@
 
 from jaxreg.training.checkpoint import Checkpoints as Checkpoints
 from jaxreg.training.checkpoint import NonFiniteError as NonFiniteError
+from jaxreg.training.checkpoint import restore_latest as restore_latest
 from jaxreg.training.config import load_config as load_config
 from jaxreg.training.config import override as override
 from jaxreg.training.loop import evaluate as evaluate
@@ -23,5 +24,6 @@ __all__ = [
     "load_config",
     "make_mesh",
     "override",
+    "restore_latest",
     "train_and_evaluate",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as _policies
 
-__all__ = ["Checkpoints", "NonFiniteError"]
+__all__ = ["Checkpoints", "NonFiniteError", "restore_latest"]
 
 
 class NonFiniteError(RuntimeError):
@@ -74,3 +74,30 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def restore_latest(workdir: str):
+  """The latest checkpoint of a training run, on the default device.
+
+  Returns:
+    ``(step, state, loader_position, config)`` with the config read from
+    ``workdir/config.json``.
+
+  Raises:
+    jaxreg.io.InputError: not a training workdir, or no checkpoint in it.
+  """
+  from jaxreg.io import InputError
+  from jaxreg.training import config as _config
+  from jaxreg.training import state as _state
+
+  config = _config.read_config_json(os.path.join(workdir, "config.json"))
+  ckpts = Checkpoints(workdir)
+  try:
+    step = ckpts.latest_step()
+    if step is None:
+      raise InputError(f"{workdir}: has no checkpoint")
+    _, _, like = _state.init_state(config)
+    state, loader = ckpts.restore(step, like)
+  finally:
+    ckpts.close()
+  return step, state, loader, config

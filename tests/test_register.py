@@ -1,0 +1,90 @@
+"""jaxreg register: outputs on the fixed grid that SimpleITK reproduces; bad inputs exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from jaxreg import data, io
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+  """A demo evaluation pair; the moving image is stored flipped (another orientation)."""
+  d = tmp_path_factory.mktemp("pair")
+  pair = data.demo_pair(0, split="eval")
+  flip = np.eye(4)
+  flip[0, 0], flip[0, 3] = -1, pair.fixed.shape[0] - 1  # voxel i -> n-1-i
+  io.save(d / "fixed.nii.gz", np.round(pair.fixed).astype(np.int16), pair.affine)
+  io.save(d / "fixed_labels.nii.gz", pair.fixed_labels.astype(np.uint8), pair.affine)
+  io.save(d / "moving.nii.gz", np.round(pair.moving[::-1]).astype(np.int16), pair.affine @ flip)
+  io.save(d / "moving_labels.nii.gz", pair.moving_labels[::-1].astype(np.uint8),
+          pair.affine @ flip)
+  return d
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "jaxreg.cli", *map(str, args)],
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_register_outputs_overlay_the_fixed_image(pair_files, tmp_path):
+  d = pair_files
+  out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
+             "--fixed-labels", d / "fixed_labels.nii.gz", "--moving-labels",
+             d / "moving_labels.nii.gz", "--out", tmp_path / "reg", "--io-steps", "20")
+  assert out.returncode == 0, out.stderr[-3000:]
+  reg = tmp_path / "reg"
+  assert sorted(os.listdir(reg)) == ["displacement.nii.gz", "displacement_voxel.nii.gz",
+                                     "metrics.json", "warped.nii.gz", "warped_labels.nii.gz"]
+  fixed = io.load(d / "fixed.nii.gz")
+  for name in ("warped.nii.gz", "warped_labels.nii.gz"):
+    vol = io.load(reg / name)
+    assert vol.shape == fixed.shape
+    np.testing.assert_allclose(vol.affine, fixed.affine, atol=1e-5)
+  metrics = json.load(open(reg / "metrics.json"))
+  assert metrics["mean_dice"] > metrics["mean_dice_before"] + 0.03
+  assert metrics["folding_fraction"] < 0.01 and np.isfinite(metrics["sdlogj"])
+  assert metrics["io_loss_first_last"][1] < metrics["io_loss_first_last"][0]
+  # SimpleITK: moving labels (flipped grid) through displacement.nii.gz onto the fixed grid.
+  ref = sitk.ReadImage(str(d / "fixed.nii.gz"))
+  field = sitk.ReadImage(str(reg / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+  moving = sitk.ReadImage(str(d / "moving_labels.nii.gz"))
+  theirs = sitk.GetArrayFromImage(sitk.Resample(
+      moving, ref, sitk.DisplacementFieldTransform(field), sitk.sitkNearestNeighbor, 0))
+  ours = sitk.GetArrayFromImage(sitk.ReadImage(str(reg / "warped_labels.nii.gz")))
+  assert (theirs == ours).mean() >= 0.999
+  # and the Learn2Reg voxel field is the same field in fixed voxels
+  d_vox, _ = io.load_displacement(reg / "displacement_voxel.nii.gz", convention="voxel")
+  d_itk, _ = io.load_displacement(reg / "displacement.nii.gz", convention="itk")
+  np.testing.assert_allclose(d_vox, d_itk, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing", "labels of another grid", "out is a file",
+                                  "not nifti"])
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(pair_files, tmp_path, case):
+  d = pair_files
+  args = {"--fixed": d / "fixed.nii.gz", "--moving": d / "moving.nii.gz",
+          "--out": tmp_path / "reg"}
+  expect = None
+  if case == "missing":
+    args["--moving"], expect = tmp_path / "nope.nii.gz", "nope.nii.gz: no such file"
+  elif case == "labels of another grid":
+    args["--moving-labels"] = d / "fixed_labels.nii.gz"  # fixed grid != flipped moving grid
+    expect = "affine differs from"
+  elif case == "out is a file":
+    (tmp_path / "reg").write_text("x")
+    expect = "exists and is not a folder"
+  else:
+    (tmp_path / "bad.nii.gz").write_text("not an image")
+    args["--fixed"], expect = tmp_path / "bad.nii.gz", "not a readable NIfTI"
+  out = _cli("register", *[x for kv in args.items() for x in kv])
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and expect in lines[0] and "Traceback" not in out.stderr
+  if case != "out is a file":
+    assert not (tmp_path / "reg").exists()
