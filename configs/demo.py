@@ -55,6 +55,9 @@ def get_config():
   c.model.max_disp = None
   # Std of the heads' initial weights (near-identity start).
   c.model.head_init = 1e-5
+  # Also feed the organ masks of both images (data.label_ids, one-hot) as input channels;
+  # such a model needs both label maps at inference too.
+  c.model.label_inputs = False
 
   # How the sub-fields are combined: "compose" (the method), "sum", "svf".
   c.decomposition = "compose"

@@ -129,12 +129,25 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     net, config = weights.demo_model()
   stride = 2 ** (len(config.model.widths) - 1)
   shape = None if config.data.shape is None else tuple(config.data.shape)
-  pair = _preprocess.prepare_pair(fixed, moving, spacing=config.data.spacing, divisor=stride,
+  needs_labels = config.model.get("label_inputs", False)
+  if needs_labels and (fixed_labels is None or moving_labels is None):
+    raise InputError(f"{names[1]}: this model takes organ masks as input; give both "
+                     "--fixed-labels and --moving-labels")
+  pair = _preprocess.prepare_pair(fixed, moving, fixed_labels if needs_labels else None,
+                                  moving_labels if needs_labels else None,
+                                  spacing=config.data.spacing, divisor=stride,
                                   shape=shape, hu_window=tuple(config.data.hu_window),
                                   names=names)
   f, m = jnp.asarray(pair.fixed), jnp.asarray(pair.moving)
+  extra = None
+  if needs_labels:
+    from jaxreg.training import sources, step
+    lut = sources.class_lut(config.data.label_ids)
+    classes = [jnp.asarray(sources.to_classes(x, lut))[None]
+               for x in (pair.fixed_labels, pair.moving_labels)]
+    extra = step.label_channels(config, *classes)
   disp, _ = _model.predict_displacement(net, f[None], m[None], method=config.decomposition,
-                                        steps=config.svf_steps)
+                                        steps=config.svf_steps, extra=extra)
   disp = disp[0]
   io_losses = []
   if io_steps > 0:

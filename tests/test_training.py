@@ -206,3 +206,19 @@ def test_learn2reg_config_trains_on_a_folder_in_that_layout(tmp_path):
   with pytest.raises(InputError, match="data.path is required"):
     training.train_and_evaluate(training.override(config, ["data.path=''"]), str(tmp_path / "x"),
                                 progress=False, log=lambda s: None)
+
+
+def test_label_inputs_feed_organ_masks_to_the_network(tmp_path):
+  config = _config(**{"model.label_inputs": True, "train.steps": 2})
+  net = state_lib.build_model(config)
+  assert net.unet.encoder[0][0].in_features == 2 + 2 * len(config.data.label_ids)
+  graphdef, template, state = state_lib.init_state(config)
+  batch = _batch(config, 2)
+  extra = step_lib.label_channels(config, batch["fixed_labels"], batch["moving_labels"])
+  assert extra.shape == batch["fixed"].shape + (2 * len(config.data.label_ids),)
+  np.testing.assert_array_equal(np.asarray(extra[..., 0]), batch["fixed_labels"] == 1)
+  loss, _ = step_lib.make_loss_fn(graphdef, template, config)(state.params, batch)
+  assert np.isfinite(float(loss))
+  with pytest.raises(InputError, match="label_inputs needs data.label_ids"):
+    training.train_and_evaluate(_config(**{"model.label_inputs": True, "data.label_ids": ()}),
+                                str(tmp_path), progress=False, log=lambda s: None)

@@ -97,6 +97,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for k in ("log_every", "eval_every", "checkpoint_every"):
     if t[k] < 1:
       problems.append(f"train.{k} must be >= 1, got {t[k]}")
+  if m.get("label_inputs", False) and not d.label_ids:
+    problems.append("model.label_inputs needs data.label_ids")
   if t.get("devices", 0) < 0:
     problems.append(f"train.devices must be >= 0 (0 = all), got {t.devices}")
   if d.spacing <= 0:

@@ -16,7 +16,7 @@ from jaxreg import data as _data
 from jaxreg import io as _io
 from jaxreg import preprocess as _preprocess
 
-__all__ = ["class_lut", "make_sources", "demo_pair_for"]
+__all__ = ["class_lut", "to_classes", "make_sources", "demo_pair_for"]
 
 
 def class_lut(label_ids) -> np.ndarray:
@@ -27,7 +27,8 @@ def class_lut(label_ids) -> np.ndarray:
   return lut
 
 
-def _to_classes(labels, lut):
+def to_classes(labels, lut) -> np.ndarray:
+  """Label ids -> int32 class indices through ``lut`` (ids outside it become 0)."""
   labels = np.asarray(labels)
   return np.where(labels < len(lut), lut[np.minimum(labels, len(lut) - 1)], 0).astype(np.int32)
 
@@ -35,8 +36,8 @@ def _to_classes(labels, lut):
 def _example(fixed, moving, fixed_labels, moving_labels, lut) -> dict[str, np.ndarray]:
   out = {"fixed": np.asarray(fixed, np.float32), "moving": np.asarray(moving, np.float32)}
   if lut is not None and fixed_labels is not None and moving_labels is not None:
-    out["fixed_labels"] = _to_classes(fixed_labels, lut)
-    out["moving_labels"] = _to_classes(moving_labels, lut)
+    out["fixed_labels"] = to_classes(fixed_labels, lut)
+    out["moving_labels"] = to_classes(moving_labels, lut)
   return out
 
 

@@ -35,7 +35,7 @@ class TrainState:
 def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> _model.RegistrationNet:
   """The network a config describes (``config.model``)."""
   m = config.model
-  extra = len(config.data.get("input_label_ids", ()) or ())
+  extra = len(config.data.label_ids) if m.get("label_inputs", False) else 0
   return _model.RegistrationNet(
       in_channels=2 + 2 * extra, widths=tuple(m.widths), num_subfields=m.num_subfields,
       heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,

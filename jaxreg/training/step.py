@@ -56,10 +56,24 @@ def num_classes(config) -> int:
   return len(ids) + 1 if ids else 0
 
 
+def label_channels(config, fixed_labels, moving_labels):
+  """Extra network inputs when ``config.model.label_inputs``: one-hot organ masks of both
+  label maps (class indices, ``[B, X, Y, Z]``) -> ``[B, X, Y, Z, 2C]``; else None."""
+  if not config.model.get("label_inputs", False):
+    return None
+  c = num_classes(config)
+  one_hot = lambda x: jax.nn.one_hot(x, c)[..., 1:]
+  return jnp.concatenate([one_hot(fixed_labels), one_hot(moving_labels)], axis=-1)
+
+
 def _forward(graphdef, template, config, params, batch):
   net = merge(graphdef, template, params)
+  extra = None
+  if config.model.get("label_inputs", False):
+    extra = label_channels(config, batch["fixed_labels"], batch["moving_labels"])
   return _model.predict_displacement(net, batch["fixed"], batch["moving"],
-                                     method=config.decomposition, steps=config.svf_steps)
+                                     method=config.decomposition, steps=config.svf_steps,
+                                     extra=extra)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
