@@ -61,8 +61,9 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the 8 devices"):
     sharding.check_batch_size(6, mesh)
   with pytest.raises(ValueError, match="batch size 4 is not divisible by the 8 devices"):
-    training.train_and_evaluate(_config(**{"train.batch_size": 4}), str(tmp_path),
+    training.train_and_evaluate(_config(**{"train.batch_size": 4}), str(tmp_path / "w"),
                                 progress=False, log=lambda s: None)
+  assert not (tmp_path / "w").exists()  # nothing written for a run that cannot start
 
 
 def _final_params(workdir):

@@ -142,7 +142,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   _config.check_config(config)
   tc = config.train
-  os.makedirs(workdir, exist_ok=True)
   n_proc, pid = jax.process_count(), jax.process_index()
   n_dev = tc.get("devices", 0)
   if n_dev and n_proc > 1:
@@ -153,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _sharding.check_batch_size(tc.batch_size, mesh)
   if tc.batch_size % n_proc:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by {n_proc} processes")
+  os.makedirs(workdir, exist_ok=True)  # only once every check has passed
   config_dict = json.loads(_config.to_json(config))
   if pid == 0:
     _config.write_config(config, os.path.join(workdir, "config.json"))
