@@ -27,9 +27,14 @@ from flax import nnx
 from jaxreg import conv as _conv_lib
 from jaxreg import decompose as _decompose
 
-__all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement"]
+__all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement", "unet_stride"]
 
 HEADS = ("levels", "full")
+
+
+def unet_stride(widths: Sequence[int]) -> int:
+  """Total downsampling of a UNet with these level widths: every input axis must divide by it."""
+  return 2 ** (len(widths) - 1)
 
 
 def _conv(cin: int, cout: int, stride: int, rngs: nnx.Rngs, conv: str = "auto",
@@ -88,7 +93,7 @@ class UNet(nnx.Module):
 
   @property
   def stride(self) -> int:
-    return 2 ** (len(self.widths) - 1)
+    return unet_stride(self.widths)
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     if x.ndim != 5:

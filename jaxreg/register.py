@@ -127,7 +127,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
   t0 = time.time()
   if net is None:
     net, config = weights.demo_model()
-  stride = 2 ** (len(config.model.widths) - 1)
+  stride = _model.unet_stride(config.model.widths)
   shape = None if config.data.shape is None else tuple(config.data.shape)
   needs_labels = config.model.get("label_inputs", False)
   if needs_labels and (fixed_labels is None or moving_labels is None):

@@ -10,6 +10,7 @@ import sys
 
 import ml_collections
 
+from jaxreg import model as _model
 from jaxreg.io import InputError, atomic_path
 
 __all__ = ["load_config", "override", "to_json", "write_config", "check_config",
@@ -103,7 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"train.devices must be >= 0 (0 = all), got {t.devices}")
   if d.spacing <= 0:
     problems.append(f"data.spacing must be positive, got {d.spacing}")
-  stride = 2 ** (len(m.widths) - 1)
+  stride = _model.unet_stride(m.widths)
   if d.shape is not None and any(int(s) % stride for s in d.shape):
     problems.append(f"data.shape {tuple(d.shape)} must be divisible by the UNet stride {stride}")
   if config.optim.lr <= 0:

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
+from jaxreg import model as _model
 from jaxreg import io as _io
 from jaxreg import preprocess as _preprocess
 
@@ -41,15 +42,12 @@ def _example(fixed, moving, fixed_labels, moving_labels, lut) -> dict[str, np.nd
   return out
 
 
-def _stride(config) -> int:
-  return 2 ** (len(config.model.widths) - 1)
-
-
 def demo_pair_for(config: ml_collections.ConfigDict, index: int,
                   split: str = "eval") -> _data.SyntheticPair:
   """The synthetic demo pair ``index`` that ``config`` trains or validates on (HU)."""
   d = config.data
-  return _data.demo_pair(index, split=split, spacing=d.spacing, divisor=_stride(config),
+  return _data.demo_pair(index, split=split, spacing=d.spacing,
+                         divisor=_model.unet_stride(config.model.widths),
                          shape=None if d.shape is None else tuple(d.shape),
                          max_disp_mm=d.max_disp_mm, control_spacing_mm=d.control_spacing_mm,
                          breathing_mm=d.breathing_mm, contrast=d.contrast,
@@ -91,7 +89,8 @@ def _file_sources(config):
     ml = _io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving) \
         if spec.moving_labels else None
     pair = _preprocess.prepare_pair(
-        fixed, moving, fl, ml, spacing=d.spacing, divisor=_stride(config),
+        fixed, moving, fl, ml, spacing=d.spacing,
+        divisor=_model.unet_stride(config.model.widths),
         shape=None if d.shape is None else tuple(d.shape), hu_window=tuple(d.hu_window),
         names=(spec.fixed, spec.moving))
     return _example(pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels, lut)
