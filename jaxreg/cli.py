@@ -57,8 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
 
   from jaxreg import io, training, weights
 
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise io.InputError(f"{args.out}: exists and is not a folder")
+  io.check_output_dir(args.out)  # fail now, not after the training
   net, config = weights.demo_model()
   config = training.override(config, [f"data.val_pairs={args.pairs}"])
   short = training.override(config, ["train.devices=1", f"train.steps={args.steps}",
@@ -114,8 +113,7 @@ def _register(args: argparse.Namespace) -> int:
                   if args.fixed_labels else None)
   moving_labels = (io.load_labels(args.moving_labels, like=moving, like_path=args.moving)
                    if args.moving_labels else None)
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise io.InputError(f"{args.out}: exists and is not a folder")
+  io.check_output_dir(args.out)  # fail now, not after the registration
   try:
     net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                    else weights.demo_model())

@@ -38,6 +38,7 @@ __all__ = [
     "check_same_grid",
     "atomic_path",
     "atomic_dir",
+    "check_output_dir",
     "CONVENTIONS",
 ]
 
@@ -240,6 +241,23 @@ def atomic_path(path, suffix: str = ""):
     raise
 
 
+def check_output_dir(path) -> str:
+  """The absolute path of an output folder that :func:`atomic_dir` can write.
+
+  Call it before long work whose results go there, to fail at once.
+
+  Raises:
+    InputError: ``path`` exists and is not a folder, or its parent is missing.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{path}: exists and is not a folder")
+  if not os.path.isdir(parent):
+    raise InputError(f"{path}: parent folder {parent} does not exist")
+  return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path):
   """Yield a temporary folder beside ``path``; it replaces ``path`` on success.
@@ -251,12 +269,8 @@ def atomic_dir(path):
   Raises:
     InputError: ``path`` exists and is not a folder, or its parent is missing.
   """
-  path = os.path.abspath(os.fspath(path))
+  path = check_output_dir(path)
   parent = os.path.dirname(path)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise InputError(f"{path}: exists and is not a folder")
-  if not os.path.isdir(parent):
-    raise InputError(f"{path}: parent folder {parent} does not exist")
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
   try:
     yield tmp

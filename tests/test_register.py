@@ -65,7 +65,7 @@ def test_register_outputs_overlay_the_fixed_image(pair_files, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "labels of another grid", "out is a file",
-                                  "not nifti"])
+                                  "not nifti", "out in a missing folder"])
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(pair_files, tmp_path, case):
   d = pair_files
   args = {"--fixed": d / "fixed.nii.gz", "--moving": d / "moving.nii.gz",
@@ -76,6 +76,8 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(pair_files, tmp_path, 
   elif case == "labels of another grid":
     args["--moving-labels"] = d / "fixed_labels.nii.gz"  # fixed grid != flipped moving grid
     expect = "affine differs from"
+  elif case == "out in a missing folder":
+    args["--out"], expect = tmp_path / "no" / "reg", "parent folder"
   elif case == "out is a file":
     (tmp_path / "reg").write_text("x")
     expect = "exists and is not a folder"
