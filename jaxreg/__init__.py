@@ -12,6 +12,10 @@ Modules, each one idea:
 * :mod:`jaxreg.preprocess` -- the model grid, resampling, mapping back.
 * :mod:`jaxreg.data` -- manifests, demo CT, synthetic pairs, the loader.
 * :mod:`jaxreg.metrics` -- evaluation metrics.
+* :mod:`jaxreg.points` -- map landmarks through a field (``transform_points``).
+* :mod:`jaxreg.register`, :mod:`jaxreg.evaluation`, :mod:`jaxreg.report`,
+  :mod:`jaxreg.elastix` -- registering pairs, evaluating methods, pictures,
+  the elastix baseline (imported on demand).
 """
 
 __version__ = "0.1.0"
@@ -22,6 +26,7 @@ from jaxreg import fields as fields
 from jaxreg import grid as grid
 from jaxreg import io as io
 from jaxreg import metrics as metrics
+from jaxreg import points as points
 from jaxreg import preprocess as preprocess
 from jaxreg import warp as warp
 from jaxreg.decompose import combine as combine
@@ -33,6 +38,7 @@ from jaxreg.fields import integrate as integrate
 from jaxreg.fields import jacobian_determinant as jacobian_determinant
 from jaxreg.fields import resize as resize
 from jaxreg.grid import identity_grid as identity_grid
+from jaxreg.points import transform_points as transform_points
 from jaxreg.warp import warp_batch as warp_batch
 
 __all__ = [
@@ -50,9 +56,11 @@ __all__ = [
     "io",
     "jacobian_determinant",
     "metrics",
+    "points",
     "preprocess",
     "resize",
     "sum_all",
+    "transform_points",
     "warp",
     "warp_batch",
 ]

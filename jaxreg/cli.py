@@ -14,12 +14,6 @@ import numpy as np
 
 import jaxreg
 
-# Commands that later work adds; listed so that `jaxreg --help` tells the truth.
-_PLANNED = {
-    "evaluate": "evaluate methods on a dataset (not built yet)",
-}
-
-
 class UserError(Exception):
   """An error caused by the user's input: reported as one line, exit code 2."""
 
@@ -105,7 +99,7 @@ def _register(args: argparse.Namespace) -> int:
 
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  from jaxreg import io, register, weights
+  from jaxreg import io, preprocess, register, report, weights
 
   fixed = io.load(args.fixed)
   moving = io.load(args.moving)
@@ -133,6 +127,11 @@ def _register(args: argparse.Namespace) -> int:
                          result.affine, convention="voxel")
     with open(out("metrics.json"), "w") as f:
       json.dump(result.metrics, f, indent=2, default=float)
+    before = preprocess.resample_moving(moving, np.zeros_like(result.displacement_mm),
+                                        preprocess.Grid.of(fixed), cval=-1024.0)
+    report.save_report(out("report.png"), fixed.array, before, result.warped,
+                       result.displacement_voxel, result.affine,
+                       title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
   m = result.metrics
   line = (f"jaxreg register: {args.out} in {m['seconds']:.1f} s, folding "
           f"{m['folding_fraction']:.5f}, SDlogJ {m['sdlogj']:.3f}")
@@ -140,13 +139,6 @@ def _register(args: argparse.Namespace) -> int:
     line += f", mean Dice {m['mean_dice_before']:.3f} -> {m['mean_dice']:.3f}"
   print(line)
   return 0
-
-
-def _not_built(name: str):
-  def run(args: argparse.Namespace) -> int:
-    del args
-    raise UserError(f"'jaxreg {name}' is not built yet")
-  return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train a model from a config (as train.py)",
                          add_help=False)
   train.set_defaults(func=None)
-  for name, text in _PLANNED.items():
-    sub.add_parser(name, help=text).set_defaults(func=_not_built(name))
+  evaluate = sub.add_parser("evaluate", help="evaluate methods on pairs (as evaluate.py)",
+                            add_help=False)
+  evaluate.set_defaults(func=None)
   return parser
 
 
@@ -187,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ["train"]:  # its own flags, including --config.FIELD=VALUE overrides
     from jaxreg.training.main import main as train_main
     return train_main(argv[1:], prog="jaxreg train")
+  if argv[:1] == ["evaluate"]:
+    from jaxreg.evaluation import main as evaluate_main
+    return evaluate_main(argv[1:], prog="jaxreg evaluate")
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:

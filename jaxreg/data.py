@@ -168,7 +168,9 @@ def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
 
 
 def read_pairs_csv(path: str) -> list[PairSpec]:
-  """Pairs from a CSV with header ``fixed,moving[,fixed_labels,moving_labels]``.
+  """Pairs from a CSV with header ``fixed,moving`` and optional columns
+  ``fixed_labels, moving_labels, fixed_keypoints, moving_keypoints`` (keypoints:
+  Learn2Reg-style CSVs of voxel coordinates, see :func:`read_keypoints`).
 
   Relative paths are relative to the CSV's folder; empty cells mean "none".
 
@@ -183,7 +185,7 @@ def read_pairs_csv(path: str) -> list[PairSpec]:
     columns = reader.fieldnames or []
     if "fixed" not in columns or "moving" not in columns:
       raise InputError(f"{path}: header must start with fixed,moving; got {columns}")
-    unknown = set(columns) - {"fixed", "moving", "fixed_labels", "moving_labels"}
+    unknown = set(columns) - {f.name for f in dataclasses.fields(PairSpec)}
     if unknown:
       raise InputError(f"{path}: unknown columns {sorted(unknown)}")
     specs = []
@@ -191,8 +193,8 @@ def read_pairs_csv(path: str) -> list[PairSpec]:
       cell = lambda k: _resolve(root, row[k]) if row.get(k) else None
       if not row.get("fixed") or not row.get("moving"):
         raise InputError(f"{path}: line {line} needs both fixed and moving")
-      specs.append(PairSpec(cell("fixed"), cell("moving"), cell("fixed_labels"),
-                            cell("moving_labels")).check_exist(f"{path}: line {line}"))
+      specs.append(PairSpec(*[cell(f.name) for f in dataclasses.fields(PairSpec)])
+                   .check_exist(f"{path}: line {line}"))
   if not specs:
     raise InputError(f"{path}: no pairs listed")
   return specs

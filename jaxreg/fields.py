@@ -21,6 +21,7 @@ __all__ = [
     "compose_batch",
     "integrate",
     "integrate_batch",
+    "invert",
     "resize",
     "jacobian_determinant",
     "jacobian_determinant_batch",
@@ -100,6 +101,68 @@ def integrate_batch(velocity: jax.Array, steps: int = 7) -> jax.Array:
   if np.ndim(velocity) != 5:
     raise ValueError(f"integrate_batch needs [B, X, Y, Z, 3], got {np.shape(velocity)}")
   return jax.vmap(functools.partial(integrate, steps=steps))(velocity)
+
+
+def _max_norm(r):
+  return jnp.max(jnp.linalg.norm(r, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def _invert(u, iterations, tol):
+  def residual(v):  # v(x) + u(x + v(x)): zero for the exact inverse
+    return compose(u, v)
+
+  def cond(state):
+    k, _, r = state
+    return (k < iterations) & (_max_norm(r) > tol)
+
+  def body(state):
+    k, v, r = state
+    v = v - r  # = -u(x + v(x)), the fixed-point update
+    return k + 1, v, residual(v)
+
+  v0 = -u
+  k, v, r = jax.lax.while_loop(cond, body, (jnp.int32(0), v0, residual(v0)))
+  err = _max_norm(r)
+  return v, err, k
+
+
+def invert(disp: jax.Array, *, iterations: int = 100, tol: float = 1e-3,
+           return_info: bool = False):
+  """Inverse of a displacement field by fixed-point iteration.
+
+  Finds ``v`` with ``x + v(x) = y`` where ``y + u(y) = x``, i.e. ``compose(u, v)
+  = v(x) + u(x + v(x)) = 0``, by iterating ``v <- -u(x + v(x))`` from
+  ``v = -u``. The iteration is a contraction (and converges) where ``u`` is
+  smooth enough that ``|grad u| < 1``, i.e. the map is diffeomorphic with
+  moderate strain; near folds it does not converge.
+
+  Convergence criterion: it stops when the largest inverse-consistency residual
+  ``max_x |compose(u, v)(x)|`` falls below ``tol`` voxels, or after
+  ``iterations`` updates (check ``return_info`` to know which). ``u`` is
+  extended beyond its grid by its border values, so near borders where ``x + v(x)``
+  leaves the grid the inverse is that of the border-extended field.
+
+  Args:
+    disp: ``[X, Y, Z, 3]`` displacement ``u`` in voxels.
+    iterations: most fixed-point updates (a ``lax.while_loop``; jit-able, not
+      reverse-mode differentiable).
+    tol: residual bound, voxels.
+    return_info: also return ``(max residual in voxels, iterations run)``.
+
+  Returns:
+    ``[X, Y, Z, 3]`` inverse displacement ``v`` in voxels (same grid), or
+    ``(v, residual, iterations)`` with ``return_info``.
+
+  Examples:
+    >>> import numpy as np
+    >>> u = np.full((4, 4, 4, 3), 0.5, np.float32)  # a translation
+    >>> float(invert(u)[1, 2, 1, 0])
+    -0.5
+  """
+  check_field(disp)
+  v, err, k = _invert(jnp.asarray(disp), int(iterations), float(tol))
+  return (v, err, k) if return_info else v
 
 
 def _linear_axis(x: jax.Array, axis: int, n_new: int, align_corners: bool) -> jax.Array:

@@ -32,6 +32,7 @@ __all__ = [
     "Grid",
     "PreparedPair",
     "model_grid",
+    "overlaps",
     "resample",
     "window",
     "prepare_pair",
@@ -180,7 +181,8 @@ class PreparedPair:
   fixed_grid: Grid
 
 
-def _overlap(a: Grid, b: Grid) -> bool:
+def overlaps(a: Grid, b: Grid) -> bool:
+  """Whether the world bounding boxes of two grids intersect."""
   alo, ahi = a.world_bounds()
   blo, bhi = b.world_bounds()
   return bool(np.all(alo <= bhi) and np.all(blo <= ahi))
@@ -209,7 +211,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
     InputError: the moving image does not overlap the fixed one.
   """
   grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape)
-  if not _overlap(Grid.of(moving), grid):
+  if not overlaps(Grid.of(moving), grid):
     raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
                      "(check the affines / that both are the same patient and frame)")
   lo, hi = hu_window

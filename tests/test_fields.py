@@ -185,3 +185,31 @@ def test_bad_inputs_raise():
     F.resize(u, (8, 8))
   with pytest.raises(ValueError, match=r"disp must be a \[X, Y, Z, 3\]"):
     jax.jit(F.jacobian_determinant)(jnp.zeros((4, 4, 4, 2)))
+
+
+def test_invert_gives_a_field_that_composes_to_zero():
+  u = _smooth_field(5, 2.0)
+  v, err, k = F.invert(u, tol=1e-4, return_info=True)
+  assert float(err) < 1e-4 and 0 < int(k) < 100
+  # both orders: u after v and v after u are the identity (independent check of the residual)
+  np.testing.assert_allclose(np.asarray(F.compose(u, v)), 0, atol=1e-4)
+  inner = (slice(3, -3),) * 3
+  back = np.abs(np.asarray(F.compose(v, u))[inner])  # up to v's interpolation error
+  assert back.max() < 5e-2 and back.mean() < 1.5e-2  # a wrong inverse is off by voxels
+
+
+def test_invert_of_an_affine_field_is_the_inverse_matrix_field():
+  linear = scipy.linalg.expm(np.array([[0.02, 0.05, 0], [-0.05, 0.01, 0.03], [0, -0.03, -0.02]]))
+  m = _about_centre(linear, SHAPE)
+  v = jax.jit(F.invert)(G.affine_displacement(m, SHAPE))
+  want = np.asarray(G.affine_displacement(np.linalg.inv(m), SHAPE))
+  inner = (slice(3, -3),) * 3  # where x + v(x) stays inside the grid
+  np.testing.assert_allclose(np.asarray(v)[inner], want[inner], atol=1e-3)
+
+
+def test_invert_reports_non_convergence_on_a_fold():
+  u = np.zeros(SHAPE + (3,), np.float32)
+  # along i: x + 3 sin(2 pi x / 8) folds (slope 1 + 2.4 cos < 0 in places)
+  u[..., 0] = 3 * np.sin(2 * np.pi * np.arange(SHAPE[0]) / 8)[:, None, None]
+  _, err, k = F.invert(u, iterations=20, return_info=True)
+  assert int(k) == 20 and float(err) > 1e-3

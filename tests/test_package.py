@@ -23,6 +23,10 @@ CONTRACT = {
                     "synthetic_pair", "random_smooth_field", "breathing_field", "Loader"],
     "jaxreg.metrics": ["dice", "hd95", "tre", "sdlogj", "folding_fraction"],
     "jaxreg.register": ["register", "instance_optimise"],
+    "jaxreg.points": ["transform_points"],
+    "jaxreg.evaluation": ["evaluate", "score", "summarise", "load_cases", "run_method", "main"],
+    "jaxreg.report": ["save_report", "save_box_plot"],
+    "jaxreg.elastix": ["register", "parameter_map", "available"],
     "jaxreg.weights": ["save_weights", "load_weights", "export_checkpoint", "demo_model"],
     "jaxreg.conv": ["conv3d_folded", "conv_fn"],
     "jaxreg.losses": ["local_ncc", "global_ncc", "mse", "diffusion", "bending_energy",
@@ -57,11 +61,12 @@ def test_cli_version_and_help():
   assert out.returncode == 0 and "register" in out.stdout and "demo" in out.stdout
 
 
-def test_cli_unbuilt_command_is_one_line_exit_2():
-  out = _cli("evaluate")
+def test_cli_evaluate_bad_method_is_one_line_exit_2(tmp_path):
+  out = _cli("evaluate", "--data", "demo", "--out", str(tmp_path / "ev"), "--methods", "ants")
   assert out.returncode == 2
-  assert out.stderr.strip() == "jaxreg evaluate: error: 'jaxreg evaluate' is not built yet"
-  assert "Traceback" not in out.stderr
+  assert out.stderr.strip() == ("jaxreg evaluate: error: --methods: unknown ['ants']; choose "
+                                "from identity,jaxreg,jaxreg+io,elastix")
+  assert not (tmp_path / "ev").exists()
 
 
 def test_cli_demo_trains_evaluates_and_writes_an_example_that_overlays(tmp_path):

@@ -40,7 +40,8 @@ def test_register_outputs_overlay_the_fixed_image(pair_files, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   reg = tmp_path / "reg"
   assert sorted(os.listdir(reg)) == ["displacement.nii.gz", "displacement_voxel.nii.gz",
-                                     "metrics.json", "warped.nii.gz", "warped_labels.nii.gz"]
+                                     "metrics.json", "report.png", "warped.nii.gz",
+                                     "warped_labels.nii.gz"]
   fixed = io.load(d / "fixed.nii.gz")
   for name in ("warped.nii.gz", "warped_labels.nii.gz"):
     vol = io.load(reg / name)

@@ -1,0 +1,173 @@
+"""Pictures of a registration: ``report.png`` of ``jaxreg register``, box plots of evaluations.
+
+Slices are shown the way radiologists and 3D Slicer show them, whatever the
+array's orientation: every volume is first reordered to the closest RAS+ array
+(:func:`to_ras`), then axial and coronal slices put the patient's right on the
+viewer's left (radiological convention), anterior / superior at the top, and
+sagittal slices put anterior on the left. Pixel aspect follows the voxel size.
+Plots are written with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from jaxreg import io as _io
+from jaxreg import metrics as _metrics
+
+__all__ = ["to_ras", "plane_slices", "checkerboard", "save_report", "save_box_plot"]
+
+PLANES = ("axial", "coronal", "sagittal")
+_IN_PLANE = {"axial": (0, 1), "coronal": (0, 2), "sagittal": (1, 2)}  # RAS axes shown
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Reorder and flip the first three axes to the closest RAS+ orientation.
+
+  Args:
+    array: ``[X, Y, Z, ...]`` volume (trailing axes kept as they are; vector
+      components are *not* changed).
+    affine: its ``[4, 4]`` voxel-to-world affine.
+
+  Returns:
+    ``(array, spacing)``: the reordered view and the voxel size (mm) along its axes.
+  """
+  ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
+  out = nib.orientations.apply_orientation(np.asarray(array), ornt)
+  spacing = np.empty(3)
+  spacing[ornt[:, 0].astype(int)] = _io.Volume(np.zeros((1, 1, 1)), affine).spacing
+  return out, spacing
+
+
+def plane_slices(ras: np.ndarray, spacing: Sequence[float], index: Sequence[int] | None = None
+                 ) -> dict[str, tuple[np.ndarray, float]]:
+  """The three display slices of a RAS+ volume (from :func:`to_ras`).
+
+  Args:
+    ras: ``[X, Y, Z, ...]`` in RAS+ order.
+    spacing: voxel size (mm) along its axes.
+    index: ``(i, j, k)`` slice positions (default: the centre).
+
+  Returns:
+    ``{plane: (image, aspect)}``: each image is ``[rows, cols, ...]`` ready for
+    ``imshow(origin="upper")`` and ``aspect`` its row/column pixel-size ratio.
+  """
+  i, j, k = index if index is not None else [n // 2 for n in ras.shape[:3]]
+  sx, sy, sz = (float(s) for s in spacing)
+  # rows go from anterior/superior (top) down; columns from patient right (left of screen).
+  axial = np.flip(np.swapaxes(ras[:, :, k], 0, 1), (0, 1))
+  coronal = np.flip(np.swapaxes(ras[:, j, :], 0, 1), (0, 1))
+  sagittal = np.flip(np.swapaxes(ras[i, :, :], 0, 1), (0, 1))
+  return {"axial": (axial, sy / sx), "coronal": (coronal, sz / sx),
+          "sagittal": (sagittal, sz / sy)}
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+  """Alternate square tiles of two same-shape 2-D images (``tiles`` per side)."""
+  if a.shape != b.shape:
+    raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+  rows = (np.arange(a.shape[0]) * tiles // a.shape[0])[:, None]
+  cols = (np.arange(a.shape[1]) * tiles // a.shape[1])[None, :]
+  return np.where((rows + cols) % 2 == 0, a, b)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
+                disp: np.ndarray, affine: np.ndarray, *, title: str = "",
+                window: tuple[float, float] = (-1000.0, 600.0), grid_every: int = 6) -> None:
+  """Write a PNG: fixed, moving, warped, checkerboard, deformation grid, Jacobian.
+
+  One row per plane (axial, coronal, sagittal through the centre of the grid).
+
+  Args:
+    path: output ``.png`` (written atomically).
+    fixed: ``[X, Y, Z]`` fixed image (HU).
+    moving: the moving image on the fixed grid *before* registration (HU).
+    warped: the moving image after registration, on the fixed grid (HU).
+    disp: ``[X, Y, Z, 3]`` displacement in voxels of the fixed grid.
+    affine: the fixed grid's affine.
+    title: figure title.
+    window: display window (HU).
+    grid_every: spacing of the deformation-grid lines, in displayed voxels.
+  """
+  plt = _pyplot()
+  shape = np.shape(fixed)
+  for name, a in (("moving", moving), ("warped", warped), ("disp", np.asarray(disp)[..., 0])):
+    if np.shape(a) != shape:
+      raise ValueError(f"{name} has shape {np.shape(a)}, fixed has {shape}")
+  det = _metrics.jacobian_determinant(disp)
+  # deformed coordinates (voxels, fixed grid) for the grid picture, reordered like the images
+  phi = np.moveaxis(np.indices(shape), 0, -1) + np.asarray(disp, np.float64)
+  views = {name: plane_slices(*to_ras(a, affine))
+           for name, a in (("fixed", fixed), ("moving", moving), ("warped", warped),
+                           ("det", det), ("phi", phi))}
+  axes_to_ras = nib.orientations.io_orientation(np.asarray(affine, np.float64))[:, 0]
+  columns = ("fixed", "moving", "warped", "checkerboard", "deformation grid", "det J")
+  fig, axes = plt.subplots(3, len(columns), figsize=(3 * len(columns), 9.5), squeeze=False)
+  lo, hi = window
+  for r, plane in enumerate(PLANES):
+    f, aspect = views["fixed"][plane]
+    panels = {"fixed": f, "moving": views["moving"][plane][0],
+              "warped": views["warped"][plane][0]}
+    panels["checkerboard"] = checkerboard(f, panels["warped"])
+    for c, name in enumerate(columns):
+      ax = axes[r, c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if name in panels:
+        ax.imshow(panels[name], cmap="gray", vmin=lo, vmax=hi, aspect=aspect,
+                  interpolation="nearest")
+      elif name == "deformation grid":
+        ax.imshow(panels["warped"], cmap="gray", vmin=lo, vmax=hi, aspect=aspect, alpha=0.5)
+        p = views["phi"][plane][0]
+        # iso-lines of the two in-plane deformed coordinates are the warped grid lines
+        for comp in range(3):
+          if axes_to_ras[comp] not in _IN_PLANE[plane]:
+            continue
+          values = p[..., comp]
+          levels = np.arange(np.floor(values.min()), np.ceil(values.max()) + 1, grid_every)
+          if len(levels) > 1:
+            ax.contour(values, levels=levels, colors="yellow", linewidths=0.5)
+      else:
+        d = views["det"][plane][0]
+        im = ax.imshow(d, cmap="RdBu_r", vmin=0.0, vmax=2.0, aspect=aspect)
+        if (d <= 0).any():
+          ax.contour(d <= 0, levels=[0.5], colors="black", linewidths=0.8)
+        if r == 0:
+          fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+      if r == 0:
+        ax.set_title(name)
+      if c == 0:
+        ax.set_ylabel(plane)
+  fig.suptitle(title or "jaxreg registration (radiological view: patient right on the left)")
+  fig.tight_layout()
+  with _io.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, format="png", dpi=80)
+  plt.close(fig)
+
+
+def save_box_plot(path: str, values: Mapping[str, Sequence[float]], *, metric: str,
+                  unit: str = "") -> None:
+  """Write a PNG box plot of one metric, one box per method (NaNs dropped)."""
+  plt = _pyplot()
+  names = list(values)
+  data = [np.asarray([v for v in values[n] if np.isfinite(v)], np.float64) for n in names]
+  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+  ax.boxplot(data, showmeans=True)
+  ax.set_xticks(range(1, len(names) + 1), names)
+  ax.set_ylabel(f"{metric} ({unit})" if unit else metric)
+  ax.set_title(metric)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  with _io.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, format="png", dpi=80)
+  plt.close(fig)
