@@ -99,7 +99,7 @@ def _register(args: argparse.Namespace) -> int:
 
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  from jaxreg import io, preprocess, register, report, weights
+  from jaxreg import affine, grid, io, preprocess, register, report, weights
 
   fixed = io.load(args.fixed)
   moving = io.load(args.moving)
@@ -115,6 +115,7 @@ def _register(args: argparse.Namespace) -> int:
     raise UserError(f"--device {args.device}: {e}".splitlines()[0]) from e
   result = register.register(fixed, moving, net=net, config=config, fixed_labels=fixed_labels,
                              moving_labels=moving_labels, io_steps=args.io_steps,
+                             affine=args.affine, inverse=args.inverse,
                              names=(args.fixed, args.moving))
   with io.atomic_dir(args.out) as tmp:
     out = lambda name: os.path.join(tmp, name)
@@ -125,6 +126,12 @@ def _register(args: argparse.Namespace) -> int:
                          convention="itk")
     io.save_displacement(out("displacement_voxel.nii.gz"), result.displacement_voxel,
                          result.affine, convention="voxel")
+    if args.affine != "none":
+      affine.save_itk(out("affine.txt"), result.affine_matrix)
+    if result.inverse_mm is not None:
+      io.save_displacement(out("inverse_displacement.nii.gz"),
+                           grid.disp_mm_to_voxel(result.inverse_mm, result.affine), result.affine,
+                           convention="itk")
     with open(out("metrics.json"), "w") as f:
       json.dump(result.metrics, f, indent=2, default=float)
     before = preprocess.resample_moving(moving, np.zeros_like(result.displacement_mm),
@@ -164,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--checkpoint", help="model folder (default: the shipped demo model)")
   reg.add_argument("--io-steps", type=int, default=50,
                    help="instance-optimisation steps (0: the network alone)")
+  reg.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine",
+                   help="global pre-alignment before the deformable step (written as affine.txt, "
+                   "ITK format; displacement.nii.gz is the composed total)")
+  reg.add_argument("--inverse", action="store_true",
+                   help="also write inverse_displacement.nii.gz (moving -> fixed)")
   reg.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform to run on")
   reg.set_defaults(func=_register)
   train = sub.add_parser("train", help="train a model from a config (as train.py)",

@@ -37,6 +37,7 @@ __all__ = [
     "window",
     "prepare_pair",
     "field_to_world",
+    "field_at_points",
     "resample_moving",
 ]
 
@@ -238,8 +239,23 @@ def field_to_world(disp_model: jax.Array, grid: Grid, target: Grid) -> np.ndarra
   """
   if tuple(np.shape(disp_model)) != tuple(grid.shape) + (3,):
     raise ValueError(f"disp_model must be {tuple(grid.shape) + (3,)}, got {np.shape(disp_model)}")
-  u = _warp.sample(jnp.asarray(disp_model), _coords(grid.affine, target), order=1,
-                   padding="border")
+  return _world_field(disp_model, grid, _coords(grid.affine, target))
+
+
+def field_at_points(disp_model: jax.Array, grid: Grid, points_mm) -> np.ndarray:
+  """A model-grid displacement (voxels) read at world points: ``[..., 3]`` mm -> ``[..., 3]`` mm.
+
+  Trilinear, with the edge displacement repeated outside the model grid (as
+  :func:`field_to_world`, which is this at the voxel centres of a grid).
+  """
+  if tuple(np.shape(disp_model)) != tuple(grid.shape) + (3,):
+    raise ValueError(f"disp_model must be {tuple(grid.shape) + (3,)}, got {np.shape(disp_model)}")
+  return _world_field(disp_model, grid, _grid.world_to_voxel(jnp.asarray(points_mm, jnp.float32),
+                                                             grid.affine))
+
+
+def _world_field(disp_model, grid: Grid, coords) -> np.ndarray:
+  u = _warp.sample(jnp.asarray(disp_model), coords, order=1, padding="border")
   return np.asarray(_grid.disp_voxel_to_mm(u, grid.affine), dtype=np.float32)
 
 

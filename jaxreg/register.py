@@ -1,12 +1,20 @@
 """Register a CT pair with a trained network (+ instance optimisation); results on the fixed grid.
 
-``register(fixed, moving, ...)``: both images are put on the network's model
-grid (:func:`jaxreg.preprocess.prepare_pair`), the network predicts the
-composed field, a few Adam steps of instance optimisation refine it on this
-pair (``-LNCC + diffusion``, starting from the network's field), and the field
-is brought back to the **fixed image's original grid** in world millimetres:
-the warped moving image, warped labels and the displacement all overlay the
-fixed image in 3D Slicer / ITK-SNAP.
+``register(fixed, moving, ...)``: an affine (or rigid) stage aligns the pair
+globally (:mod:`jaxreg.affine`), both images are put on the network's model
+grid (:func:`jaxreg.preprocess.prepare_pair`; the moving image through the
+affine), the network predicts the composed field, a few Adam steps of instance
+optimisation refine it on this pair (``-LNCC + diffusion``, starting from the
+network's field), and the affine and deformable parts are composed into **one**
+displacement on the **fixed image's original grid** in world millimetres: the
+moving image is interpolated once, and the warped image, warped labels and the
+displacement all overlay the fixed image in 3D Slicer / ITK-SNAP.
+
+With ``affine = M`` (fixed world ``p`` -> moving world ``M p``) and the
+deformable field ``d`` found between the fixed image and the affinely aligned
+moving image, the total map is ``p -> M (p + d(p))``; its inverse is
+``q -> y + d^-1(y)`` with ``y = M^-1 q`` and ``d^-1`` from
+:func:`jaxreg.fields.invert` on the model grid.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxreg import affine as _affine
 from jaxreg import grid as _grid
 from jaxreg import losses as _losses
 from jaxreg import metrics as _metrics
@@ -43,8 +52,13 @@ class Registration:
     warped: the moving image resampled onto the fixed grid.
     warped_labels: the moving labels resampled (nearest neighbour), or None.
     affine: the fixed image's affine (of every output).
-    model_displacement: ``[*grid.shape, 3]`` the field on the model grid (voxels).
+    model_displacement: ``[*grid.shape, 3]`` the deformable field on the model grid (voxels).
     metrics: runtime, memory, field quality, and Dice/HD95 when both label maps are given.
+    affine_matrix: ``[4, 4]`` the affine stage's world map (RAS+ mm, fixed ``p`` ->
+      moving ``M p``); the identity with ``affine="none"``.
+    inverse_mm: ``[*fixed.shape, 3]`` (with ``inverse=True``, else None): the
+      inverse map's displacement, world mm, on the fixed grid's domain: moving
+      point ``q`` corresponds to fixed point ``q + inverse_mm(q)``.
   """
   displacement_mm: np.ndarray
   displacement_voxel: np.ndarray
@@ -53,6 +67,8 @@ class Registration:
   affine: np.ndarray
   model_displacement: np.ndarray
   metrics: dict
+  affine_matrix: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(4))
+  inverse_mm: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "window"))
@@ -102,6 +118,7 @@ def _peak_mib() -> float:
 def register(fixed: Volume, moving: Volume, *, net=None, config=None,
              fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
              io_steps: int = 50, io_lr: float = 0.05, io_reg_weight: float = 1.0,
+             affine: str = "affine", inverse: bool = False,
              label_ids=None, names: tuple[str, str] = ("fixed", "moving")) -> Registration:
   """Register ``moving`` to ``fixed`` (see the module docstring).
 
@@ -113,6 +130,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       with both, Dice and HD95 per label are reported.
     io_steps: instance-optimisation steps (0: the network's field alone).
     io_lr, io_reg_weight: its Adam learning rate and regulariser weight.
+    affine: global pre-alignment, ``"affine"`` (12 parameters), ``"rigid"`` or ``"none"``.
+    inverse: also compute the inverse map (``Registration.inverse_mm``).
     label_ids: labels to score (default: every label in both maps).
     names: file names for error messages.
 
@@ -120,11 +139,19 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     :class:`Registration`.
 
   Raises:
-    InputError: no overlap, or a bad input.
+    InputError: no overlap (the images must share a world frame: they are
+      checked before the affine stage), or a bad input.
+    ValueError: unknown ``affine``.
   """
   from jaxreg import weights  # lazy: the shipped model is only loaded when needed
 
+  if affine not in ("affine", "rigid", "none"):
+    raise ValueError(f"affine must be 'affine', 'rigid' or 'none', got {affine!r}")
   t0 = time.time()
+  fixed_grid = _preprocess.Grid.of(fixed)
+  if not _preprocess.overlaps(_preprocess.Grid.of(moving), fixed_grid):
+    raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
+                     "(check the affines / that both are the same patient and frame)")
   if net is None:
     net, config = weights.demo_model()
   stride = _model.unet_stride(config.model.widths)
@@ -133,8 +160,14 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
   if needs_labels and (fixed_labels is None or moving_labels is None):
     raise InputError(f"{names[1]}: this model takes organ masks as input; give both "
                      "--fixed-labels and --moving-labels")
-  pair = _preprocess.prepare_pair(fixed, moving, fixed_labels if needs_labels else None,
-                                  moving_labels if needs_labels else None,
+  matrix, affine_seconds = np.eye(4), 0.0
+  if affine != "none":
+    stage = _affine.register(fixed, moving, model=affine, hu_window=tuple(config.data.hu_window))
+    matrix, affine_seconds = stage.matrix, stage.seconds
+  # the moving image as seen after the affine: its voxel v sits at world M^-1 A_m v
+  aligned = lambda v: None if v is None else Volume(v.array, np.linalg.inv(matrix) @ v.affine)
+  pair = _preprocess.prepare_pair(fixed, aligned(moving), fixed_labels if needs_labels else None,
+                                  aligned(moving_labels) if needs_labels else None,
                                   spacing=config.data.spacing, divisor=stride,
                                   shape=shape, hu_window=tuple(config.data.hu_window),
                                   names=names)
@@ -159,8 +192,16 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
   if not np.all(np.isfinite(disp)):
     raise InputError(f"{names[1]}: registration produced a non-finite field (constant or "
                      "empty images?); nothing written")
-  fixed_grid = _preprocess.Grid.of(fixed)
-  d_mm = _preprocess.field_to_world(disp, pair.grid, fixed_grid)
+  world = np.asarray(_grid.voxel_to_world(_grid.identity_grid(fixed_grid.shape), fixed.affine))
+  d_def = _preprocess.field_to_world(disp, pair.grid, fixed_grid)
+  d_mm = _apply(matrix, world + d_def) - world  # one map: p -> M (p + d(p))
+  inverse_mm = None
+  if inverse:
+    from jaxreg import fields
+    inv, residual, _ = fields.invert(disp, return_info=True)
+    y = _apply(np.linalg.inv(matrix), world)  # q -> y = M^-1 q -> y + d^-1(y)
+    inverse_mm = (y + _preprocess.field_at_points(np.asarray(inv), pair.grid, y) - world
+                  ).astype(np.float32)
   d_vox = np.asarray(_grid.disp_mm_to_voxel(d_mm, fixed.affine), np.float32)
   warped = _preprocess.resample_moving(moving, d_mm, fixed_grid, cval=-1024.0)
   warped_labels = None
@@ -171,6 +212,9 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       "peak_memory_mib": _peak_mib(),
       "model_grid": {"shape": list(pair.grid.shape), "spacing_mm": float(config.data.spacing)},
       "io_steps": int(io_steps),
+      "affine": affine,
+      "affine_matrix_ras": matrix.tolist(),
+      "affine_seconds": affine_seconds,
       "io_loss_first_last": [io_losses[0], io_losses[-1]] if io_losses else None,
       "folding_fraction": _metrics.folding_fraction(d_vox),
       "sdlogj": _metrics.sdlogj(d_vox),
@@ -186,4 +230,12 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     for k in ("dice", "dice_before", "hd95_mm"):
       values = [v for v in metrics[k].values() if np.isfinite(v)]
       metrics[f"mean_{k}"] = float(np.mean(values)) if values else float("nan")
-  return Registration(d_mm, d_vox, warped, warped_labels, np.asarray(fixed.affine), disp, metrics)
+  if inverse:
+    metrics["inverse_residual_voxels"] = float(residual)
+  return Registration(d_mm, d_vox, warped, warped_labels, np.asarray(fixed.affine), disp, metrics,
+                      matrix, inverse_mm)
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+  """``[..., 3]`` world points through a ``[4, 4]`` world matrix."""
+  return (points @ matrix[:3, :3].T + matrix[:3, 3]).astype(np.float32)
