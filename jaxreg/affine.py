@@ -66,7 +66,9 @@ class AffineResult:
 
 
 def _rotation(rx, ry, rz):
-  cx, sx, cy, sy, cz, sz = jnp.cos(rx), jnp.sin(rx), jnp.cos(ry), jnp.sin(ry), jnp.cos(rz), jnp.sin(rz)
+  cx, sx = jnp.cos(rx), jnp.sin(rx)
+  cy, sy = jnp.cos(ry), jnp.sin(ry)
+  cz, sz = jnp.cos(rz), jnp.sin(rz)
   one, zero = jnp.ones_like(rx), jnp.zeros_like(rx)
   x = jnp.array([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
   y = jnp.array([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])

@@ -1,4 +1,4 @@
-"""Evaluate registration methods on a dataset, the Learn2Reg way: ``evaluate.py`` / ``jaxreg evaluate``.
+"""Evaluate registration methods on a dataset, the Learn2Reg way: evaluate.py, jaxreg evaluate.
 
 Every method registers every pair in the same run; every result is scored the
 same way on the **fixed image's original grid**: the method gives a world
@@ -292,7 +292,8 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                  help=f"comma-separated, from {','.join(METHODS)} (default: all)")
   p.add_argument("--pairs", type=int, help="evaluate only the first N pairs "
                  "(demo: default config.data.val_pairs)")
-  p.add_argument("--io-steps", type=int, default=50, help="instance-optimisation steps of jaxreg+io")
+  p.add_argument("--io-steps", type=int, default=50,
+                 help="instance-optimisation steps of jaxreg+io")
   p.add_argument("--affine", choices=("none", "rigid", "affine"), default="none",
                  help="pre-alignment of the jaxreg methods (default none: the demo pairs start "
                  "aligned, and elastix's B-spline map has no affine stage either)")

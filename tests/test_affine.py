@@ -92,7 +92,8 @@ def test_itk_text_applied_by_simpleitk_matches_jaxreg(tmp_path, ct_and_moved):
   q = np.array(tx.TransformPoint((-p[0], -p[1], p[2])))  # LPS in and out
   np.testing.assert_allclose(q * [-1, -1, 1], (true @ np.r_[p, 1])[:3], atol=1e-6)
   theirs = sitk.GetArrayFromImage(sitk.Resample(
-      sitk.ReadImage(str(tmp_path / "moving.nii.gz")), sitk.ReadImage(str(tmp_path / "fixed.nii.gz")),
+      sitk.ReadImage(str(tmp_path / "moving.nii.gz")),
+      sitk.ReadImage(str(tmp_path / "fixed.nii.gz")),
       tx, sitk.sitkLinear, -1024.0)).transpose(2, 1, 0)
   ours = preprocess.resample_moving(moving, AF.displacement_mm(true, small), small, cval=-1024.0)
   # equal wherever the mapped point is a voxel inside the moving grid (ITK and jaxreg treat

@@ -85,8 +85,8 @@ def test_file_cases_read_keypoints_in_world_mm(tmp_path):
   (case,) = E.load_cases(str(tmp_path / "pairs.csv"), config=None)
   assert case.name == "f__m"
   np.testing.assert_allclose(case.fixed_points, [[-2, 4, 6], [-8, 10, 12]])
-  np.testing.assert_allclose(case.moving_points,
-                             [(moving_affine @ [2, 2, 3, 1])[:3], (moving_affine @ [4, 6, 6, 1])[:3]])
+  want = [(moving_affine @ [2, 2, 3, 1])[:3], (moving_affine @ [4, 6, 6, 1])[:3]]
+  np.testing.assert_allclose(case.moving_points, want)
 
 
 @pytest.mark.parametrize("problem", ["one keypoint file", "keypoint counts", "no overlap",
