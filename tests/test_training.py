@@ -223,3 +223,28 @@ def test_label_inputs_feed_organ_masks_to_the_network(tmp_path):
   with pytest.raises(InputError, match="label_inputs needs data.label_ids"):
     training.train_and_evaluate(_config(**{"model.label_inputs": True, "data.label_ids": ()}),
                                 str(tmp_path), progress=False, log=lambda s: None)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  quiet = dict(progress=False, log=lambda s: None)
+  config = _config(**{"train.steps": 6})
+  full = training.train_and_evaluate(config, str(tmp_path / "full"), **quiet)
+  training.train_and_evaluate(config, str(tmp_path / "part"), stop_at=4, **quiet)
+  ckpt = tmp_path / "part" / "checkpoints"
+  assert sorted(os.listdir(ckpt)) == ["2", "4"]
+  damaged = 0
+  for root, _, files in os.walk(ckpt / "4" / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:  # truncate every data file
+        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+      damaged += 1
+  assert damaged
+  messages = []
+  resumed = training.train_and_evaluate(config, str(tmp_path / "part"), progress=False,
+                                        log=messages.append)
+  warning = [m for m in messages if m.startswith("warning: checkpoint step 4 is unreadable")]
+  assert len(warning) == 1 and any("resumed from step 2" in m for m in messages), messages
+  assert os.listdir(tmp_path / "part" / "corrupt_checkpoints")[0].startswith("4.")
+  assert resumed["step"] == full["step"] == 6
+  jax.tree.map(np.testing.assert_array_equal, _final_params(str(tmp_path / "full"))[1],
+               _final_params(str(tmp_path / "part"))[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,32 @@ class Checkpoints:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
     return out["state"], out["loader"]
+
+  def restore_latest_good(self, like, log=print) -> tuple[int, object, dict | None]:
+    """Restore the newest step that reads back; move unreadable newer ones aside.
+
+    A checkpoint Orbax never finished is invisible already (it is written under
+    a temporary name); this handles a finished one that was damaged later
+    (truncated or deleted files). Each unreadable step is moved to
+    ``workdir/corrupt_checkpoints/`` with a warning, and the previous step is tried.
+
+    Returns:
+      ``(step, state, loader position)``, or ``(0, like, None)`` when no step is readable.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, loader = self.restore(step, like)
+        return step, state, loader
+      except Exception as e:  # Orbax/tensorstore raise many types for damaged files
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, f"{step}.{int(time.time())}")
+        os.replace(os.path.join(self.directory, str(step)), target)
+        log(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}); moved to {target}, "
+            "falling back to the previous one")
+        self.manager.reload()
+    return 0, like, None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

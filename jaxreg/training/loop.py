@@ -166,9 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   graphdef, template, state = _state.init_state(config)
   state = jax.device_put(state, _sharding.replicated(mesh))
   ckpts = _checkpoint.Checkpoints(workdir, keep_last=tc.keep_last, keep_best=tc.keep_best)
-  start = ckpts.latest_step() or 0
+  start, state, loader_state = ckpts.restore_latest_good(state, log)
   if start:
-    state, loader_state = ckpts.restore(start, state)
     loader.restore(loader_state)
     log(f"resumed from step {start} ({ckpts.directory})")
   if start >= tc.steps:
