@@ -248,3 +248,53 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert resumed["step"] == full["step"] == 6
   jax.tree.map(np.testing.assert_array_equal, _final_params(str(tmp_path / "full"))[1],
                _final_params(str(tmp_path / "part"))[1])
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+  """train.py killed twice (SIGKILL, at random moments that include checkpoint writes: one
+  is written every step), then resumed: same final parameters as a run never killed, and
+  no finished checkpoint lost."""
+  import random
+  import signal
+  import time
+
+  overrides = {"train.steps": 10, "train.checkpoint_every": 1, "train.eval_every": 5,
+               "train.keep_last": 2}
+  config = _config(**overrides)
+  quiet = dict(progress=False, log=lambda s: None)
+  training.train_and_evaluate(config, str(tmp_path / "full"), **quiet)
+  work = tmp_path / "killed"
+  seed = int(time.time())
+  rng = random.Random(seed)
+  seed_note = f"(kill timing seed {seed})"
+
+  def finished_steps():
+    folder = work / "checkpoints"
+    return {int(n) for n in os.listdir(folder) if n.isdigit()} if folder.is_dir() else set()
+
+  before = set()
+  for _ in range(2):
+    start = max(finished_steps(), default=0)
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/test.py",
+                             "--workdir", str(work), "--no-progress",
+                             *[f"--config.{k}={v}" for k, v in overrides.items()]],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while max(finished_steps(), default=0) <= start and proc.poll() is None:
+      assert time.time() < deadline, "no checkpoint appeared"
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    before = finished_steps()  # all finished at this moment
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if max(before, default=0) >= 10:
+      break
+  messages = []
+  result = training.train_and_evaluate(config, str(work), progress=False, log=messages.append)
+  resumed = [int(m.split("resumed from step ")[1].split()[0]) for m in messages
+             if "resumed from step" in m]
+  if max(before) < 10:
+    assert resumed and resumed[0] >= max(before), (messages, before, seed_note)
+  assert result["step"] == 10
+  jax.tree.map(np.testing.assert_array_equal, _final_params(str(tmp_path / "full"))[1],
+               _final_params(str(work))[1])
