@@ -118,6 +118,9 @@ def _checked_affine(img, path) -> np.ndarray:
 
 
 def _read_array(img, path, dtype=None) -> np.ndarray:
+  stored = np.dtype(img.get_data_dtype())
+  if stored.kind not in "biuf":
+    _fail(path, f"unsupported voxel type {stored} (need integer or real values)")
   try:
     if dtype is not None and np.issubdtype(dtype, np.floating):
       data = img.get_fdata(dtype=dtype)  # scaled, without a float64 copy
@@ -225,8 +228,11 @@ def atomic_path(path, suffix: str = ""):
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise InputError(f"{path}: folder {folder} does not exist")
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}",
-                             dir=folder)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}",
+                               dir=folder)
+  except OSError as e:
+    raise InputError(f"{path}: cannot write in {folder} ({e.strerror})") from e
   os.close(fd)
   try:
     yield tmp
@@ -271,7 +277,10 @@ def atomic_dir(path):
   """
   path = check_output_dir(path)
   parent = os.path.dirname(path)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+  try:
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+  except OSError as e:
+    raise InputError(f"{path}: cannot write in {parent} ({e.strerror})") from e
   try:
     yield tmp
     umask = os.umask(0)

@@ -147,6 +147,12 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
 
   if affine not in ("affine", "rigid", "none"):
     raise ValueError(f"affine must be 'affine', 'rigid' or 'none', got {affine!r}")
+  if io_steps < 0:
+    raise InputError(f"io_steps must be >= 0, got {io_steps}")
+  for volume, name in ((fixed, names[0]), (moving, names[1])):
+    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
+    if not hi > lo:
+      raise InputError(f"{name}: the image is constant ({lo:g} everywhere): nothing to register")
   t0 = time.time()
   fixed_grid = _preprocess.Grid.of(fixed)
   if not _preprocess.overlaps(_preprocess.Grid.of(moving), fixed_grid):

@@ -114,6 +114,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   elif d.source != "demo" and not d.get("path"):
     problems.append(f"data.path is required for data.source={d.source!r} "
                     "(--config.data.path=...)")
+  from jaxreg import conv as _conv
+  from jaxreg import decompose as _decompose
+  from jaxreg.training import step as _step
+  choices = {"model.heads": (m.heads, _model.HEADS),
+             "model.conv": (m.get("conv", "auto"), _conv.CONV_IMPLS),
+             "decomposition": (config.decomposition, _decompose.METHODS),
+             "loss.similarity": (config.loss.similarity, _step.SIMILARITIES),
+             "loss.reg": (config.loss.reg, _step.REGULARISERS)}
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+  if not problems:
+    try:  # the network itself (widths, number of sub-fields vs levels, ...), without allocating
+      from flax import nnx
+
+      from jaxreg.training import state as _state
+      nnx.eval_shape(lambda: _state.build_model(config))
+    except (ValueError, TypeError) as e:
+      problems.append(f"model: {e}")
   if problems:
     raise InputError("bad config: " + "; ".join(problems))
 
