@@ -202,3 +202,15 @@ def test_entry_points_print_one_line_without_traceback(tmp_path, argv, expect):
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert lines[-1].startswith(expect), lines
   assert not (tmp_path / "w").exists()
+
+
+def test_a_non_finite_field_is_never_written(files, tmp_path, capsys, monkeypatch):
+  """If optimisation diverges (here: forced to NaN), register stops with one line and no output."""
+  from jaxreg import register
+  monkeypatch.setattr(register, "instance_optimise",
+                      lambda disp, *a, **k: (disp * np.nan, np.zeros(1)))
+  rc = cli.main(["register", "--fixed", str(files / "fixed.nii.gz"), "--moving",
+                 str(files / "moving.nii.gz"), "--out", str(tmp_path / "out"), "--affine", "none"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "non-finite field" in err[0], err
+  assert not (tmp_path / "out").exists()

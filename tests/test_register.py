@@ -32,13 +32,19 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-def test_register_outputs_overlay_the_fixed_image(pair_files, tmp_path):
-  d = pair_files
+@pytest.fixture(scope="module")
+def registered(pair_files, tmp_path_factory):
+  """The CLI's output folder for the pair (one run shared by the tests below)."""
+  d, reg = pair_files, tmp_path_factory.mktemp("out") / "reg"
   out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
              "--fixed-labels", d / "fixed_labels.nii.gz", "--moving-labels",
-             d / "moving_labels.nii.gz", "--out", tmp_path / "reg", "--io-steps", "20")
+             d / "moving_labels.nii.gz", "--out", reg, "--io-steps", "20")
   assert out.returncode == 0, out.stderr[-3000:]
-  reg = tmp_path / "reg"
+  return reg
+
+
+def test_register_outputs_overlay_the_fixed_image(pair_files, registered):
+  d, reg = pair_files, registered
   assert sorted(os.listdir(reg)) == ["affine.txt", "displacement.nii.gz",
                                      "displacement_voxel.nii.gz",
                                      "metrics.json", "report.png", "warped.nii.gz",
@@ -64,6 +70,21 @@ def test_register_outputs_overlay_the_fixed_image(pair_files, tmp_path):
   d_vox, _ = io.load_displacement(reg / "displacement_voxel.nii.gz", convention="voxel")
   d_itk, _ = io.load_displacement(reg / "displacement.nii.gz", convention="itk")
   np.testing.assert_allclose(d_vox, d_itk, atol=1e-4)
+
+
+def test_register_is_deterministic_across_processes(pair_files, registered):
+  """The same inputs registered again, here in this process: bit-identical outputs."""
+  from jaxreg import register
+  d = pair_files
+  result = register.register(io.load(d / "fixed.nii.gz"), io.load(d / "moving.nii.gz"),
+                             fixed_labels=io.load_labels(d / "fixed_labels.nii.gz"),
+                             moving_labels=io.load_labels(d / "moving_labels.nii.gz"),
+                             io_steps=20)
+  np.testing.assert_array_equal(io.load(registered / "warped.nii.gz").array, result.warped)
+  d_vox, _ = io.load_displacement(registered / "displacement_voxel.nii.gz", convention="voxel")
+  np.testing.assert_array_equal(d_vox, result.displacement_voxel)
+  assert np.all(np.isfinite(result.displacement_mm))
+  assert json.load(open(registered / "metrics.json"))["mean_dice"] == result.metrics["mean_dice"]
 
 
 @pytest.mark.parametrize("case", ["missing", "labels of another grid", "out is a file",
