@@ -82,7 +82,8 @@ def test_diffusion_closed_form_and_reference():
   m[:3, :3] += [[0.1, -0.2, 0.0], [0.05, 0.0, 0.3], [0.0, 0.1, -0.1]]
   u = G.affine_displacement(m, SHAPE)
   a = m[:3, :3] - np.eye(3)
-  np.testing.assert_allclose(float(L.diffusion(u)), np.sum(a ** 2) / 3, rtol=1e-5)
+  # float32 differences of coordinates up to ~16 voxels carry ~1e-6 voxel of rounding.
+  np.testing.assert_allclose(float(L.diffusion(u)), np.sum(a ** 2) / 3, rtol=1e-4)
   v = np.random.default_rng(6).normal(size=SHAPE + (3,))
   want = np.mean([np.mean(np.sum(np.diff(v, axis=j) ** 2, -1)) for j in range(3)])
   np.testing.assert_allclose(float(L.diffusion(jnp.asarray(v, jnp.float32))), want, rtol=1e-5)
@@ -129,8 +130,9 @@ def test_folding_penalty():
   shrink[3, 3] = 1
   assert float(L.folding(G.affine_displacement(shrink, SHAPE))) == 0.0
   assert float(L.folding(G.affine_displacement(shrink, SHAPE), margin=0.7)) == 0.0  # det 0.729
+  # det J from float32 central differences of coordinates up to ~16 voxels: ~1e-6 rounding.
   np.testing.assert_allclose(float(L.folding(G.affine_displacement(shrink, SHAPE), margin=1.0)),
-                             1 - 0.9 ** 3, rtol=1e-5)
+                             1 - 0.9 ** 3, rtol=1e-4)
 
 
 def test_bad_inputs_raise():
