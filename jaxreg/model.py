@@ -50,6 +50,16 @@ def _upsample2(x: jax.Array) -> jax.Array:
   return x
 
 
+def _upsample_skip_conv(conv: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Array:
+  """``conv(concat([upsample2(x), skip]))`` with the kernel split by input channels."""
+  kernel = conv.kernel[...]
+  c = x.shape[-1]
+  y = _conv_lib.conv3d_upsampled(x, kernel[..., :c, :], conv.conv_general_dilated)
+  y = y + conv.conv_general_dilated(skip, kernel[..., c:, :], (1, 1, 1), "SAME",
+                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  return y + conv.bias[...] if conv.bias is not None else y
+
+
 class UNet(nnx.Module):
   """A VoxelMorph-style 3-D UNet, channels last.
 
@@ -64,6 +74,10 @@ class UNet(nnx.Module):
     convs_per_level: convolutions per encoder and decoder level.
     conv: convolution formulation, ``"auto"`` (depth-folded on CPU, native
       elsewhere), ``"native"`` or ``"folded"`` (see :mod:`jaxreg.conv`).
+      ``"folded"`` also computes each decoder level's first convolution as
+      ``conv(upsample(x)) + conv(skip)`` with the upsampled half done at the
+      coarse resolution (:func:`jaxreg.conv.conv3d_upsampled`); same parameters,
+      same result up to rounding.
     rngs: NNX random streams.
 
   Call: ``[B, X, Y, Z, C_in] -> list of [B, X/2**i, Y/2**i, Z/2**i, widths[i]]``
@@ -90,6 +104,7 @@ class UNet(nnx.Module):
       cin = w
     self.encoder = nnx.List(enc)
     self.decoder = nnx.List(dec)
+    self.fuse_upsample = _conv_lib.resolve(conv) == "folded"
 
   @property
   def stride(self) -> int:
@@ -108,8 +123,12 @@ class UNet(nnx.Module):
       skips.append(x)
     outs = [x]
     for convs, skip in zip(self.decoder, reversed(skips[:-1])):
-      x = jnp.concatenate([_upsample2(x), skip], axis=-1)
-      for conv in convs:
+      if self.fuse_upsample:
+        x = _upsample_skip_conv(convs[0], x, skip)
+      else:
+        x = convs[0](jnp.concatenate([_upsample2(x), skip], axis=-1))
+      x = nnx.leaky_relu(x, 0.2)
+      for conv in convs[1:]:
         x = nnx.leaky_relu(conv(x), 0.2)
       outs.append(x)
     return outs
