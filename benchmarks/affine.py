@@ -1,4 +1,4 @@
-"""Affine pre-alignment: jaxreg.affine vs elastix's affine stage, and what it buys the deformable step.
+"""Affine pre-alignment: jaxreg.affine vs elastix's affine stage, and what it buys afterwards.
 
 Run: ``python benchmarks/affine.py [--spacing 2.0] [--pairs 2]`` (elastix needs the
 ``baselines`` extra; it is skipped with a message otherwise).

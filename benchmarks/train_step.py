@@ -1,6 +1,7 @@
 """Train step: jaxreg vs the same UNet + loss in PyTorch, and how jaxreg's cost grows with size.
 
-Run: ``python benchmarks/train_step.py [--sizes 32 64 96] [--grow 32 48 64 96 128]``
+Run: ``python benchmarks/train_step.py [--sizes 64 128] [--native] [--grow 32 64 128 192x160x224]
+[--plot growth.png]``
 (``pip install -e '.[bench]'`` for the PyTorch column).
 
 Both sides: the demo network (UNet widths 16-32-32-32, stride-2 encoder,
@@ -28,6 +29,8 @@ import time
 import numpy as np
 
 WIDTHS = (16, 32, 32, 32)
+IMPL_NAMES = {"jax:folded": "jaxreg (folded conv)", "jax:native": "jaxreg (native conv)",
+              "torch": "PyTorch"}
 K = 3
 
 
@@ -42,7 +45,14 @@ def _median_step(step, repeats):
   return statistics.median(times)
 
 
-def jaxreg_step(n: int, conv: str):
+def _shape(size: str) -> tuple[int, int, int]:
+  """``"64"`` -> (64, 64, 64); ``"192x160x224"`` -> (192, 160, 224)."""
+  parts = [int(p) for p in str(size).split("x")]
+  return tuple(parts * 3) if len(parts) == 1 else tuple(parts)
+
+
+def jaxreg_step(n, conv: str, infer: bool = False):
+  """One jitted Adam step (or, with ``infer``, one forward pass + warp) on random volumes."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -55,7 +65,7 @@ def jaxreg_step(n: int, conv: str):
   tx = optax.adam(1e-4)
   opt = tx.init(params)
   rng = np.random.default_rng(0)
-  f, m = (jnp.asarray(rng.random((1, n, n, n)), jnp.float32) for _ in range(2))
+  f, m = (jnp.asarray(rng.random((1, *_shape(n))), jnp.float32) for _ in range(2))
 
   def loss_fn(params):
     disp, subs = model.predict_displacement(nnx.merge(graphdef, params), f, m)
@@ -63,6 +73,13 @@ def jaxreg_step(n: int, conv: str):
     sim = -jnp.mean(jax.vmap(losses.local_ncc)(f, warped))
     reg = sum(jnp.mean(jax.vmap(losses.diffusion)(u)) for u in subs) / K
     return sim + 0.5 * reg + 0.5 * jnp.mean(jax.vmap(losses.diffusion)(disp))
+
+  if infer:
+    @jax.jit
+    def predict(params):
+      disp, _ = model.predict_displacement(nnx.merge(graphdef, params), f, m)
+      return warp.warp_batch(m, disp)
+    return lambda: predict(params).block_until_ready()
 
   @jax.jit
   def step(params, opt):
@@ -78,7 +95,8 @@ def jaxreg_step(n: int, conv: str):
   return run
 
 
-def torch_step(n: int, threads: int):
+def torch_step(n: int, threads: int, infer: bool = False):
+  """The same step (or forward pass + warp) in PyTorch."""
   import torch
   import torch.nn as nn
   import torch.nn.functional as tf
@@ -145,14 +163,23 @@ def torch_step(n: int, threads: int):
   rng = np.random.default_rng(0)
   f, m = (torch.from_numpy(rng.random((1, 1, n, n, n)).astype(np.float32)) for _ in range(2))
 
-  def run():
-    opt.zero_grad()
+  def forward():
     subs = net(torch.cat([f, m], 1))
     ups = [upsample(u) if u.shape[2] != n else u for u in subs]
     total = ups[-1]
     for u in reversed(ups[:-1]):
       total = total + sample(u, total, "border")
-    warped = sample(m, total, "zeros")
+    return subs, total, sample(m, total, "zeros")
+
+  if infer:
+    def predict():
+      with torch.no_grad():
+        forward()
+    return predict
+
+  def run():
+    opt.zero_grad()
+    subs, total, warped = forward()
     loss = -lncc(f, warped) + 0.5 * sum(diffusion(u) for u in subs) / K + 0.5 * diffusion(total)
     loss.backward()
     opt.step()
@@ -160,13 +187,34 @@ def torch_step(n: int, threads: int):
 
 
 def _child(args):
-  if args.impl == "torch":
-    run = torch_step(args.size, args.threads)
+  infer = args.impl.endswith("+infer")
+  impl = args.impl.removesuffix("+infer")
+  if impl == "torch":
+    run = torch_step(int(args.size), args.threads, infer)
   else:
-    run = jaxreg_step(args.size, args.impl.split(":")[1])
+    run = jaxreg_step(args.size, impl.split(":")[1], infer)  # a size string: N or XxYxZ
   seconds = _median_step(run, args.repeats)
   print(json.dumps({"seconds": seconds,
                     "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _plot(path, voxels, seconds, gib):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.loglog(voxels, seconds, "o-", label="train step (s)")
+  ax.loglog(voxels, gib, "s--", label="peak memory (GiB)")
+  paper = 192 * 160 * 224
+  ax.axvline(paper, color="gray", lw=0.8)
+  ax.text(paper, ax.get_ylim()[0] * 1.5, " paper scale\n 192x160x224", fontsize=8)
+  ax.set_xlabel("voxels per volume")
+  ax.set_title("jaxreg train step on CPU (batch 1, demo UNet)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  print(f"# wrote {path}")
 
 
 def _measure(impl, size, repeats, threads):
@@ -180,14 +228,17 @@ def _measure(impl, size, repeats, threads):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96])
-  parser.add_argument("--grow", type=int, nargs="*", default=[32, 48, 64, 96, 128],
-                      help="sizes for the jaxreg-only cost-growth table")
+  parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128])
+  parser.add_argument("--grow", nargs="*", default=["32", "48", "64", "96", "128"],
+                      help="sizes (N or XxYxZ) for the jaxreg-only cost-growth table")
+  parser.add_argument("--native", action="store_true",
+                      help="also time XLA's native 3-D convolution (slow on CPU)")
+  parser.add_argument("--plot", help="write the growth as a log-log PNG here")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--impl", help=argparse.SUPPRESS)
-  parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--size", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     return _child(args)
@@ -195,24 +246,33 @@ def main():
   import jax
   print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}; torch threads {args.threads}")
-  print("size  jaxreg (folded conv)   jaxreg (native conv)   torch                  "
-        "torch/jaxreg")
+  impls = ["jax:folded"] + (["jax:native"] if args.native else []) + ["torch"]
+  print("| size | pass | " + " | ".join(IMPL_NAMES[i] for i in impls) + " | torch / jaxreg |")
+  print("| --- | --- |" + " ---: |" * (len(impls) + 1))
   for n in args.sizes:
-    res = {impl: _measure(impl, n, args.repeats, args.threads)
-           for impl in ("jax:folded", "jax:native", "torch")}
-    cells = []
-    for impl in ("jax:folded", "jax:native", "torch"):
-      r, err = res[impl]
-      cells.append(f"{r['seconds']:7.3f} s {r['peak_mib']:6.0f} MiB" if r else f"{'n/a':>20}")
-    ours, ref = res["jax:folded"][0], res["torch"][0]
-    ratio = f"{ref['seconds'] / ours['seconds']:.2f}x" if ours and ref else "n/a"
-    print(f"{n:3d}^3  " + "   ".join(cells) + f"   {ratio}", flush=True)
+    for mode, suffix in (("train step", ""), ("forward + warp", "+infer")):
+      res = {impl: _measure(impl + suffix, n, args.repeats, args.threads)[0] for impl in impls}
+      cells = [f"{r['seconds']:.3f} s, {r['peak_mib']:.0f} MiB" if r else "failed"
+               for r in res.values()]
+      ours, ref = res["jax:folded"], res["torch"]
+      ratio = f"{ref['seconds'] / ours['seconds']:.2f}x" if ours and ref else "n/a"
+      print(f"| {n}³ | {mode} | " + " | ".join(cells) + f" | {ratio} |", flush=True)
   if args.grow:
     print("\n# jaxreg (folded conv) cost vs size")
-    for n in args.grow:
-      r, err = _measure("jax:folded", n, max(2, args.repeats // 2), args.threads)
-      print(f"{n:3d}^3  {r['seconds']:7.3f} s  {r['peak_mib']:7.0f} MiB" if r else f"{n}^3 {err}",
-            flush=True)
+    grown = []
+    for size in args.grow:
+      r, err = _measure("jax:folded", size, max(2, args.repeats // 2), args.threads)
+      voxels = int(np.prod(_shape(size)))
+      print(f"{size:>12s} ({voxels / 1e6:5.2f} M voxels)  " +
+            (f"{r['seconds']:7.3f} s  {r['peak_mib']:7.0f} MiB" if r else err), flush=True)
+      if r:
+        grown.append((voxels, r["seconds"], r["peak_mib"] / 1024))
+    if len(grown) >= 2:
+      v, s, g = (np.array(c, np.float64) for c in zip(*grown))
+      ts, ms = np.polyfit(np.log(v), np.log(s), 1)[0], np.polyfit(np.log(v), np.log(g), 1)[0]
+      print(f"# log-log slopes: time ~ voxels^{ts:.2f}, peak memory ~ voxels^{ms:.2f}")
+      if args.plot:
+        _plot(args.plot, v, s, g)
   print("# ratio = torch time / jaxreg time (> 1: jaxreg faster)")
 
 

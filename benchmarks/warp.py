@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _common import median_seconds, torch_warp
+
 from jaxreg import warp as W
-
-
-def _median_seconds(fn, repeats):
-  fn()  # warm-up: compilation, allocation
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _jax_cases(img, disp, weights):
@@ -63,21 +53,13 @@ def _jax_cases(img, disp, weights):
 def _torch_cases(img_np, disp_np, weights_np, threads):
   try:
     import torch
-    import torch.nn.functional as tf
   except ImportError:
     return None
   torch.set_num_threads(threads)
-  shape = img_np.shape
   img = torch.from_numpy(img_np)[None, None]  # (1, 1, X, Y, Z) = (N, C, D, H, W)
   weights = torch.from_numpy(weights_np)[None, None]
-  base = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape],
-                                    indexing="ij"), -1)
-  scale = torch.tensor([2.0 / (n - 1) for n in shape])
-
-  def warped(i, d):
-    # grid_sample wants normalised (-1..1) coordinates ordered (W, H, D) = (z, y, x).
-    grid = ((base + d) * scale - 1.0).flip(-1)[None]
-    return tf.grid_sample(i, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+  warp = torch_warp(img_np.shape)
+  warped = lambda i, d: warp(i, d[None])
 
   def fwd():
     with torch.no_grad():
@@ -115,7 +97,7 @@ def main():
     else:
       impls["torch grid_sample"] = torch_cases
     for mode in ("fwd", "fwd+bwd", "fwd+bwd (both)"):
-      times = {name: _median_seconds(c[mode], args.repeats) for name, c in impls.items()}
+      times = {name: median_seconds(c[mode], args.repeats) for name, c in impls.items()}
       ours = times["jaxreg"]
       ratios = "  ".join(f"{name} {t * 1e3:7.1f} ms ({t / ours:4.1f}x)"
                          for name, t in times.items() if name != "jaxreg")
