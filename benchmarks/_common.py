@@ -6,9 +6,10 @@ import statistics
 import time
 
 
-def median_seconds(fn, repeats: int) -> float:
-  """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
-  fn()  # warm-up: compilation, allocation
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+  """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+  for _ in range(warmup):  # compilation, allocation
+    fn()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()

@@ -21,28 +21,16 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
+from _common import median_seconds
 
 WIDTHS = (16, 32, 32, 32)
 IMPL_NAMES = {"jax:folded": "jaxreg (folded conv)", "jax:native": "jaxreg (native conv)",
               "torch": "PyTorch"}
 K = 3
-
-
-def _median_step(step, repeats):
-  step()
-  step()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _shape(size: str) -> tuple[int, int, int]:
@@ -193,7 +181,7 @@ def _child(args):
     run = torch_step(int(args.size), args.threads, infer)
   else:
     run = jaxreg_step(args.size, impl.split(":")[1], infer)  # a size string: N or XxYxZ
-  seconds = _median_step(run, args.repeats)
+  seconds = median_seconds(run, args.repeats, warmup=2)
   print(json.dumps({"seconds": seconds,
                     "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
