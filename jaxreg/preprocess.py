@@ -32,7 +32,7 @@ __all__ = [
     "Grid",
     "PreparedPair",
     "model_grid",
-    "overlaps",
+    "check_overlap",
     "resample",
     "window",
     "prepare_pair",
@@ -182,11 +182,19 @@ class PreparedPair:
   fixed_grid: Grid
 
 
-def overlaps(a: Grid, b: Grid) -> bool:
-  """Whether the world bounding boxes of two grids intersect."""
-  alo, ahi = a.world_bounds()
-  blo, bhi = b.world_bounds()
-  return bool(np.all(alo <= bhi) and np.all(blo <= ahi))
+def check_overlap(moving: Grid, fixed: Grid, names: tuple[str, str] = ("fixed", "moving")
+                  ) -> None:
+  """Raise :class:`InputError` unless the world bounding boxes of two grids intersect.
+
+  Args:
+    moving, fixed: the two grids.
+    names: ``(fixed, moving)`` names for the message (e.g. file names).
+  """
+  alo, ahi = moving.world_bounds()
+  blo, bhi = fixed.world_bounds()
+  if not (np.all(alo <= bhi) and np.all(blo <= ahi)):
+    raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
+                     "(check the affines / that both are the same patient and frame)")
 
 
 def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = None,
@@ -212,9 +220,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
     InputError: the moving image does not overlap the fixed one.
   """
   grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape)
-  if not overlaps(Grid.of(moving), grid):
-    raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
-                     "(check the affines / that both are the same patient and frame)")
+  check_overlap(Grid.of(moving), grid, names)
   lo, hi = hu_window
   images = [window(resample(v, grid, cval=lo), lo, hi).astype(np.float32)
             for v in (fixed, moving)]

@@ -155,9 +155,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       raise InputError(f"{name}: the image is constant ({lo:g} everywhere): nothing to register")
   t0 = time.time()
   fixed_grid = _preprocess.Grid.of(fixed)
-  if not _preprocess.overlaps(_preprocess.Grid.of(moving), fixed_grid):
-    raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
-                     "(check the affines / that both are the same patient and frame)")
+  _preprocess.check_overlap(_preprocess.Grid.of(moving), fixed_grid, names)
   if net is None:
     net, config = weights.demo_model()
   stride = _model.unet_stride(config.model.widths)
