@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from nibabel.affines import apply_affine
 
 from jaxreg import grid as _grid
 from jaxreg import io as _io
@@ -104,7 +105,7 @@ def centre_of_mass(volume: Volume, threshold_hu: float = -500.0) -> np.ndarray:
   """World centre (mm) of the voxels above ``threshold_hu`` (the body), else of the grid."""
   mask = np.asarray(volume.array) > threshold_hu
   idx = np.argwhere(mask).mean(0) if mask.any() else (np.array(volume.shape) - 1) / 2
-  return idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+  return apply_affine(volume.affine, idx)
 
 
 def _level(volume: Volume, spacing: float, hu_window):
@@ -208,8 +209,8 @@ def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity
 
 def displacement_mm(matrix: np.ndarray, grid: _preprocess.Grid) -> np.ndarray:
   """``[*grid.shape, 3]`` world displacement (mm) of the map: ``d(p) = M p - p``."""
-  world = np.moveaxis(np.indices(grid.shape), 0, -1) @ grid.affine[:3, :3].T + grid.affine[:3, 3]
-  return (world @ (np.asarray(matrix)[:3, :3] - np.eye(3)).T + matrix[:3, 3]).astype(np.float32)
+  world = apply_affine(grid.affine, np.moveaxis(np.indices(grid.shape), 0, -1))
+  return (apply_affine(matrix, world) - world).astype(np.float32)
 
 
 def itk_text(matrix: np.ndarray) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from nibabel.affines import apply_affine
 
 from jaxreg import grid as _grid
 from jaxreg import warp as _warp
@@ -57,6 +58,4 @@ def transform_points(points_mm: jax.Array, disp: jax.Array, affine: jax.Array) -
 
 def voxel_points_to_world(points_vox, affine) -> np.ndarray:
   """``[N, 3]`` voxel indices (e.g. Learn2Reg keypoint CSVs) -> ``[N, 3]`` world mm (numpy)."""
-  points_vox = np.asarray(points_vox, np.float64)
-  affine = np.asarray(affine, np.float64)
-  return points_vox @ affine[:3, :3].T + affine[:3, 3]
+  return apply_affine(np.asarray(affine, np.float64), np.asarray(points_vox, np.float64))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from nibabel.affines import apply_affine
 
 from jaxreg import affine as _affine
 from jaxreg import grid as _grid
@@ -198,12 +199,12 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
                      "empty images?); nothing written")
   world = np.asarray(_grid.voxel_to_world(_grid.identity_grid(fixed_grid.shape), fixed.affine))
   d_def = _preprocess.field_to_world(disp, pair.grid, fixed_grid)
-  d_mm = _apply(matrix, world + d_def) - world  # one map: p -> M (p + d(p))
+  d_mm = apply_affine(matrix, world + d_def).astype(np.float32) - world  # p -> M (p + d(p))
   inverse_mm = None
   if inverse:
     from jaxreg import fields
     inv, residual, _ = fields.invert(disp, return_info=True)
-    y = _apply(np.linalg.inv(matrix), world)  # q -> y = M^-1 q -> y + d^-1(y)
+    y = apply_affine(np.linalg.inv(matrix), world).astype(np.float32)  # q -> M^-1 q -> y + d^-1(y)
     inverse_mm = (y + _preprocess.field_at_points(np.asarray(inv), pair.grid, y) - world
                   ).astype(np.float32)
   d_vox = np.asarray(_grid.disp_mm_to_voxel(d_mm, fixed.affine), np.float32)
@@ -238,8 +239,3 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     metrics["inverse_residual_voxels"] = float(residual)
   return Registration(d_mm, d_vox, warped, warped_labels, np.asarray(fixed.affine), disp, metrics,
                       matrix, inverse_mm)
-
-
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-  """``[..., 3]`` world points through a ``[4, 4]`` world matrix."""
-  return (points @ matrix[:3, :3].T + matrix[:3, 3]).astype(np.float32)
