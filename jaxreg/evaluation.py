@@ -189,13 +189,10 @@ def score(case: Case, disp_mm: np.ndarray, label_ids: Sequence[int] | None = Non
   if case.fixed_labels is not None and case.moving_labels is not None:
     warped = _preprocess.resample_moving(case.moving_labels, disp_mm, grid, order=0)
     fixed = case.fixed_labels.array
-    ids = list(label_ids) if label_ids else sorted(
-        (set(np.unique(fixed)) & set(np.unique(case.moving_labels.array))) - {0})
-    dice = [v for v in _metrics.dice(fixed, warped, ids).values() if np.isfinite(v)]
-    hd = [v for v in _metrics.hd95(fixed, warped, ids, case.fixed.spacing).values()
-          if np.isfinite(v)]
-    row["dice"] = float(np.mean(dice)) if dice else float("nan")
-    row["hd95"] = float(np.mean(hd)) if hd else float("nan")
+    ids = list(label_ids) if label_ids else _metrics.common_labels(fixed,
+                                                                   case.moving_labels.array)
+    row["dice"] = _metrics.finite_mean(_metrics.dice(fixed, warped, ids))
+    row["hd95"] = _metrics.finite_mean(_metrics.hd95(fixed, warped, ids, case.fixed.spacing))
   if case.fixed_points is not None:
     mapped = np.asarray(_points.transform_points(case.fixed_points, disp_vox, case.fixed.affine))
     row["tre"] = float(np.mean(np.linalg.norm(mapped - case.moving_points, axis=-1)))
@@ -319,8 +316,6 @@ def _main(args) -> int:
                      f"{','.join(METHODS)}")
   if args.io_steps < 0:
     raise InputError(f"--io-steps must be >= 0, got {args.io_steps}")
-  if args.pairs is not None and args.pairs < 1:
-    raise InputError(f"--pairs must be >= 1, got {args.pairs}")
   _io.check_output_dir(args.out)
   net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                  else weights.demo_model())

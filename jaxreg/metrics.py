@@ -13,7 +13,19 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
-__all__ = ["dice", "hd95", "tre", "sdlogj", "folding_fraction", "jacobian_determinant"]
+__all__ = ["dice", "hd95", "tre", "sdlogj", "folding_fraction", "jacobian_determinant",
+           "common_labels", "finite_mean"]
+
+
+def common_labels(a: np.ndarray, b: np.ndarray) -> list[int]:
+  """The non-zero labels present in both label maps, sorted (what is scored by default)."""
+  return sorted(int(k) for k in (set(np.unique(a)) & set(np.unique(b))) - {0})
+
+
+def finite_mean(per_label: dict) -> float:
+  """Mean of a per-label metric over the labels where it is finite (NaN if none is)."""
+  values = [v for v in per_label.values() if np.isfinite(v)]
+  return float(np.mean(values)) if values else float("nan")
 
 
 def dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict[int, float]:

@@ -225,16 +225,14 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       "sdlogj": _metrics.sdlogj(d_vox),
   }
   if fixed_labels is not None and warped_labels is not None:
-    ids = label_ids or sorted((set(np.unique(fixed_labels.array)) &
-                               set(np.unique(moving_labels.array))) - {0})
-    before = _preprocess.resample_moving(moving_labels, np.zeros_like(d_mm), fixed_grid, order=0)
+    ids = label_ids or _metrics.common_labels(fixed_labels.array, moving_labels.array)
+    before = _preprocess.resample(moving_labels, fixed_grid, order=0)
     spacing = fixed.spacing
     metrics["dice"] = _metrics.dice(fixed_labels.array, warped_labels, ids)
     metrics["dice_before"] = _metrics.dice(fixed_labels.array, before, ids)
     metrics["hd95_mm"] = _metrics.hd95(fixed_labels.array, warped_labels, ids, spacing)
     for k in ("dice", "dice_before", "hd95_mm"):
-      values = [v for v in metrics[k].values() if np.isfinite(v)]
-      metrics[f"mean_{k}"] = float(np.mean(values)) if values else float("nan")
+      metrics[f"mean_{k}"] = _metrics.finite_mean(metrics[k])
   if inverse:
     metrics["inverse_residual_voxels"] = float(residual)
   return Registration(d_mm, d_vox, warped, warped_labels, np.asarray(fixed.affine), disp, metrics,
