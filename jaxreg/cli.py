@@ -134,8 +134,8 @@ def _register(args: argparse.Namespace) -> int:
                            convention="itk")
     with open(out("metrics.json"), "w") as f:
       json.dump(result.metrics, f, indent=2, default=float)
-    before = preprocess.resample_moving(moving, np.zeros_like(result.displacement_mm),
-                                        preprocess.Grid.of(fixed), cval=-1024.0)
+    before = preprocess.resample(moving, preprocess.Grid.of(fixed), cval=-1024.0,
+                                 antialias=False)
     report.save_report(out("report.png"), fixed.array, before, result.warped,
                        result.displacement_voxel, result.affine,
                        title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")

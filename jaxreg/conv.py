@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["conv3d_folded", "conv3d_upsampled", "CONV_IMPLS", "conv_fn"]
+__all__ = ["conv3d_folded", "conv3d_upsampled", "CONV_IMPLS", "conv_fn", "resolve"]
 
 CONV_IMPLS = ("native", "folded", "auto")
 _CONCAT_MAX_CHANNELS = 8  # "concat" below this many input channels, "sum" above

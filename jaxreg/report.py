@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from jaxreg import grid as _grid
 from jaxreg import io as _io
 from jaxreg import metrics as _metrics
 
@@ -38,7 +39,7 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
   ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
   out = nib.orientations.apply_orientation(np.asarray(array), ornt)
   spacing = np.empty(3)
-  spacing[ornt[:, 0].astype(int)] = _io.Volume(np.zeros((1, 1, 1)), affine).spacing
+  spacing[ornt[:, 0].astype(int)] = _grid.spacing(affine)
   return out, spacing
 
 
