@@ -19,7 +19,7 @@ def _native(x, k, strides, padding):
   return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN)
 
 
-@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("combine,cout", [("sum", 5), ("concat", 5), ("outputs", 5), (None, 3)])
 @pytest.mark.parametrize("shape,kernel,strides,padding", [
     ((2, 8, 10, 6, 3), (3, 3, 3), (1, 1, 1), "SAME"),
     ((1, 8, 8, 8, 4), (3, 3, 3), (2, 2, 2), "SAME"),
@@ -27,10 +27,12 @@ def _native(x, k, strides, padding):
     ((1, 8, 8, 8, 2), (5, 3, 1), (1, 2, 1), "VALID"),
     ((1, 7, 8, 6, 3), (3, 3, 3), (2, 1, 1), [(2, 0), (1, 1), (0, 2)]),
 ])
-def test_folded_equals_native_values_and_gradients(combine, shape, kernel, strides, padding):
+def test_folded_equals_native_values_and_gradients(combine, cout, shape, kernel, strides,
+                                                   padding):
+  # combine=None with 3 outputs: the automatic choice ("outputs" where the depth stride is 1).
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  k = jnp.asarray(rng.normal(size=kernel + (shape[-1], 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (shape[-1], cout)), jnp.float32)
   folded = functools.partial(C.conv3d_folded, dimension_numbers=DN, combine=combine)
   want = _native(x, k, strides, padding)
   got = folded(x, k, strides, padding)
