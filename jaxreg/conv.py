@@ -79,7 +79,7 @@ def conv3d_folded(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type,
       **({} if out_sharding is None else {"out_sharding": out_sharding}))
-  dilated = any(d != 1 for d in (lhs_dilation or (1,))) or any(d != 1 for d in (rhs_dilation or (1,)))
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   if (lhs.ndim != 5 or not _is_ndhwc(dimension_numbers) or dilated or feature_group_count != 1
       or batch_group_count != 1 or out_sharding is not None):
     return native()
@@ -138,8 +138,9 @@ def conv3d_upsampled(x: jax.Array, kernel: jax.Array, conv=None) -> jax.Array:
   voxel ``2i + p`` (per axis, parity ``p``) only reads coarse voxels ``i - 1 + p``
   and ``i + p``, so each of the 8 parities is a 2x2x2 convolution of the coarse
   input, zero-padded by ``(1 - p, p)`` per axis, with the kernel's taps summed
-  accordingly; the parities are then interleaved. Equal to the upsample-then-convolve form up to
-  rounding (``tests/test_conv.py``), with 8/27 of its multiply-adds.
+  accordingly; the parities are then interleaved. Equal to the
+  upsample-then-convolve form up to rounding (``tests/test_conv.py``), with
+  8/27 of its multiply-adds.
 
   Args:
     x: ``[B, D, H, W, C]`` coarse input.
