@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["conv3d_folded", "conv3d_upsampled", "CONV_IMPLS", "conv_fn", "resolve"]
+__all__ = ["conv3d_folded", "conv3d_upsampled", "CONV_IMPLS", "NDHWC", "conv_fn", "resolve"]
 
 CONV_IMPLS = ("native", "folded", "auto")
+NDHWC = ("NDHWC", "DHWIO", "NDHWC")  # the dimension numbers conv3d_folded rewrites
 _CONCAT_MAX_CHANNELS = 8  # "concat" up to this many input channels, "sum" above
 _OUTPUTS_MAX_CHANNELS = 12  # "outputs" up to this many kd * O (stride 1 in depth)
 
@@ -49,7 +50,7 @@ def _is_ndhwc(dimension_numbers) -> bool:
     return (tuple(dimension_numbers.lhs_spec) == (0, 4, 1, 2, 3)
             and tuple(dimension_numbers.rhs_spec) == (4, 3, 0, 1, 2)
             and tuple(dimension_numbers.out_spec) == (0, 4, 1, 2, 3))
-  return tuple(dimension_numbers) == ("NDHWC", "DHWIO", "NDHWC")
+  return tuple(dimension_numbers) == NDHWC
 
 
 def conv3d_folded(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -127,7 +128,6 @@ def conv3d_folded(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
 # summed as below (rows: the 2 coarse taps; columns: the 3 fine taps), for parity p = 0, 1.
 _PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
                          [[1, 1, 0], [0, 0, 1]]], np.float32)
-_NDHWC = ("NDHWC", "DHWIO", "NDHWC")
 
 
 def conv3d_upsampled(x: jax.Array, kernel: jax.Array, conv=None) -> jax.Array:
@@ -165,7 +165,7 @@ def conv3d_upsampled(x: jax.Array, kernel: jax.Array, conv=None) -> jax.Array:
         # Padding inside the convolution, not a padded copy + "VALID": XLA:CPU's 2-D
         # convolution is 3-4x slower on the odd-sized padded arrays (measured).
         outs.append(conv(x, k, (1, 1, 1), [(1 - p, p), (1 - q, q), (1 - r, r)],
-                         dimension_numbers=_NDHWC))
+                         dimension_numbers=NDHWC))
   out = jnp.stack(outs, axis=-2).reshape(b, d, h, w, 2, 2, 2, -1)
   return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * d, 2 * h, 2 * w, -1)
 

@@ -56,7 +56,7 @@ def _upsample_skip_conv(conv: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Ar
   c = x.shape[-1]
   y = _conv_lib.conv3d_upsampled(x, kernel[..., :c, :], conv.conv_general_dilated)
   y = y + conv.conv_general_dilated(skip, kernel[..., c:, :], (1, 1, 1), "SAME",
-                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+                                    dimension_numbers=_conv_lib.NDHWC)
   return y + conv.bias[...] if conv.bias is not None else y
 
 
