@@ -120,7 +120,7 @@ def file_cases(specs: Sequence[_data.PairSpec]) -> list[Case]:
   out = []
   for s in specs:
     fixed, moving = _io.load(s.fixed), _io.load(s.moving)
-    _preprocess.check_overlap(_preprocess.Grid.of(moving), _preprocess.Grid.of(fixed),
+    _preprocess.check_overlap(_preprocess.Grid.of(fixed), _preprocess.Grid.of(moving),
                               (s.fixed, s.moving))
     labels = [None if p is None else _io.load_labels(p, like=v, like_path=vp)
               for p, v, vp in ((s.fixed_labels, fixed, s.fixed),

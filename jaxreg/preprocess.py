@@ -182,17 +182,17 @@ class PreparedPair:
   fixed_grid: Grid
 
 
-def check_overlap(moving: Grid, fixed: Grid, names: tuple[str, str] = ("fixed", "moving")
+def check_overlap(fixed: Grid, moving: Grid, names: tuple[str, str] = ("fixed", "moving")
                   ) -> None:
   """Raise :class:`InputError` unless the world bounding boxes of two grids intersect.
 
   Args:
-    moving, fixed: the two grids.
+    fixed, moving: the two grids.
     names: ``(fixed, moving)`` names for the message (e.g. file names).
   """
-  alo, ahi = moving.world_bounds()
-  blo, bhi = fixed.world_bounds()
-  if not (np.all(alo <= bhi) and np.all(blo <= ahi)):
+  flo, fhi = fixed.world_bounds()
+  mlo, mhi = moving.world_bounds()
+  if not (np.all(mlo <= fhi) and np.all(flo <= mhi)):
     raise InputError(f"{names[1]}: no overlap with {names[0]} in world coordinates "
                      "(check the affines / that both are the same patient and frame)")
 
@@ -220,7 +220,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
     InputError: the moving image does not overlap the fixed one.
   """
   grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape)
-  check_overlap(Grid.of(moving), grid, names)
+  check_overlap(grid, Grid.of(moving), names)
   lo, hi = hu_window
   images = [window(resample(v, grid, cval=lo), lo, hi).astype(np.float32)
             for v in (fixed, moving)]

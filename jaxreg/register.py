@@ -156,7 +156,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       raise InputError(f"{name}: the image is constant ({lo:g} everywhere): nothing to register")
   t0 = time.time()
   fixed_grid = _preprocess.Grid.of(fixed)
-  _preprocess.check_overlap(_preprocess.Grid.of(moving), fixed_grid, names)
+  _preprocess.check_overlap(fixed_grid, _preprocess.Grid.of(moving), names)
   if net is None:
     net, config = weights.demo_model()
   stride = _model.unet_stride(config.model.widths)
