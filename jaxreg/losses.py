@@ -1,16 +1,21 @@
 """Differentiable similarity measures and regularisers, one sample at a time.
 
 Every function takes single-sample arrays (images ``[X, Y, Z]``, fields
-``[X, Y, Z, 3]`` in voxels, label probabilities ``[X, Y, Z, C]``) and returns a
-scalar; ``jax.vmap`` them for batches. Similarities are values to maximise and
-losses values to minimise: each docstring says which a function returns.
+``[X, Y, Z, 3]`` in voxels, label probabilities or descriptors
+``[X, Y, Z, C]``) and returns a scalar, except the building blocks
+:func:`box_sum` and :func:`mind_ssc` (a ``[X, Y, Z, 12]`` MIND-SSC descriptor
+to compare with :func:`mind_ssd`); ``jax.vmap`` them for batches.
+Similarities are values to maximise and losses values to minimise: each
+docstring says which a function returns.
 
 References:
   Balakrishnan et al., `VoxelMorph: A Learning Framework for Deformable Medical
   Image Registration <https://arxiv.org/abs/1809.05231>`_, IEEE TMI 2019 (local
   NCC, diffusion regulariser); Rueckert et al., `Nonrigid registration using
   free-form deformations <https://doi.org/10.1109/42.796284>`_, IEEE TMI 1999
-  (bending energy).
+  (bending energy); Heinrich et al., `Towards realtime multimodal fusion for
+  image-guided interventions using self-similarities
+  <https://doi.org/10.1007/978-3-642-40811-3_24>`_, MICCAI 2013 (MIND-SSC).
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from jaxreg import fields as _fields
 __all__ = [
     "box_sum",
     "local_ncc",
+    "local_ncc_map",
+    "fixed_box_stats",
+    "box_counts",
     "global_ncc",
     "mse",
     "diffusion",
     "bending_energy",
     "soft_dice",
     "folding",
+    "mind_ssc",
+    "mind_ssd",
 ]
 
 
@@ -47,9 +57,12 @@ def _check_volume(x, name: str) -> None:
 def box_sum(x: jax.Array, window: int) -> jax.Array:
   """Sum over a centred ``window**3`` box at every voxel, zero outside the volume.
 
-  Computed with cumulative sums (two subtractions per axis), independent of
-  the window size; equals ``scipy.ndimage.uniform_filter(x, window,
-  mode="constant") * window**3``.
+  Equals ``scipy.ndimage.uniform_filter(x, window, mode="constant") *
+  window**3``. Separable: one zero-padded 1-D ``lax.reduce_window`` sum per
+  axis. Measured at 144x128x144 on 2 CPU cores (2026-12-01), the field
+  gradient of ``-LNCC(fixed, warp(moving, u))`` took 127 ms this way against
+  412 ms with differences of cumulative sums and 568 ms with one 3-D
+  ``reduce_window`` (window 5; window 9: 129 vs 402 ms).
 
   Args:
     x: ``[X, Y, Z]`` volume.
@@ -62,12 +75,56 @@ def box_sum(x: jax.Array, window: int) -> jax.Array:
     raise ValueError(f"window must be a positive odd int, got {window}")
   r = window // 2
   for axis in range(x.ndim):
+    dims = [1] * x.ndim
+    dims[axis] = window
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (r + 1, r)
-    c = jnp.cumsum(jnp.pad(x, pad), axis=axis)
-    x = (jax.lax.slice_in_dim(c, window, c.shape[axis], axis=axis)
-         - jax.lax.slice_in_dim(c, 0, c.shape[axis] - window, axis=axis))
+    pad[axis] = (r, r)
+    x = jax.lax.reduce_window(x, np.zeros((), x.dtype)[()], jax.lax.add, tuple(dims),
+                              (1,) * x.ndim, pad)
   return x
+
+
+def box_counts(shape, window: int, dtype=jnp.float32) -> jax.Array:
+  """``[X, Y, Z]`` number of in-volume voxels in each centred ``window**3`` box.
+
+  ``box_sum(ones, window)``, built as an outer product of three 1-D counts:
+  inside ``jit`` a box sum of a constant array is constant-folded by XLA,
+  which took seconds to tens of seconds of compilation at 96-144³.
+  """
+  r = window // 2
+  counts = [np.minimum(np.arange(n) + r, n - 1) - np.maximum(np.arange(n) - r, 0) + 1
+            for n in shape]
+  cx, cy, cz = (jnp.asarray(c, dtype) for c in counts)
+  return cx[:, None, None] * cy[None, :, None] * cz[None, None, :]
+
+
+def fixed_box_stats(fixed: jax.Array, window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(counts, box sums, box variances)`` of the fixed image for :func:`local_ncc_map`.
+
+  They do not depend on the warped image: an optimisation loop computes them
+  once instead of at every step (2 of LNCC's 5 box sums).
+  """
+  n = box_counts(fixed.shape, window, fixed.dtype)  # in-volume voxels per box
+  sf = box_sum(fixed, window)
+  var_f = jnp.maximum(box_sum(fixed * fixed, window) - sf * sf / n, 0.0)
+  return n, sf, var_f
+
+
+def local_ncc_map(fixed: jax.Array, warped: jax.Array, *, window: int = 9,
+                  eps: float = 1e-5, stats=None) -> jax.Array:
+  """``[X, Y, Z]`` squared local NCC at every voxel (see :func:`local_ncc`, its mean).
+
+  ``stats``: :func:`fixed_box_stats` of ``fixed`` (computed here if None).
+  """
+  _check_volume(fixed, "fixed")
+  _check_same(fixed, warped, "fixed", "warped")
+  n, sf, var_f = fixed_box_stats(fixed, window) if stats is None else stats
+  sw = box_sum(warped, window)
+  sww = box_sum(warped * warped, window)
+  sfw = box_sum(fixed * warped, window)
+  cross = sfw - sf * sw / n
+  var_w = jnp.maximum(sww - sw * sw / n, 0.0)
+  return cross * cross / (var_f * var_w + eps)
 
 
 def local_ncc(fixed: jax.Array, warped: jax.Array, *, window: int = 9,
@@ -92,16 +149,7 @@ def local_ncc(fixed: jax.Array, warped: jax.Array, *, window: int = 9,
   Returns:
     scalar similarity.
   """
-  _check_volume(fixed, "fixed")
-  _check_same(fixed, warped, "fixed", "warped")
-  n = box_sum(jnp.ones(fixed.shape, fixed.dtype), window)  # in-volume voxels per box
-  sf, sw = box_sum(fixed, window), box_sum(warped, window)
-  sff, sww = box_sum(fixed * fixed, window), box_sum(warped * warped, window)
-  sfw = box_sum(fixed * warped, window)
-  cross = sfw - sf * sw / n
-  var_f = jnp.maximum(sff - sf * sf / n, 0.0)
-  var_w = jnp.maximum(sww - sw * sw / n, 0.0)
-  return jnp.mean(cross * cross / (var_f * var_w + eps))
+  return jnp.mean(local_ncc_map(fixed, warped, window=window, eps=eps))
 
 
 def global_ncc(fixed: jax.Array, warped: jax.Array, *, eps: float = 1e-8) -> jax.Array:
@@ -194,3 +242,127 @@ def folding(disp: jax.Array, *, margin: float = 0.0) -> jax.Array:
     margin: penalise determinants below this (0: only folds).
   """
   return jnp.mean(jax.nn.relu(margin - _fields.jacobian_determinant(disp)))
+
+
+def _mind_pairs(dilation: int) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+  """The 12 MIND-SSC offset pairs, in the order documented in :func:`mind_ssc`."""
+  offsets = []
+  for axis in range(3):
+    for sign in (1, -1):  # +x, -x, +y, -y, +z, -z
+      o = [0, 0, 0]
+      o[axis] = sign * dilation
+      offsets.append(tuple(o))
+  # Distinct, non-opposite face offsets are exactly the pairs at distance sqrt(2) * dilation.
+  return [(offsets[i], offsets[j]) for i in range(6) for j in range(i + 1, 6)
+          if i // 2 != j // 2]
+
+
+def mind_ssc(image: jax.Array, *, radius: int = 1, dilation: int = 2,
+             eps: float = 1e-6) -> jax.Array:
+  """MIND-SSC self-similarity context descriptor (Heinrich et al., MICCAI 2013).
+
+  A modality-independent 12-channel description of the local structure, to
+  compare two images with :func:`mind_ssd`. With the six face-neighbour
+  offsets scaled by ``dilation``, in the order ``+x, -x, +y, -y, +z, -z``
+  (``±dilation`` along array axes 0, 1, 2), the channels are the 12 pairs
+  ``(a, b)`` of offsets at distance ``sqrt(2) * dilation`` (neither equal nor
+  opposite), sorted lexicographically by their index pair: ``(+x, +y),
+  (+x, -y), (+x, +z), (+x, -z), (-x, +y), (-x, -y), (-x, +z), (-x, -z),
+  (+y, +z), (+y, -z), (-y, +z), (-y, -z)``. Per voxel ``x``:
+
+  * ``I_a(x) = I(clip(x + a))``: shifts with edge (replicate) padding;
+  * ``D_ab(x)``: mean of ``(I_a - I_b)**2`` over the voxels of the
+    ``(2 radius + 1)**3`` box centred at ``x`` that lie inside the volume
+    (zero-padded box sum / in-volume voxel count, via :func:`box_sum`);
+  * ``D' = D - min_ab D_ab``, ``V = mean_ab D'`` (over the 12 channels);
+  * ``V`` is clamped to ``[1e-3 mean(V), 1e3 mean(V)]`` (mean over the whole
+    volume) and ``eps`` is added;
+  * descriptor ``= exp(-D' / V)``.
+
+  Values lie in ``(0, 1]`` and at least one channel (the minimum) is 1 at
+  every voxel; a constant region is 1 in all channels. The descriptor is
+  invariant to intensity maps ``a I + b`` with ``a > 0`` as long as ``eps``
+  is small against ``V`` (in squared intensity units). Jit-able and
+  differentiable in ``image``.
+
+  Args:
+    image: ``[X, Y, Z]`` image (any intensity unit).
+    radius: half-width in voxels of the box over which squared patch
+      differences are averaged (``>= 0``).
+    dilation: offset length in voxels (``>= 1``).
+    eps: added to the clamped variance ``V`` (squared intensity units).
+
+  Returns:
+    ``[X, Y, Z, 12]`` descriptor, float32 (float64 for float64 input with
+    x64 enabled).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> image = jnp.arange(6 * 5 * 4, dtype=jnp.float32).reshape(6, 5, 4) ** 2
+    >>> desc = mind_ssc(image)
+    >>> desc.shape, desc.dtype
+    ((6, 5, 4, 12), dtype('float32'))
+    >>> bool(jnp.all(desc.max(-1) == 1.0))
+    True
+  """
+  _check_volume(image, "image")
+  if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+    raise ValueError(f"radius must be an int >= 0, got {radius!r}")
+  if (isinstance(dilation, bool) or not isinstance(dilation, (int, np.integer))
+      or dilation < 1):
+    raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+  radius, dilation = int(radius), int(dilation)
+  image = jnp.asarray(image)
+  image = image.astype(jnp.promote_types(image.dtype, jnp.float32))
+  shape = image.shape
+  padded = jnp.pad(image, dilation, mode="edge")
+
+  def shifted(offset):  # I(clip(x + offset))
+    return padded[tuple(slice(dilation + o, dilation + o + n) for o, n in zip(offset, shape))]
+
+  sq = jnp.stack([(shifted(a) - shifted(b)) ** 2 for a, b in _mind_pairs(dilation)], -1)
+  window = 2 * radius + 1
+  sums = jax.vmap(lambda x: box_sum(x, window), in_axes=-1, out_axes=-1)(sq)
+  count = box_counts(shape, window, image.dtype)
+  # Box sums of non-negative values are >= 0 up to rounding: clamp.
+  dist = jnp.maximum(sums / count[..., None], 0.0)
+  dist = dist - jnp.min(dist, axis=-1, keepdims=True)
+  var = jnp.mean(dist, axis=-1, keepdims=True)
+  mean_var = jnp.mean(var)
+  var = jnp.clip(var, 1e-3 * mean_var, 1e3 * mean_var) + eps
+  return jnp.exp(-dist / var)
+
+
+def mind_ssd(fixed_desc: jax.Array, warped_desc: jax.Array, *,
+             mask: jax.Array | None = None) -> jax.Array:
+  """Mean squared difference of two descriptors, e.g. :func:`mind_ssc` (a loss, >= 0).
+
+  ``mean_{x, c} (F_c(x) - W_c(x))**2``; with ``mask`` the weighted mean
+  ``sum_{x, c} m(x) (F_c(x) - W_c(x))**2 / (C sum_x m(x) + 1e-6)``.
+
+  Args:
+    fixed_desc: ``[X, Y, Z, C]`` descriptor of the fixed image.
+    warped_desc: ``[X, Y, Z, C]`` descriptor of the warped moving image (or the
+      warped descriptor of the moving image).
+    mask: optional ``[X, Y, Z]`` voxel weights (``>= 0``, e.g. a binary ROI).
+
+  Returns:
+    scalar loss, in squared descriptor units.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> desc = mind_ssc(jnp.arange(120.0).reshape(6, 5, 4) ** 2)
+    >>> float(mind_ssd(desc, desc))
+    0.0
+  """
+  _check_same(fixed_desc, warped_desc, "fixed_desc", "warped_desc")
+  if np.ndim(fixed_desc) != 4:
+    raise ValueError(f"descriptors must be [X, Y, Z, C], got shape {np.shape(fixed_desc)}")
+  sq = (fixed_desc - warped_desc) ** 2
+  if mask is None:
+    return jnp.mean(sq)
+  if np.shape(mask) != np.shape(fixed_desc)[:3]:
+    raise ValueError(f"mask must be [X, Y, Z] = {np.shape(fixed_desc)[:3]} like the "
+                     f"descriptors {np.shape(fixed_desc)}, got shape {np.shape(mask)}")
+  mask = jnp.asarray(mask, sq.dtype)
+  return jnp.sum(mask[..., None] * sq) / (sq.shape[-1] * jnp.sum(mask) + 1e-6)

@@ -145,3 +145,101 @@ def test_bad_inputs_raise():
     L.box_sum(jnp.asarray(a), 4)
   with pytest.raises(ValueError, match="3 voxels"):
     L.bending_energy(jnp.zeros((2, 5, 5, 3)))
+
+
+def _mind_ssc_reference(img, radius, dilation, eps=1e-6):
+  """MIND-SSC in float64 numpy: pairs from the distance rule, scipy in-volume box means."""
+  img = np.asarray(img, np.float64)
+  d = dilation
+  offsets = [s * d * np.eye(3, dtype=int)[ax] for ax in range(3) for s in (1, -1)]
+  pairs = [(offsets[i], offsets[j]) for i in range(6) for j in range(i + 1, 6)
+           if np.isclose(np.linalg.norm(offsets[i] - offsets[j]), np.sqrt(2) * d)]
+  assert len(pairs) == 12
+  padded = np.pad(img, d, mode="edge")
+  shift = lambda o: padded[tuple(slice(d + oi, d + oi + n) for oi, n in zip(o, img.shape))]
+  w = 2 * radius + 1
+  count = ndi.uniform_filter(np.ones_like(img), w, mode="constant")
+  dist = np.stack([ndi.uniform_filter((shift(a) - shift(b)) ** 2, w, mode="constant") / count
+                   for a, b in pairs], -1)
+  dist -= dist.min(-1, keepdims=True)
+  var = dist.mean(-1, keepdims=True)
+  var = np.clip(var, 1e-3 * var.mean(), 1e3 * var.mean()) + eps
+  return np.exp(-dist / var)
+
+
+@pytest.mark.parametrize("radius,dilation", [(1, 1), (1, 2), (2, 1)])
+def test_mind_ssc_matches_numpy_reference(radius, dilation):
+  img = np.random.default_rng(8).normal(size=(12, 10, 9)).astype(np.float32)
+  got = jax.jit(lambda x: L.mind_ssc(x, radius=radius, dilation=dilation))(img)
+  assert got.shape == (12, 10, 9, 12) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), _mind_ssc_reference(img, radius, dilation),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_mind_ssc_is_invariant_to_intensity_shift_and_scale():
+  # eps = 1e-6 is only negligible against the patch variances V (squared intensities):
+  # scale the smooth test image to ~100 units (V ~ 1e2..1e3), as CT in HU is.
+  a, _ = _images(9)
+  img = 100.0 * a.astype(np.float64) / a.std()
+  base = np.asarray(L.mind_ssc(img.astype(np.float32)))
+  mapped = np.asarray(L.mind_ssc((3.7 * img - 250.0).astype(np.float32)))
+  np.testing.assert_allclose(mapped, base, atol=1e-4)
+
+
+def test_mind_ssc_values_lie_in_unit_interval_with_a_one_per_voxel():
+  img = 50.0 * np.random.default_rng(10).normal(size=SHAPE).astype(np.float32)
+  desc = np.asarray(L.mind_ssc(img))
+  assert np.all(desc > 0) and np.all(desc <= 1)
+  np.testing.assert_array_equal(desc.max(-1), 1.0)  # the channel with the minimal D
+  assert desc.min() < 0.5  # not degenerate: structure shows up
+  # A constant image is degenerate (D = 0): every channel is 1, nothing is NaN.
+  np.testing.assert_array_equal(np.asarray(L.mind_ssc(jnp.full(SHAPE, 7.0))), 1.0)
+
+
+def test_mind_ssd_zero_positive_masked_and_differentiable():
+  a, _ = _images(11)
+  a = 100.0 * a / a.std()
+  fixed = L.mind_ssc(a)
+  assert float(L.mind_ssd(fixed, fixed)) == 0.0
+  moved = np.roll(a, 2, axis=0)
+  assert float(L.mind_ssd(fixed, L.mind_ssc(moved))) > 1e-3
+  loss = jax.jit(jax.value_and_grad(lambda img: L.mind_ssd(fixed, L.mind_ssc(img))))
+  value, g = loss(jnp.asarray(moved))
+  assert float(value) > 0 and np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
+  mask = np.random.default_rng(12).random(SHAPE).astype(np.float32)
+  mask[9:] = 0  # weights in [0, 1), zero on part of the volume
+  f64, w64 = np.asarray(fixed, np.float64), np.asarray(L.mind_ssc(moved), np.float64)
+  sq = (f64 - w64) ** 2
+  want = np.sum(mask[..., None] * sq) / (12 * mask.sum() + 1e-6)
+  np.testing.assert_allclose(float(L.mind_ssd(fixed, L.mind_ssc(moved), mask=mask)), want,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(L.mind_ssd(fixed, L.mind_ssc(moved))), sq.mean(), rtol=1e-5)
+
+
+def test_mind_ssd_gradient_matches_finite_differences():
+  # The channel minimum and the clamp of V are kinks: a step of 1e-4 (0.1 % of the image)
+  # already crosses some, so difference with a smaller step (float64 keeps it accurate).
+  a, _ = _images(13)
+  with jax.enable_x64(True):
+    img = jnp.asarray(a[:8, :7, :6], jnp.float64)
+    fixed = L.mind_ssc(jnp.roll(img, 1, axis=1), radius=1, dilation=1)
+    check_grads(lambda w: L.mind_ssd(fixed, L.mind_ssc(w, radius=1, dilation=1)), (img,),
+                order=1, modes=["rev"], atol=1e-6, rtol=1e-4, eps=1e-6)
+
+
+def test_mind_bad_inputs_raise():
+  a, _ = _images()
+  with pytest.raises(ValueError, match=r"single \[X, Y, Z\] volume, got shape \(1, 14, 16, 12\)"):
+    L.mind_ssc(a[None])
+  with pytest.raises(ValueError, match="radius"):
+    L.mind_ssc(a, radius=-1)
+  with pytest.raises(ValueError, match="dilation"):
+    L.mind_ssc(a, dilation=0)
+  desc = L.mind_ssc(a)
+  with pytest.raises(ValueError,
+                     match=r"same shape, got \(14, 16, 12, 12\) and \(13, 16, 12, 12\)"):
+    L.mind_ssd(desc, desc[:-1])
+  with pytest.raises(ValueError, match=r"\[X, Y, Z, C\], got shape \(14, 16, 12\)"):
+    L.mind_ssd(desc[..., 0], desc[..., 0])
+  with pytest.raises(ValueError, match=r"mask must be \[X, Y, Z\] = \(14, 16, 12\)"):
+    L.mind_ssd(desc, desc, mask=np.ones((14, 16)))
