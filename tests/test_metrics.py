@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from jaxreg import metrics as M
 
@@ -78,3 +79,73 @@ def test_sdlogj_and_folding_on_fields_with_known_jacobians():
   assert M.sdlogj(u) == pytest.approx(want) and want > 0.5
   mirror = -2.0 * x  # det = (-1)^3 = -1: every voxel folds
   assert M.folding_fraction(mirror) == 1.0
+
+
+def _full_volume_hd95(a, b, labels, spacing):
+  """HD95 with full-volume EDTs (the definition before the bounding-box crop)."""
+  six = ndi.generate_binary_structure(3, 1)
+  surface = lambda m: m & ~ndi.binary_erosion(m, structure=six, border_value=0)
+  out = {}
+  for k in labels:
+    ma, mb = a == k, b == k
+    if not ma.any() or not mb.any():
+      out[k] = float("nan")
+      continue
+    sa, sb = surface(ma), surface(mb)
+    d = np.concatenate([ndi.distance_transform_edt(~sb, sampling=spacing)[sa],
+                        ndi.distance_transform_edt(~sa, sampling=spacing)[sb]])
+    out[k] = float(np.percentile(d, 95))
+  return out
+
+
+def _blob_labels(rng, shape, n_labels):
+  """Random smooth blobs: label k wherever blob k is the strongest and above a threshold."""
+  fields = np.stack([ndi.gaussian_filter(rng.normal(size=shape), 2.0) for _ in range(n_labels)])
+  labels = np.argmax(fields, 0) + 1
+  return np.where(fields.max(0) > np.percentile(fields.max(0), 30), labels, 0)
+
+
+def test_hd95_on_bounding_boxes_equals_full_volume_reference():
+  rng = np.random.default_rng(3)
+  shape = (30, 26, 22)
+  a = _blob_labels(rng, shape, 6)
+  b = np.where(rng.random(shape) < 0.05, 0, _blob_labels(rng, shape, 6))
+  a[0, :8, :5] = 7  # touches three volume faces; label 7 only in a
+  b[-6:, -1, -4:] = 8  # label 8 only in b
+  a[:, :, -1] = np.where(a[:, :, -1] > 0, 3, 0)  # label 3 covers a's last z face
+  b[10:14, 0:3, 0:3] = 9
+  a[12:17, 0:2, 0:4] = 9  # small label in an edge of both maps
+  a[8:12, 8:12, 8:12] = 10
+  b[9:13, 8:11, 9:14] = 10  # interior label: the margin does not reach the border
+  on_border = lambda m: any(np.take(m, [0, -1], axis).any() for axis in range(3))
+  assert all(on_border(m == k) for m in (a, b) for k in (1, 2, 3, 4, 5, 6, 9))
+  assert not on_border(a == 10) and not on_border(b == 10)
+  labels = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+  for spacing in [(1.0, 1.0, 1.0), (0.7, 1.3, 2.5)]:
+    got = M.hd95(a, b, labels, spacing)
+    want = _full_volume_hd95(a, b, labels, spacing)
+    assert list(got) == labels
+    for k in labels:
+      if k in (7, 8, 11):
+        assert np.isnan(got[k]) and np.isnan(want[k])
+      else:
+        assert got[k] == want[k], (k, spacing, got[k], want[k])
+        assert got[k] > 0
+  # Labels the box pass cannot take from find_objects (background 0, negative ids, float
+  # maps) go through their own masks, with the same result.
+  ca, cb = np.where(a == 2, -1, a).astype(float), np.where(b == 2, -1, b)
+  got = M.hd95(ca, cb, [0, -1, 4], (0.7, 1.3, 2.5))
+  assert got == _full_volume_hd95(ca, cb, [0, -1, 4], (0.7, 1.3, 2.5))
+  assert all(np.isfinite(v) and v > 0 for v in got.values())
+
+
+def test_field_quality_equals_folding_fraction_and_sdlogj():
+  """The jitted, bucket-padded Jacobian gives numpy's values (odd shapes, folds included)."""
+  rng = np.random.default_rng(3)
+  coarse = rng.normal(size=(4, 4, 4, 3))
+  disp = np.stack([ndi.zoom(coarse[..., k], (19 / 4, 13 / 4, 22 / 4), order=3)
+                   for k in range(3)], -1) * 2.5  # folds in places
+  quality = M.field_quality(disp)
+  assert 0 < M.folding_fraction(disp) < 0.5
+  assert quality["folding_fraction"] == pytest.approx(M.folding_fraction(disp), abs=1e-4)
+  assert quality["sdlogj"] == pytest.approx(M.sdlogj(disp), rel=1e-3)
