@@ -20,7 +20,6 @@ import scipy.spatial.transform as sst
 from jaxreg import demons, metrics, preprocess
 from jaxreg.io import Volume
 
-pytestmark = pytest.mark.skipif(not demons.available(), reason=demons.MISSING)
 
 FIXED_SHAPE = (40, 36, 32)
 MOVING_SHAPE = (46, 44, 46)
