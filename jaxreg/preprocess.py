@@ -113,16 +113,52 @@ def _voxel_map(source_affine: np.ndarray, target: Grid) -> np.ndarray:
   return np.linalg.inv(source_affine) @ target.affine
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _affine_coords(matrix, shape):
-  grid = _grid.identity_grid(shape)
-  return grid @ matrix[:3, :3].T + matrix[:3, 3]
+BUCKET = 16
 
 
-def _coords(source_affine, target: Grid) -> jax.Array:
-  """``[*target.shape, 3]`` source voxel coordinates of every target voxel."""
-  m = jnp.asarray(_voxel_map(source_affine, target), jnp.float32)
-  return _affine_coords(m, tuple(target.shape))
+def bucket_shape(shape, multiple: int = BUCKET) -> tuple[int, int, int]:
+  """``shape`` rounded up to multiples of ``multiple`` per axis.
+
+  Resampling runs on arrays padded to such buckets (and crops the result), so
+  pairs of similar size reuse one compiled function instead of compiling a
+  new one for every shape.
+  """
+  return tuple(_round_up(int(n), multiple) for n in shape)
+
+
+def _pad_to(array, shape, padding: str, cval: float) -> np.ndarray:
+  """Pad at the high end of each axis to ``shape``: with ``cval`` (``"constant"``), or the
+  edge (``"border"``); sampling the result equals sampling the original under that rule."""
+  array = np.asarray(array)
+  pad = [(0, t - n) for n, t in zip(array.shape[:3], shape)] + [(0, 0)] * (array.ndim - 3)
+  if not any(p[1] for p in pad):
+    return array
+  if padding == "constant":
+    return np.pad(array, pad, mode="constant", constant_values=np.asarray(cval, array.dtype))
+  return np.pad(array, pad, mode="edge")
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "order", "padding", "cval"))
+def _sample_affine(array, matrix, disp, lin, *, shape, order, padding, cval):
+  """Samples of ``array`` at ``matrix @ x (+ lin @ disp(x))`` for the voxels ``x`` of ``shape``."""
+  coords = _grid.identity_grid(shape) @ matrix[:3, :3].T + matrix[:3, 3]
+  if disp is not None:
+    coords = coords + disp @ lin.T
+  return _warp.sample(array, coords, order=order, padding=padding, cval=cval)
+
+
+def _sample_bucketed(array, matrix, target_shape, *, order: int, padding: str, cval: float,
+                     disp=None, lin=None) -> np.ndarray:
+  """:func:`_sample_affine` on bucket-padded arrays, cropped to ``target_shape``."""
+  out_shape = bucket_shape(target_shape)
+  array = _pad_to(array, bucket_shape(np.shape(array)[:3]), padding, cval)
+  if disp is not None:
+    disp = jnp.asarray(_pad_to(np.asarray(disp, np.float32), out_shape, "border", 0.0))
+    lin = jnp.asarray(lin, jnp.float32)
+  out = _sample_affine(jnp.asarray(array), jnp.asarray(matrix, jnp.float32), disp, lin,
+                       shape=out_shape, order=order, padding=padding, cval=float(cval))
+  crop = tuple(slice(0, n) for n in target_shape)
+  return np.asarray(out)[crop]
 
 
 def _antialias(array: np.ndarray, source_spacing, target_spacing) -> np.ndarray:
@@ -152,9 +188,8 @@ def resample(volume: Volume, target: Grid, *, order: int = 1, cval: float = 0.0,
   array = volume.array
   if order == 1 and antialias:
     array = _antialias(array, volume.spacing, Grid(target.shape, target.affine).spacing)
-  out = _warp.sample(jnp.asarray(array), _coords(volume.affine, target), order=order,
-                     padding="constant", cval=cval)
-  return np.asarray(out)
+  return _sample_bucketed(array, _voxel_map(volume.affine, target), target.shape, order=order,
+                          padding="constant", cval=cval)
 
 
 def window(hu, lo: float = -1000.0, hi: float = 1000.0):
@@ -245,7 +280,9 @@ def field_to_world(disp_model: jax.Array, grid: Grid, target: Grid) -> np.ndarra
   """
   if tuple(np.shape(disp_model)) != tuple(grid.shape) + (3,):
     raise ValueError(f"disp_model must be {tuple(grid.shape) + (3,)}, got {np.shape(disp_model)}")
-  return _world_field(disp_model, grid, _coords(grid.affine, target))
+  u = _sample_bucketed(np.asarray(disp_model, np.float32), _voxel_map(grid.affine, target),
+                       target.shape, order=1, padding="border", cval=0.0)
+  return np.asarray(u @ grid.affine[:3, :3].T.astype(np.float32), dtype=np.float32)
 
 
 def field_at_points(disp_model: jax.Array, grid: Grid, points_mm) -> np.ndarray:
@@ -256,11 +293,7 @@ def field_at_points(disp_model: jax.Array, grid: Grid, points_mm) -> np.ndarray:
   """
   if tuple(np.shape(disp_model)) != tuple(grid.shape) + (3,):
     raise ValueError(f"disp_model must be {tuple(grid.shape) + (3,)}, got {np.shape(disp_model)}")
-  return _world_field(disp_model, grid, _grid.world_to_voxel(jnp.asarray(points_mm, jnp.float32),
-                                                             grid.affine))
-
-
-def _world_field(disp_model, grid: Grid, coords) -> np.ndarray:
+  coords = _grid.world_to_voxel(jnp.asarray(points_mm, jnp.float32), grid.affine)
   u = _warp.sample(jnp.asarray(disp_model), coords, order=1, padding="border")
   return np.asarray(_grid.disp_voxel_to_mm(u, grid.affine), dtype=np.float32)
 
@@ -285,8 +318,7 @@ def resample_moving(moving: Volume, disp_mm: np.ndarray, target: Grid, *, order:
   """
   if tuple(np.shape(disp_mm)) != tuple(target.shape) + (3,):
     raise ValueError(f"disp_mm must be {tuple(target.shape) + (3,)}, got {np.shape(disp_mm)}")
-  inv = jnp.asarray(np.linalg.inv(moving.affine), jnp.float32)
-  world = _grid.voxel_to_world(_grid.identity_grid(target.shape), target.affine)
-  coords = (world + jnp.asarray(disp_mm)) @ inv[:3, :3].T + inv[:3, 3]
-  return np.asarray(_warp.sample(jnp.asarray(moving.array), coords, order=order,
-                                 padding="constant", cval=cval))
+  inv = np.linalg.inv(moving.affine)
+  # moving voxel of target voxel x: inv (A_t x + d(x)) = (inv A_t) x + inv[:3, :3] d(x)
+  return _sample_bucketed(moving.array, inv @ target.affine, target.shape, order=order,
+                          padding="constant", cval=cval, disp=disp_mm, lin=inv[:3, :3])
