@@ -16,22 +16,9 @@ from jaxreg import data as _data
 from jaxreg import model as _model
 from jaxreg import io as _io
 from jaxreg import preprocess as _preprocess
+from jaxreg.inputs import class_lut, to_classes  # re-exported: they moved to jaxreg.inputs
 
 __all__ = ["class_lut", "to_classes", "make_sources", "demo_pair_for"]
-
-
-def class_lut(label_ids) -> np.ndarray:
-  """Lookup table: TotalSegmentator/dataset label id -> class index (0 = other/background)."""
-  ids = [int(i) for i in label_ids]
-  lut = np.zeros(max(ids, default=0) + 1, np.int32)
-  lut[ids] = np.arange(1, len(ids) + 1)
-  return lut
-
-
-def to_classes(labels, lut) -> np.ndarray:
-  """Label ids -> int32 class indices through ``lut`` (ids outside it become 0)."""
-  labels = np.asarray(labels)
-  return np.where(labels < len(lut), lut[np.minimum(labels, len(lut) - 1)], 0).astype(np.int32)
 
 
 def _example(fixed, moving, fixed_labels, moving_labels, lut) -> dict[str, np.ndarray]:

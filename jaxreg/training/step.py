@@ -20,6 +20,7 @@ from jaxreg import fields as _fields
 from jaxreg import losses as _losses
 from jaxreg import model as _model
 from jaxreg import warp as _warp
+from jaxreg.inputs import label_channels, num_classes  # re-exported: they moved to jaxreg.inputs
 from jaxreg.training import sharding as _sharding
 from jaxreg.training.state import TrainState, merge
 
@@ -48,22 +49,6 @@ def _regulariser(config) -> Callable:
   if name == "bending":
     return _losses.bending_energy
   raise ValueError(f"config.loss.reg must be one of {REGULARISERS}, got {name!r}")
-
-
-def num_classes(config) -> int:
-  """Label classes including background (0 when labels are not used)."""
-  ids = config.data.get("label_ids", ()) or ()
-  return len(ids) + 1 if ids else 0
-
-
-def label_channels(config, fixed_labels, moving_labels):
-  """Extra network inputs when ``config.model.label_inputs``: one-hot organ masks of both
-  label maps (class indices, ``[B, X, Y, Z]``) -> ``[B, X, Y, Z, 2C]``; else None."""
-  if not config.model.get("label_inputs", False):
-    return None
-  c = num_classes(config)
-  one_hot = lambda x: jax.nn.one_hot(x, c)[..., 1:]
-  return jnp.concatenate([one_hot(fixed_labels), one_hot(moving_labels)], axis=-1)
 
 
 def _forward(graphdef, template, config, params, batch):
