@@ -1,0 +1,115 @@
+"""jaxreg.refine: the control-grid upsampling against scipy, recovery of a known deformation
+with each similarity, the level grids, and bad options."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from jaxreg import io, preprocess, refine, warp
+from jaxreg.io import InputError, Volume
+from jaxreg.refine import RefineOptions
+
+SPACING = 2.0
+SHAPE = (40, 36, 32)
+
+
+def test_upsample2_is_scipy_linear_zoom_with_cell_centred_grids():
+  rng = np.random.default_rng(0)
+  c = rng.normal(size=(5, 4, 3, 3)).astype(np.float32)
+  ours = np.asarray(refine.upsample2(c))
+  for k in range(3):
+    want = ndi.zoom(c[..., k].astype(np.float64), 2, order=1, grid_mode=True, mode="nearest")
+    np.testing.assert_allclose(ours[..., k], want, atol=1e-6)
+
+
+def _phantom():
+  """A body-like HU phantom: an ellipsoid of soft tissue with denser and darker blobs."""
+  x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+  img = np.where(x ** 2 / 0.8 + y ** 2 / 0.7 + z ** 2 / 0.9 < 1, 40.0, -1000.0)
+  rng = np.random.default_rng(1)
+  for _ in range(14):
+    c = rng.uniform(-0.5, 0.5, 3)
+    r = rng.uniform(0.1, 0.25)
+    img = np.where((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 < r * r,
+                   rng.uniform(-400, 600), img)
+  texture = ndi.gaussian_filter(rng.normal(size=SHAPE), 1.5)
+  img = img + np.where(img > -500, 150 * texture / texture.std(), 0.0)  # tissue texture
+  return ndi.gaussian_filter(img, 0.8).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pair():
+  """Fixed = moving warped by a known smooth field (<= 3 voxels = 6 mm)."""
+  affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+  moving = _phantom()
+  rng = np.random.default_rng(2)
+  coarse = rng.normal(size=(4, 4, 4, 3))
+  field = np.stack([ndi.zoom(coarse[..., k], [n / 4 for n in SHAPE], order=3)
+                    for k in range(3)], -1)
+  field *= 3.0 / np.abs(field).max()
+  fixed = np.asarray(warp.warp(moving, field.astype(np.float32), cval=-1000.0))
+  return Volume(fixed, affine), Volume(moving, affine), field.astype(np.float32)
+
+
+def _error(result, fixed, field):
+  """Mean error (voxels) inside the body of the recovered field on the fixed grid."""
+  grid = preprocess.Grid.of(fixed)
+  got = preprocess.field_to_world(result.disp, result.grid, grid) / SPACING
+  body = fixed.array > -500
+  return np.linalg.norm(got - field, axis=-1)[body].mean()
+
+
+@pytest.mark.parametrize("similarity, left", [("lncc", 0.35), ("mind", 0.6), ("mse", 0.35)])
+def test_refine_recovers_a_known_smooth_deformation(pair, similarity, left):
+  """From a zero start, at most ``left`` of the mean error remains (measured 2026-12-01:
+  LNCC 0.24, MIND 0.49, MSE 0.22 of it; MIND's coarser descriptors are less precise on
+  this small phantom)."""
+  fixed, moving, field = pair
+  zero = np.zeros(SHAPE + (3,), np.float32)
+  start = np.linalg.norm(field, axis=-1)[fixed.array > -500].mean()
+  options = RefineOptions(steps=(60, 30), similarity=similarity, lr=0.3)
+  result = refine.refine(fixed, moving, zero, preprocess.Grid.of(fixed), options)
+  assert result.grid.spacing == pytest.approx([SPACING] * 3)  # finest level: the image's
+  assert [len(v) for v in result.losses] == [60, 30]
+  assert all(v[-1] < v[0] for v in result.losses)
+  assert _error(result, fixed, field) < left * start
+
+
+def test_default_levels_follow_the_fixed_spacing_with_a_2_mm_floor():
+  assert RefineOptions().checked([2.5, 2.5, 2.5]).levels_mm == (5.0, 2.5)
+  assert RefineOptions().checked([0.7, 0.7, 2.5]).levels_mm == (4.0, 2.0)
+  assert RefineOptions(steps=40).checked([3.0] * 3).steps == (40, 40)
+
+
+def test_level_grids_cover_the_body_box_in_multiples_of_16(pair):
+  fixed, _, _ = pair
+  body = refine.body_grid(fixed)
+  lo, hi = body.world_bounds()
+  flo, fhi = preprocess.Grid.of(fixed).world_bounds()
+  assert np.all(lo >= flo - 1e-6) and np.all(hi <= fhi + 1e-6)
+  inside = np.argwhere(fixed.array > -500) * SPACING
+  assert np.all(inside.min(0) >= lo - 1e-6) and np.all(inside.max(0) <= hi + 1e-6)
+  for g, s in zip(refine.level_grids(fixed, (4.0, 2.0)), (4.0, 2.0)):
+    assert all(n % 16 == 0 for n in g.shape)
+    assert g.spacing == pytest.approx([s] * 3)
+    glo, ghi = g.world_bounds()
+    assert np.all(glo <= lo + 1e-6) and np.all(ghi >= hi - 1e-6)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"similarity": "ssd"}, "similarity must be one of lncc, mind, mse"),
+    ({"regulariser": "tv"}, "regulariser must be one of"),
+    ({"levels_mm": (2.0, 4.0)}, "coarse to fine"),
+    ({"levels_mm": (4.0, 0.1)}, ">= 0.5 mm"),
+    ({"levels_mm": ()}, "coarse to fine"),
+    ({"levels_mm": (8.0, 4.0, 2.0), "steps": (10, 10)}, "one positive number per level"),
+    ({"steps": (10, 0)}, "one positive number per level"),
+    ({"reg_weight": -1.0}, "reg_weight"),
+    ({"lr": float("nan")}, "lr must be positive"),
+    ({"window": 4}, "window must be a positive odd"),
+])
+def test_bad_options_raise_input_error(change, match):
+  with pytest.raises(InputError, match=match):
+    dataclasses.replace(RefineOptions(), **change).checked([2.0] * 3)
