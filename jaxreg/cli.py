@@ -7,6 +7,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -19,27 +20,27 @@ class UserError(Exception):
 
 
 def _write_example(folder: str, net, config) -> None:
-  """Demo evaluation pair 0 registered by ``net``: images, labels, fields (ITK convention)."""
-  from jaxreg import io, model, preprocess, warp
-  from jaxreg.training import sources
+  """Demo evaluation pair 0 (the embedded CT's own 2.5 mm grid) through :func:`register`:
+  its outputs and report.png, plus the pair itself and the true displacement."""
+  from jaxreg import data, io, outputs, register
 
-  pair = sources.demo_pair_for(config, 0, "eval")
-  lo, hi = config.data.hu_window
-  f = preprocess.window(pair.fixed, lo, hi)[None]
-  m = preprocess.window(pair.moving, lo, hi)[None]
-  disp = np.asarray(model.predict_displacement(net, f, m, method=config.decomposition,
-                                               steps=config.svf_steps)[0][0])
-  os.makedirs(folder)
+  d = config.data
+  pair = data.demo_pair(0, split="eval", max_disp_mm=d.max_disp_mm,
+                        control_spacing_mm=d.control_spacing_mm, breathing_mm=d.breathing_mm,
+                        contrast=d.contrast, noise_std=d.noise_hu)
+  vol = lambda a: io.Volume(a, pair.affine)
+  fixed, moving = vol(pair.fixed), vol(pair.moving)
+  fixed_labels, moving_labels = vol(pair.fixed_labels), vol(pair.moving_labels)
+  result = register.register(fixed, moving, net=net, config=config, fixed_labels=fixed_labels,
+                             moving_labels=moving_labels, affine="none")
+  outputs.write_registration(result, folder, fixed=fixed, moving=moving,
+                             fixed_labels=fixed_labels, moving_labels=moving_labels,
+                             title="demo evaluation pair 0", label_ids=tuple(d.label_ids))
   save = lambda name, a: io.save(os.path.join(folder, name), a, pair.affine)
   save("fixed.nii.gz", np.round(pair.fixed).astype(np.int16))
   save("moving.nii.gz", np.round(pair.moving).astype(np.int16))
-  save("warped.nii.gz", np.round(np.asarray(warp.warp(pair.moving, disp, cval=-1024.0)))
-       .astype(np.int16))
   save("fixed_labels.nii.gz", pair.fixed_labels.astype(np.uint8))
   save("moving_labels.nii.gz", pair.moving_labels.astype(np.uint8))
-  save("warped_labels.nii.gz", np.asarray(warp.warp(pair.moving_labels, disp, order=0))
-       .astype(np.uint8))
-  io.save_displacement(os.path.join(folder, "displacement.nii.gz"), disp, pair.affine)
   io.save_displacement(os.path.join(folder, "true_displacement.nii.gz"), pair.disp, pair.affine)
 
 
@@ -49,8 +50,9 @@ def _demo(args: argparse.Namespace) -> int:
 
   from flax import nnx
 
-  from jaxreg import io, training, weights
+  from jaxreg import compilation, io, training, weights
 
+  compilation.enable_cache()
   io.check_output_dir(args.out)  # fail now, not after the training
   net, config = weights.demo_model()
   config = training.override(config, [f"data.val_pairs={args.pairs}"])
@@ -91,55 +93,79 @@ def _demo(args: argparse.Namespace) -> int:
   return 0
 
 
-def _register(args: argparse.Namespace) -> int:
-  """Register --moving to --fixed; every output on the fixed image's grid, written atomically."""
-  import json
+def _refine_options(args):
+  """RefineOptions from the register flags (None with --no-refine)."""
+  from jaxreg.io import InputError
+  from jaxreg.refine import RefineOptions
+  if args.no_refine:
+    return None
 
+  def numbers(text, kind, flag):
+    try:
+      return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+      raise InputError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+  given = {"levels_mm": numbers(args.levels, float, "--levels") if args.levels else None,
+           "steps": numbers(args.level_steps, int, "--level-steps") if args.level_steps else None,
+           "similarity": args.similarity, "regulariser": args.regulariser,
+           "reg_weight": args.refine_reg_weight, "lr": args.refine_lr}
+  options = RefineOptions(**{k: v for k, v in given.items() if v is not None},
+                          mask=not args.no_mask)
+  if args.levels and not args.level_steps and np.ndim(options.steps):
+    if len(options.steps) != len(given["levels_mm"]):  # the default steps do not fit: same for all
+      options = dataclasses.replace(options, steps=options.steps[-1])
+  return options
+
+
+def _register(args: argparse.Namespace) -> int:
+  """Register --moving to --fixed (or every pair of --pairs); outputs written atomically."""
   import jax
 
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  from jaxreg import affine, grid, io, preprocess, register, report, weights
+  from jaxreg import compilation, data, io, outputs, register, weights
 
-  fixed = io.load(args.fixed)
-  moving = io.load(args.moving)
-  fixed_labels = (io.load_labels(args.fixed_labels, like=fixed, like_path=args.fixed)
-                  if args.fixed_labels else None)
-  moving_labels = (io.load_labels(args.moving_labels, like=moving, like_path=args.moving)
-                   if args.moving_labels else None)
+  compilation.enable_cache(args.jax_cache)
+  if args.pairs is None and (args.fixed is None or args.moving is None):
+    raise UserError("give --fixed and --moving, or --pairs pairs.csv")
+  if args.pairs is not None and (args.fixed or args.moving):
+    raise UserError("--pairs registers the pairs of a CSV: give it without --fixed/--moving")
+  options = _refine_options(args)
+  if options is not None:
+    options.checked((2.0,))  # bad flags fail now, before any file is read
+  specs = data.read_pairs_csv(args.pairs) if args.pairs else None
+  if specs is None:
+    fixed = io.load(args.fixed)
+    moving = io.load(args.moving)
+    fixed_labels = (io.load_labels(args.fixed_labels, like=fixed, like_path=args.fixed)
+                    if args.fixed_labels else None)
+    moving_labels = (io.load_labels(args.moving_labels, like=moving, like_path=args.moving)
+                     if args.moving_labels else None)
   io.check_output_dir(args.out)  # fail now, not after the registration
   try:
     net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                    else weights.demo_model())
   except RuntimeError as e:  # e.g. --device gpu without a GPU
     raise UserError(f"--device {args.device}: {e}".splitlines()[0]) from e
-  result = register.register(fixed, moving, net=net, config=config, fixed_labels=fixed_labels,
-                             moving_labels=moving_labels, io_steps=args.io_steps,
-                             affine=args.affine, inverse=args.inverse,
-                             names=(args.fixed, args.moving))
-  with io.atomic_dir(args.out) as tmp:
-    out = lambda name: os.path.join(tmp, name)
-    io.save(out("warped.nii.gz"), result.warped.astype(np.float32), result.affine)
-    if result.warped_labels is not None:
-      io.save(out("warped_labels.nii.gz"), result.warped_labels.astype(np.int16), result.affine)
-    io.save_displacement(out("displacement.nii.gz"), result.displacement_voxel, result.affine,
-                         convention="itk")
-    io.save_displacement(out("displacement_voxel.nii.gz"), result.displacement_voxel,
-                         result.affine, convention="voxel")
-    if args.affine != "none":
-      affine.save_itk(out("affine.txt"), result.affine_matrix)
-    if result.inverse_mm is not None:
-      io.save_displacement(out("inverse_displacement.nii.gz"),
-                           grid.disp_mm_to_voxel(result.inverse_mm, result.affine), result.affine,
-                           convention="itk")
-    with open(out("metrics.json"), "w") as f:
-      json.dump(result.metrics, f, indent=2, default=float)
-    before = preprocess.resample(moving, preprocess.Grid.of(fixed), cval=-1024.0,
-                                 antialias=False)
-    report.save_report(out("report.png"), fixed.array, before, result.warped,
-                       result.displacement_voxel, result.affine,
-                       title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
-  m = result.metrics
+  kwargs = dict(net=net, config=config, affine=args.affine, refine=options,
+                io_steps=args.io_steps, inverse=args.inverse)
+  if specs is not None:
+    rows = register.register_many(specs, args.out, **kwargs)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    print(f"jaxreg register: {len(rows)} pairs -> {args.out} ({counts['done']} done, "
+          f"{counts['skipped']} already complete, {counts['failed']} failed; summary.csv)")
+    for row in rows:
+      if row["status"] == "failed":
+        print(f"jaxreg register: error: {row['pair']}: {row['error']}", file=sys.stderr)
+    return 2 if counts["failed"] else 0
+  result = register.register(fixed, moving, fixed_labels=fixed_labels,
+                             moving_labels=moving_labels, names=(args.fixed, args.moving),
+                             **kwargs)
+  m = outputs.write_registration(
+      result, args.out, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
+      moving_labels=moving_labels,
+      title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
   line = (f"jaxreg register: {args.out} in {m['seconds']:.1f} s, folding "
           f"{m['folding_fraction']:.5f}, SDlogJ {m['sdlogj']:.3f}")
   if "mean_dice" in m:
@@ -163,20 +189,41 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Outputs, all on the fixed image's grid and affine: "
                        "warped.nii.gz, warped_labels.nii.gz, displacement.nii.gz (ITK/ANTs/Slicer: "
                        "vector, mm, LPS), displacement_voxel.nii.gz (Learn2Reg), metrics.json.")
-  reg.add_argument("--fixed", required=True, help="fixed CT (NIfTI)")
-  reg.add_argument("--moving", required=True, help="moving CT (NIfTI)")
+  reg.add_argument("--fixed", help="fixed CT (NIfTI)")
+  reg.add_argument("--moving", help="moving CT (NIfTI)")
+  reg.add_argument("--pairs", help="a CSV of pairs (columns fixed,moving[,fixed_labels,"
+                   "moving_labels]) registered in one process: one sub-folder per pair in "
+                   "--out and summary.csv; complete pairs are skipped on a re-run")
   reg.add_argument("--out", required=True, help="output folder (written atomically)")
   reg.add_argument("--fixed-labels", help="fixed label map (for Dice/HD95)")
   reg.add_argument("--moving-labels", help="moving label map (warped with the moving image)")
   reg.add_argument("--checkpoint", help="model folder (default: the shipped demo model)")
-  reg.add_argument("--io-steps", type=int, default=50,
-                   help="instance-optimisation steps (0: the network alone)")
   reg.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine",
                    help="global pre-alignment before the deformable step (written as affine.txt, "
                    "ITK format; displacement.nii.gz is the composed total)")
+  ref = reg.add_argument_group("refinement (multi-resolution instance optimisation after the "
+                               "network, up to the fixed image's resolution)")
+  ref.add_argument("--no-refine", action="store_true", help="the network's field alone")
+  ref.add_argument("--similarity",
+                   help="lncc (default), mind (MIND-SSC: robust to contrast changes) or mse")
+  ref.add_argument("--regulariser", help="diffusion (default) or bending")
+  ref.add_argument("--levels", help="level spacings in mm, coarse to fine, e.g. 5,2.5 "
+                   "(default: twice the finest, then the finest = the fixed spacing or 2 mm)")
+  ref.add_argument("--level-steps", help="Adam steps per level, e.g. 60,30 (one number: "
+                   "the same at every level)")
+  ref.add_argument("--refine-reg-weight", type=float,
+                   help="regulariser weight (default per similarity: lncc 1, mind 0.1, mse 0.003)")
+  ref.add_argument("--refine-lr", type=float,
+                   help="Adam learning rate, level voxels per step (default: RefineOptions)")
+  ref.add_argument("--no-mask", action="store_true",
+                   help="compare the images everywhere, not only over the fixed body")
+  reg.add_argument("--io-steps", type=int, default=0,
+                   help="older dense instance optimisation on the model grid (default 0: off)")
   reg.add_argument("--inverse", action="store_true",
                    help="also write inverse_displacement.nii.gz (moving -> fixed)")
   reg.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform to run on")
+  reg.add_argument("--jax-cache", help="JAX compilation cache folder, or 'off' (default: "
+                   "$JAXREG_JAX_CACHE or ~/.cache/jaxreg/jax)")
   reg.set_defaults(func=_register)
   train = sub.add_parser("train", help="train a model from a config (as train.py)",
                          add_help=False)

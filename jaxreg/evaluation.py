@@ -13,8 +13,12 @@ are resampled through it once (nearest neighbour), and
   once on the first pair before timing, so no pair pays compilation).
 
 Methods: ``identity`` (no registration), ``jaxreg`` (the network alone),
-``jaxreg+io`` (network + instance optimisation), ``elastix`` (B-spline
-baseline, :mod:`jaxreg.elastix`; skipped with a message if not installed).
+``jaxreg+io`` (network + the older dense instance optimisation on the model
+grid), ``jaxreg+refine`` (network + multi-resolution refinement up to the
+fixed resolution, LNCC: ``jaxreg register``'s default), ``jaxreg+refine-mind``
+(the same with MIND-SSC), ``elastix`` (B-spline baseline,
+:mod:`jaxreg.elastix`; skipped with a message if not installed) and
+``demons`` (SimpleITK multi-resolution demons, :mod:`jaxreg.demons`).
 
 Data: ``demo`` (held-out synthetic pairs of the embedded CT at its 2.5 mm
 grid, with exact keypoints from the known deformation), a Learn2Reg folder
@@ -49,7 +53,9 @@ from jaxreg.io import InputError, Volume
 __all__ = ["Case", "METHODS", "METRICS", "demo_cases", "file_cases", "load_cases",
            "run_method", "score", "evaluate", "summarise", "write_outputs", "main"]
 
-METHODS = ("identity", "jaxreg", "jaxreg+io", "elastix")
+METHODS = ("identity", "jaxreg", "jaxreg+io", "jaxreg+refine", "jaxreg+refine-mind", "elastix",
+           "demons")
+_REFINE = {"jaxreg+refine": "lncc", "jaxreg+refine-mind": "mind"}
 # metric -> (unit, higher is better)
 METRICS = {"dice": ("", True), "hd95": ("mm", False), "tre": ("mm", False),
            "sdlogj": ("", False), "folding": ("fraction", False), "seconds": ("s", False)}
@@ -164,18 +170,26 @@ def run_method(method: str, case: Case, *, net=None, config=None, io_steps: int 
   """
   if method == "identity":
     return np.zeros(case.fixed.shape + (3,), np.float32)
-  if method in ("jaxreg", "jaxreg+io"):
+  if method.startswith("jaxreg"):
     from jaxreg import register
+    from jaxreg.refine import RefineOptions
+    if method not in ("jaxreg", "jaxreg+io") and method not in _REFINE:
+      raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     needs = config.model.get("label_inputs", False)
+    refine = RefineOptions(similarity=_REFINE[method]) if method in _REFINE else None
     result = register.register(case.fixed, case.moving, net=net, config=config,
                                fixed_labels=case.fixed_labels if needs else None,
                                moving_labels=case.moving_labels if needs else None,
                                io_steps=io_steps if method == "jaxreg+io" else 0,
-                               affine=affine, names=(f"{case.name} fixed", f"{case.name} moving"))
+                               refine=refine, affine=affine,
+                               names=(f"{case.name} fixed", f"{case.name} moving"))
     return result.displacement_mm
   if method == "elastix":
     from jaxreg import elastix
     return elastix.register(case.fixed, case.moving)[0]
+  if method == "demons":
+    from jaxreg import demons
+    return demons.register(case.fixed, case.moving)[0]
   raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -319,9 +333,11 @@ def _main(args) -> int:
   _io.check_output_dir(args.out)
   net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                  else weights.demo_model())
-  if "elastix" in methods and not elastix.available():
-    print(f"{args.data}: elastix skipped: {elastix.MISSING}", file=sys.stderr)
-    methods.remove("elastix")
+  from jaxreg import demons
+  for name, module in (("elastix", elastix), ("demons", demons)):
+    if name in methods and not module.available():
+      print(f"{args.data}: {name} skipped: {module.MISSING}", file=sys.stderr)
+      methods.remove(name)
   cases = load_cases(args.data, config, pairs=args.pairs)
   label_ids = tuple(config.data.label_ids) if args.data == "demo" else None
   print(f"evaluating {', '.join(methods)} on {len(cases)} pairs of {args.data}")

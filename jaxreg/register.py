@@ -1,28 +1,41 @@
-"""Register a CT pair with a trained network (+ instance optimisation); results on the fixed grid.
+"""Register a CT pair: affine stage, network, fine-resolution refinement; results on the fixed grid.
 
-``register(fixed, moving, ...)``: an affine (or rigid) stage aligns the pair
-globally (:mod:`jaxreg.affine`), both images are put on the network's model
-grid (:func:`jaxreg.preprocess.prepare_pair`; the moving image through the
-affine), the network predicts the composed field, a few Adam steps of instance
-optimisation refine it on this pair (``-LNCC + diffusion``, starting from the
-network's field), and the affine and deformable parts are composed into **one**
-displacement on the **fixed image's original grid** in world millimetres: the
-moving image is interpolated once, and the warped image, warped labels and the
-displacement all overlay the fixed image in 3D Slicer / ITK-SNAP.
+:func:`register` is a composition of named stages, each importable and
+testable alone:
 
-With ``affine = M`` (fixed world ``p`` -> moving world ``M p``) and the
-deformable field ``d`` found between the fixed image and the affinely aligned
-moving image, the total map is ``p -> M (p + d(p))``; its inverse is
-``q -> y + d^-1(y)`` with ``y = M^-1 q`` and ``d^-1`` from
-:func:`jaxreg.fields.invert` on the model grid.
+1. :func:`affine_stage` -- a global affine (or rigid) map ``M`` (fixed world
+   ``p`` -> moving world ``M p``, RAS+ mm; :mod:`jaxreg.affine`);
+2. :func:`to_model_grid` -- both images on the network's model grid (the
+   moving one through ``M``: :func:`aligned`);
+3. :func:`network_stage` -- the network's composed field on the model grid
+   (voxels of that grid);
+4. :func:`refine_stage` -- multi-resolution instance optimisation up to the
+   fixed image's resolution (:mod:`jaxreg.refine`);
+5. :func:`to_fixed_grid` -- the affine and deformable parts composed into
+   **one** world displacement (mm) on the fixed image's original grid,
+   ``p -> M (p + d(p))``;
+6. :func:`warp_outputs` -- the moving image and labels interpolated once
+   through it.
+
+Everything it returns overlays the fixed image in 3D Slicer / ITK-SNAP.
+Scoring against labels is its own step (:func:`score`), as in evaluation.
+:func:`register_many` registers the pairs of a manifest in one process and
+writes one output folder per pair.
+
+The inverse map (``inverse=True``) is ``q -> y + d^-1(y)`` with ``y = M^-1 q``
+and ``d^-1`` from :func:`jaxreg.fields.invert` on the last stage's grid.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import os
 import resource
+import sys
 import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +44,23 @@ import optax
 from nibabel.affines import apply_affine
 
 from jaxreg import affine as _affine
-from jaxreg import grid as _grid
+from jaxreg import inputs as _inputs
 from jaxreg import losses as _losses
 from jaxreg import metrics as _metrics
 from jaxreg import model as _model
 from jaxreg import preprocess as _preprocess
+from jaxreg import refine as _refine
 from jaxreg import warp as _warp
+from jaxreg.compilation import CompileCounter
 from jaxreg.io import InputError, Volume
+from jaxreg.refine import RefineOptions
 
-__all__ = ["Registration", "register", "instance_optimise"]
+__all__ = ["Registration", "RefineOptions", "register", "score", "register_many",
+           "affine_stage", "aligned", "to_model_grid", "network_stage", "refine_stage",
+           "to_fixed_grid", "warp_outputs", "inverse_stage", "instance_optimise",
+           "check_images", "AFFINE_MODELS"]
+
+AFFINE_MODELS = ("affine", "rigid", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +74,15 @@ class Registration:
     warped: the moving image resampled onto the fixed grid.
     warped_labels: the moving labels resampled (nearest neighbour), or None.
     affine: the fixed image's affine (of every output).
-    model_displacement: ``[*grid.shape, 3]`` the deformable field on the model grid (voxels).
-    metrics: runtime, memory, field quality, and Dice/HD95 when both label maps are given.
+    model_displacement: ``[*grid.shape, 3]`` the deformable field of the last
+      stage (network or refinement) on its grid, voxels of that grid.
+    metrics: runtime per stage, XLA compilations, memory, field quality.
     affine_matrix: ``[4, 4]`` the affine stage's world map (RAS+ mm, fixed ``p`` ->
       moving ``M p``); the identity with ``affine="none"``.
     inverse_mm: ``[*fixed.shape, 3]`` (with ``inverse=True``, else None): the
       inverse map's displacement, world mm, on the fixed grid's domain: moving
       point ``q`` corresponds to fixed point ``q + inverse_mm(q)``.
+    grid: the grid of ``model_displacement``.
   """
   displacement_mm: np.ndarray
   displacement_voxel: np.ndarray
@@ -70,6 +93,69 @@ class Registration:
   metrics: dict
   affine_matrix: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(4))
   inverse_mm: np.ndarray | None = None
+  grid: _preprocess.Grid | None = None
+
+
+# --------------------------------------------------------------------------- stages
+
+def check_images(fixed: Volume, moving: Volume, names: tuple[str, str] = ("fixed", "moving")
+                 ) -> None:
+  """Refuse a constant image or a pair that does not overlap in world space (InputError)."""
+  for volume, name in ((fixed, names[0]), (moving, names[1])):
+    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
+    if not hi > lo:
+      raise InputError(f"{name}: the image is constant ({lo:g} everywhere): nothing to register")
+  _preprocess.check_overlap(_preprocess.Grid.of(fixed), _preprocess.Grid.of(moving), names)
+
+
+def affine_stage(fixed: Volume, moving: Volume, *, model: str = "affine",
+                 hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
+  """``[4, 4]`` world map (RAS+ mm) fixed ``p`` -> moving ``M p``; the identity for ``"none"``."""
+  if model not in AFFINE_MODELS:
+    raise ValueError(f"affine must be one of {AFFINE_MODELS}, got {model!r}")
+  if model == "none":
+    return np.eye(4)
+  return _affine.register(fixed, moving, model=model, hu_window=hu_window).matrix
+
+
+def aligned(volume: Volume | None, matrix: np.ndarray) -> Volume | None:
+  """The moving image (or labels) as seen after the affine stage: its voxel ``v`` sits at
+  world ``M^-1 A_m v``, so fixed ``p`` and aligned-moving ``p`` show the same anatomy."""
+  return None if volume is None else Volume(volume.array, np.linalg.inv(matrix) @ volume.affine)
+
+
+def to_model_grid(fixed: Volume, moving: Volume, config, *, fixed_labels: Volume | None = None,
+                  moving_labels: Volume | None = None,
+                  names: tuple[str, str] = ("fixed", "moving")) -> _preprocess.PreparedPair:
+  """Both images (and labels, if the model takes them) on the model grid of ``config``."""
+  needs = config.model.get("label_inputs", False)
+  shape = None if config.data.shape is None else tuple(config.data.shape)
+  return _preprocess.prepare_pair(
+      fixed, moving, fixed_labels if needs else None, moving_labels if needs else None,
+      spacing=config.data.spacing, divisor=_model.unet_stride(config.model.widths), shape=shape,
+      hu_window=tuple(config.data.hu_window), names=names)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method", "steps"))
+def _predict(graphdef, state, fixed, moving, extra, *, method, steps):
+  from flax import nnx
+  net = nnx.merge(graphdef, state)
+  return _model.predict_displacement(net, fixed[None], moving[None], method=method,
+                                     steps=steps, extra=extra)[0][0]
+
+
+def network_stage(net, config, pair: _preprocess.PreparedPair) -> np.ndarray:
+  """``[*pair.grid.shape, 3]`` the network's composed field, voxels of the model grid."""
+  from flax import nnx
+  extra = None
+  if config.model.get("label_inputs", False):
+    lut = _inputs.class_lut(config.data.label_ids)
+    classes = [jnp.asarray(_inputs.to_classes(x, lut))[None]
+               for x in (pair.fixed_labels, pair.moving_labels)]
+    extra = _inputs.label_channels(config, *classes)
+  graphdef, state = nnx.split(net)
+  return np.asarray(_predict(graphdef, state, jnp.asarray(pair.fixed), jnp.asarray(pair.moving),
+                             extra, method=config.decomposition, steps=config.svf_steps))
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "window"))
@@ -93,7 +179,8 @@ def _optimise(disp, fixed, moving, steps, lr, reg_weight, window):
 def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, steps: int = 50,
                       lr: float = 0.05, reg_weight: float = 1.0, window: int = 9
                       ) -> tuple[jax.Array, jax.Array]:
-  """Refine a displacement on one pair with Adam on ``-LNCC + reg_weight * diffusion``.
+  """Dense Adam on ``-LNCC + reg_weight * diffusion`` on the model grid (the older, coarse
+  instance optimisation; :func:`refine_stage` is the fine-resolution one).
 
   Args:
     disp: ``[X, Y, Z, 3]`` starting displacement in voxels (e.g. the network's).
@@ -112,128 +199,300 @@ def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, s
                    float(lr), float(reg_weight), window)
 
 
+def refine_stage(fixed: Volume, moving_aligned: Volume, disp: np.ndarray,
+                 grid: _preprocess.Grid, options: RefineOptions, *,
+                 hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> _refine.RefineResult:
+  """The field refined coarse to fine up to the fixed resolution (:func:`jaxreg.refine.refine`)."""
+  return _refine.refine(fixed, moving_aligned, disp, grid, options, hu_window=hu_window)
+
+
+def _fixed_world(fixed_grid: _preprocess.Grid) -> np.ndarray:
+  return apply_affine(fixed_grid.affine, np.moveaxis(np.indices(fixed_grid.shape), 0, -1))
+
+
+def to_fixed_grid(disp: np.ndarray, grid: _preprocess.Grid, fixed_grid: _preprocess.Grid,
+                  matrix: np.ndarray) -> np.ndarray:
+  """``[*fixed_grid.shape, 3]`` world mm: the total map ``p -> M (p + d(p))`` as a displacement.
+
+  Args:
+    disp: ``[*grid.shape, 3]`` deformable field in voxels of ``grid``.
+    grid: its grid.
+    fixed_grid: the fixed image's original grid.
+    matrix: ``[4, 4]`` the affine stage's world map.
+  """
+  world = _fixed_world(fixed_grid)
+  d_def = _preprocess.field_to_world(disp, grid, fixed_grid)
+  return (apply_affine(matrix, world + d_def) - world).astype(np.float32)
+
+
+def warp_outputs(moving: Volume, moving_labels: Volume | None, disp_mm: np.ndarray,
+                 fixed_grid: _preprocess.Grid) -> tuple[np.ndarray, np.ndarray | None]:
+  """The original moving image (trilinear, -1024 HU outside) and labels (nearest) on the
+  fixed grid through the world displacement ``disp_mm`` (one interpolation each)."""
+  warped = _preprocess.resample_moving(moving, disp_mm, fixed_grid, cval=-1024.0)
+  labels = None
+  if moving_labels is not None:
+    labels = _preprocess.resample_moving(moving_labels, disp_mm, fixed_grid, order=0)
+  return warped, labels
+
+
+def inverse_stage(disp: np.ndarray, grid: _preprocess.Grid, fixed_grid: _preprocess.Grid,
+                  matrix: np.ndarray) -> tuple[np.ndarray, float]:
+  """The inverse map's world displacement (mm) on the fixed grid's domain, and the fixed-point
+  residual of :func:`jaxreg.fields.invert` (voxels of ``grid``)."""
+  from jaxreg import fields
+  inv, residual, _ = fields.invert(disp, return_info=True)
+  world = _fixed_world(fixed_grid)
+  y = apply_affine(np.linalg.inv(matrix), world).astype(np.float32)  # q -> M^-1 q -> y + d^-1(y)
+  inverse_mm = (y + _preprocess.field_at_points(np.asarray(inv), grid, y) - world)
+  return inverse_mm.astype(np.float32), float(residual)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
 def _peak_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def register(fixed: Volume, moving: Volume, *, net=None, config=None,
              fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
-             io_steps: int = 50, io_lr: float = 0.05, io_reg_weight: float = 1.0,
-             affine: str = "affine", inverse: bool = False,
-             label_ids=None, names: tuple[str, str] = ("fixed", "moving")) -> Registration:
+             affine: str = "affine", refine: RefineOptions | None = RefineOptions(),
+             io_steps: int = 0, io_lr: float = 0.05, io_reg_weight: float = 1.0,
+             inverse: bool = False, names: tuple[str, str] = ("fixed", "moving")
+             ) -> Registration:
   """Register ``moving`` to ``fixed`` (see the module docstring).
 
   Args:
     fixed, moving: CT volumes in HU with their affines (any shape, spacing,
       orientation; they must overlap in world space).
     net, config: a network and its training config (default: the shipped demo model).
-    fixed_labels, moving_labels: optional label maps on their image's grid;
-      with both, Dice and HD95 per label are reported.
-    io_steps: instance-optimisation steps (0: the network's field alone).
-    io_lr, io_reg_weight: its Adam learning rate and regulariser weight.
+    fixed_labels: the fixed label map, needed only by a model that takes labels as input.
+    moving_labels: the moving label map: warped with the image (and a model input if
+      the model takes labels).
     affine: global pre-alignment, ``"affine"`` (12 parameters), ``"rigid"`` or ``"none"``.
+    refine: :class:`~jaxreg.refine.RefineOptions` of the fine-resolution
+      refinement, or None for the network's field alone.
+    io_steps, io_lr, io_reg_weight: the older dense instance optimisation on the
+      model grid before refinement (0 steps: off).
     inverse: also compute the inverse map (``Registration.inverse_mm``).
-    label_ids: labels to score (default: every label in both maps).
     names: file names for error messages.
 
   Returns:
-    :class:`Registration`.
+    :class:`Registration`; its ``metrics`` hold seconds per stage, the XLA
+    compilations made (``xla_compilations``, ``xla_cache_hits``), peak
+    memory, folding fraction and SDlogJ.
 
   Raises:
-    InputError: no overlap (the images must share a world frame: they are
-      checked before the affine stage), or a bad input.
+    InputError: constant images, no overlap (the images must share a world
+      frame), a model that needs labels without them, bad refinement options,
+      a diverging refinement or a non-finite field.
     ValueError: unknown ``affine``.
   """
   from jaxreg import weights  # lazy: the shipped model is only loaded when needed
 
-  if affine not in ("affine", "rigid", "none"):
+  if affine not in AFFINE_MODELS:
     raise ValueError(f"affine must be 'affine', 'rigid' or 'none', got {affine!r}")
   if io_steps < 0:
     raise InputError(f"io_steps must be >= 0, got {io_steps}")
-  for volume, name in ((fixed, names[0]), (moving, names[1])):
-    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
-    if not hi > lo:
-      raise InputError(f"{name}: the image is constant ({lo:g} everywhere): nothing to register")
-  t0 = time.time()
-  fixed_grid = _preprocess.Grid.of(fixed)
-  _preprocess.check_overlap(fixed_grid, _preprocess.Grid.of(moving), names)
+  if refine is not None:
+    refine = refine.checked(fixed.spacing)
   if net is None:
     net, config = weights.demo_model()
-  stride = _model.unet_stride(config.model.widths)
-  shape = None if config.data.shape is None else tuple(config.data.shape)
-  needs_labels = config.model.get("label_inputs", False)
-  if needs_labels and (fixed_labels is None or moving_labels is None):
+  if config.model.get("label_inputs", False) and (fixed_labels is None or moving_labels is None):
     raise InputError(f"{names[1]}: this model takes organ masks as input; give both "
                      "--fixed-labels and --moving-labels")
-  matrix, affine_seconds = np.eye(4), 0.0
-  if affine != "none":
-    stage = _affine.register(fixed, moving, model=affine, hu_window=tuple(config.data.hu_window))
-    matrix, affine_seconds = stage.matrix, stage.seconds
-  # the moving image as seen after the affine: its voxel v sits at world M^-1 A_m v
-  aligned = lambda v: None if v is None else Volume(v.array, np.linalg.inv(matrix) @ v.affine)
-  pair = _preprocess.prepare_pair(fixed, aligned(moving), fixed_labels if needs_labels else None,
-                                  aligned(moving_labels) if needs_labels else None,
-                                  spacing=config.data.spacing, divisor=stride,
-                                  shape=shape, hu_window=tuple(config.data.hu_window),
-                                  names=names)
-  f, m = jnp.asarray(pair.fixed), jnp.asarray(pair.moving)
-  extra = None
-  if needs_labels:
-    from jaxreg.training import sources, step
-    lut = sources.class_lut(config.data.label_ids)
-    classes = [jnp.asarray(sources.to_classes(x, lut))[None]
-               for x in (pair.fixed_labels, pair.moving_labels)]
-    extra = step.label_channels(config, *classes)
-  disp, _ = _model.predict_displacement(net, f[None], m[None], method=config.decomposition,
-                                        steps=config.svf_steps, extra=extra)
-  disp = disp[0]
-  io_losses = []
-  if io_steps > 0:
-    disp, values = instance_optimise(disp, f, m, steps=io_steps, lr=io_lr,
-                                     reg_weight=io_reg_weight,
-                                     window=config.loss.get("window", 9))
-    io_losses = np.asarray(values).tolist()
-  disp = np.asarray(disp)
-  if not np.all(np.isfinite(disp)):
-    raise InputError(f"{names[1]}: registration produced a non-finite field (constant or "
-                     "empty images?); nothing written")
-  world = np.asarray(_grid.voxel_to_world(_grid.identity_grid(fixed_grid.shape), fixed.affine))
-  d_def = _preprocess.field_to_world(disp, pair.grid, fixed_grid)
-  d_mm = apply_affine(matrix, world + d_def).astype(np.float32) - world  # p -> M (p + d(p))
-  inverse_mm = None
-  if inverse:
-    from jaxreg import fields
-    inv, residual, _ = fields.invert(disp, return_info=True)
-    y = apply_affine(np.linalg.inv(matrix), world).astype(np.float32)  # q -> M^-1 q -> y + d^-1(y)
-    inverse_mm = (y + _preprocess.field_at_points(np.asarray(inv), pair.grid, y) - world
-                  ).astype(np.float32)
-  d_vox = np.asarray(_grid.disp_mm_to_voxel(d_mm, fixed.affine), np.float32)
-  warped = _preprocess.resample_moving(moving, d_mm, fixed_grid, cval=-1024.0)
-  warped_labels = None
-  if moving_labels is not None:
-    warped_labels = _preprocess.resample_moving(moving_labels, d_mm, fixed_grid, order=0)
+  hu_window = tuple(config.data.hu_window)
+  seconds = {}
+  t_start = time.time()
+
+  def timed(name, fn, *args, **kwargs):
+    t0 = time.time()
+    out = fn(*args, **kwargs)
+    seconds[name] = round(time.time() - t0, 3)
+    return out
+
+  with CompileCounter() as compiles:
+    check_images(fixed, moving, names)
+    fixed_grid = _preprocess.Grid.of(fixed)
+    matrix = timed("affine", affine_stage, fixed, moving, model=affine, hu_window=hu_window)
+    moving_a = aligned(moving, matrix)
+    pair = timed("model_grid", to_model_grid, fixed, moving_a, config, fixed_labels=fixed_labels,
+                 moving_labels=aligned(moving_labels, matrix), names=names)
+    disp = timed("network", network_stage, net, config, pair)
+    grid, io_losses, refine_losses = pair.grid, [], []
+    if io_steps > 0:
+      disp, values = timed("io", instance_optimise, disp, pair.fixed, pair.moving, steps=io_steps,
+                           lr=io_lr, reg_weight=io_reg_weight,
+                           window=config.loss.get("window", 9))
+      disp, io_losses = np.asarray(disp), np.asarray(values).tolist()
+    if refine is not None:
+      result = timed("refine", refine_stage, fixed, moving_a, disp, grid, refine,
+                     hu_window=hu_window)
+      disp, grid = result.disp, result.grid
+      refine_losses = [[float(v[0]), float(v[-1])] for v in result.losses]
+    if not np.all(np.isfinite(disp)):
+      raise InputError(f"{names[1]}: registration produced a non-finite field (constant or "
+                       "empty images?); nothing written")
+    d_mm = timed("to_fixed_grid", to_fixed_grid, disp, grid, fixed_grid, matrix)
+    warped, warped_labels = timed("warp", warp_outputs, moving, moving_labels, d_mm, fixed_grid)
+    inverse_mm = residual = None
+    if inverse:
+      inverse_mm, residual = timed("inverse", inverse_stage, disp, grid, fixed_grid, matrix)
+  registration_seconds = time.time() - t_start
+  d_vox = (d_mm @ np.linalg.inv(fixed_grid.affine[:3, :3]).T).astype(np.float32)
   metrics = {
-      "seconds": time.time() - t0,
+      "seconds": registration_seconds,
+      "stage_seconds": seconds,
+      **compiles.as_dict(),
       "peak_memory_mib": _peak_mib(),
       "model_grid": {"shape": list(pair.grid.shape), "spacing_mm": float(config.data.spacing)},
-      "io_steps": int(io_steps),
       "affine": affine,
       "affine_matrix_ras": matrix.tolist(),
-      "affine_seconds": affine_seconds,
+      "io_steps": int(io_steps),
       "io_loss_first_last": [io_losses[0], io_losses[-1]] if io_losses else None,
-      "folding_fraction": _metrics.folding_fraction(d_vox),
-      "sdlogj": _metrics.sdlogj(d_vox),
+      "refine": None if refine is None else {
+          "levels_mm": list(refine.levels_mm), "steps": list(refine.steps),
+          "similarity": refine.similarity, "regulariser": refine.regulariser,
+          "reg_weight": refine.reg_weight, "lr": refine.lr,
+          "loss_first_last": refine_losses},
+      **_metrics.field_quality(d_vox),
   }
-  if fixed_labels is not None and warped_labels is not None:
-    ids = label_ids or _metrics.common_labels(fixed_labels.array, moving_labels.array)
-    before = _preprocess.resample(moving_labels, fixed_grid, order=0)
-    spacing = fixed.spacing
-    metrics["dice"] = _metrics.dice(fixed_labels.array, warped_labels, ids)
-    metrics["dice_before"] = _metrics.dice(fixed_labels.array, before, ids)
-    metrics["hd95_mm"] = _metrics.hd95(fixed_labels.array, warped_labels, ids, spacing)
-    for k in ("dice", "dice_before", "hd95_mm"):
-      metrics[f"mean_{k}"] = _metrics.finite_mean(metrics[k])
   if inverse:
-    metrics["inverse_residual_voxels"] = float(residual)
+    metrics["inverse_residual_voxels"] = residual
   return Registration(d_mm, d_vox, warped, warped_labels, np.asarray(fixed.affine), disp, metrics,
-                      matrix, inverse_mm)
+                      matrix, inverse_mm, grid)
+
+
+def score(result: Registration, fixed_labels: Volume, moving_labels: Volume, *,
+          label_ids: Sequence[int] | None = None) -> dict:
+  """Dice and HD95 (mm) per label of a registration, and Dice before it.
+
+  Args:
+    result: :func:`register`'s result (run with ``moving_labels``).
+    fixed_labels, moving_labels: the label maps on their image's grid.
+    label_ids: labels to score (default: every label in both maps).
+
+  Returns:
+    ``{"dice", "dice_before", "hd95_mm"}`` per label (``{label: value}``) and
+    their means (``mean_dice``, ...) over the labels where they are finite.
+  """
+  if result.warped_labels is None:
+    raise ValueError("score needs a registration run with moving_labels")
+  fixed_grid = _preprocess.Grid.of(fixed_labels)
+  ids = list(label_ids) if label_ids else _metrics.common_labels(fixed_labels.array,
+                                                                 moving_labels.array)
+  before = _preprocess.resample(moving_labels, fixed_grid, order=0)
+  out = {"dice": _metrics.dice(fixed_labels.array, result.warped_labels, ids),
+         "dice_before": _metrics.dice(fixed_labels.array, before, ids),
+         "hd95_mm": _metrics.hd95(fixed_labels.array, result.warped_labels, ids,
+                                  fixed_labels.spacing)}
+  for k in ("dice", "dice_before", "hd95_mm"):
+    out[f"mean_{k}"] = _metrics.finite_mean(out[k])
+  return out
+
+
+# --------------------------------------------------------------------------- many pairs
+
+def _pair_name(index: int, spec) -> str:
+  stem = lambda p: os.path.basename(p).split(".nii")[0]
+  return f"{index:03d}_{stem(spec.moving)}_to_{stem(spec.fixed)}"
+
+
+def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
+                  progress: bool | None = None, log: Callable[[str], None] = print,
+                  **kwargs) -> list[dict]:
+  """Register many pairs in one process (compiled code is reused), one folder per pair.
+
+  Each pair's outputs go to ``out/NNN_<moving>_to_<fixed>/`` (written atomically by
+  ``write(result, folder, spec)``, default :func:`jaxreg.outputs.write_registration`).
+  A pair whose folder already exists is complete (folders appear only when
+  finished) and is skipped. A pair that fails (a bad file, a diverging
+  refinement) is recorded and the batch goes on. ``out/summary.csv`` lists
+  every pair: name, status (``done``, ``skipped``, ``failed``), seconds,
+  mean Dice before/after when both label maps are given, and the error.
+
+  Args:
+    specs: :class:`jaxreg.data.PairSpec` (fixed, moving, fixed_labels, moving_labels).
+    out: the batch's output folder (created if missing).
+    write: how to write one result (default: the CLI's outputs).
+    progress: show a progress bar with ETA (default: when stderr is a terminal).
+    log: one line per pair.
+    **kwargs: passed to :func:`register` (net, config, affine, refine, ...).
+
+  Returns:
+    the summary rows.
+  """
+  from jaxreg import io as _io
+  from jaxreg import outputs as _outputs
+  write = write or _outputs.write_registration
+  out = _io.check_output_dir(out)
+  os.makedirs(out, exist_ok=True)
+  rows = []
+  show = sys.stderr.isatty() if progress is None else progress
+  bar = None
+  if show:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    bar = Progress(TextColumn("register"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), transient=True)
+    bar.start()
+    task = bar.add_task("pairs", total=len(specs))
+  try:
+    for i, spec in enumerate(specs):
+      name = _pair_name(i, spec)
+      folder = os.path.join(out, name)
+      row = {"pair": name, "fixed": spec.fixed, "moving": spec.moving, "status": "done",
+             "seconds": "", "mean_dice_before": "", "mean_dice": "", "error": ""}
+      t0 = time.time()
+      if os.path.isdir(folder):
+        row["status"] = "skipped"
+      else:
+        try:
+          _register_one(spec, folder, write, kwargs)
+          row.update(_read_scores(folder))
+        except InputError as e:  # a bad file, no overlap, a diverging refinement, ...
+          row.update(status="failed", error=str(e).splitlines()[0])
+        except Exception as e:  # noqa: BLE001 -- one broken pair must not stop the batch
+          row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        row["seconds"] = round(time.time() - t0, 2)
+      rows.append(row)
+      log(f"{name}: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
+      _write_summary(out, rows)
+      if bar is not None:
+        bar.advance(task)
+  finally:
+    if bar is not None:
+      bar.stop()
+  return rows
+
+
+def _register_one(spec, folder: str, write: Callable, kwargs: dict) -> None:
+  from jaxreg import io as _io
+  fixed, moving = _io.load(spec.fixed), _io.load(spec.moving)
+  fl = (_io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed)
+        if spec.fixed_labels else None)
+  ml = (_io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving)
+        if spec.moving_labels else None)
+  result = register(fixed, moving, fixed_labels=fl, moving_labels=ml,
+                    names=(spec.fixed, spec.moving), **kwargs)
+  write(result, folder, fixed=fixed, moving=moving, fixed_labels=fl, moving_labels=ml,
+        title=f"{os.path.basename(spec.moving)} -> {os.path.basename(spec.fixed)}")
+
+
+def _read_scores(folder: str) -> dict:
+  import json
+  path = os.path.join(folder, "metrics.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    m = json.load(f)
+  return {k: round(m[k], 4) for k in ("mean_dice_before", "mean_dice") if k in m}
+
+
+def _write_summary(out: str, rows: list[dict]) -> None:
+  from jaxreg import io as _io
+  with _io.atomic_path(os.path.join(out, "summary.csv")) as tmp:
+    with open(tmp, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)

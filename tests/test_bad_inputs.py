@@ -118,6 +118,18 @@ CASES = {
     "checkpoint folder without a model": (lambda d: {"--checkpoint": d},
                                           "not a jaxreg model folder", None),
     "negative --io-steps": (lambda d: {"--io-steps": "-3"}, "io_steps must be >= 0", None),
+    "unknown --similarity": (lambda d: {"--similarity": "ssd"},
+                             "similarity must be one of lncc, mind, mse", None),
+    "unknown --regulariser": (lambda d: {"--regulariser": "tv"},
+                              "regulariser must be one of diffusion, bending", None),
+    "--levels not coarse to fine": (lambda d: {"--levels": "2,4"},
+                                    "refinement levels must be spacings >= 0.5 mm", None),
+    "--levels not numbers": (lambda d: {"--levels": "4,x"},
+                             "--levels: expected comma-separated numbers", None),
+    "--level-steps of another length": (lambda d: {"--levels": "4,2", "--level-steps": "9,9,9"},
+                                        "one positive number per level", None),
+    "--pairs with --fixed": (lambda d: {"--pairs": _text(d / "p.csv")},
+                             "--pairs registers the pairs of a CSV", None),
 }
 
 
@@ -210,7 +222,23 @@ def test_a_non_finite_field_is_never_written(files, tmp_path, capsys, monkeypatc
   monkeypatch.setattr(register, "instance_optimise",
                       lambda disp, *a, **k: (disp * np.nan, np.zeros(1)))
   rc = cli.main(["register", "--fixed", str(files / "fixed.nii.gz"), "--moving",
-                 str(files / "moving.nii.gz"), "--out", str(tmp_path / "out"), "--affine", "none"])
+                 str(files / "moving.nii.gz"), "--out", str(tmp_path / "out"), "--affine", "none",
+                 "--io-steps", "2", "--no-refine"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and "non-finite field" in err[0], err
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_refinement_is_one_line_and_writes_nothing(files, tmp_path, capsys,
+                                                               monkeypatch):
+  """A refinement level whose loss turns non-finite (forced here) stops register: exit 2."""
+  import jax.numpy as jnp
+
+  from jaxreg import refine
+  monkeypatch.setattr(refine, "optimise_level",
+                      lambda base, *a, steps, **k: (base, jnp.full((steps,), jnp.nan)))
+  rc = cli.main(["register", "--fixed", str(files / "fixed.nii.gz"), "--moving",
+                 str(files / "moving.nii.gz"), "--out", str(tmp_path / "out"), "--affine", "none"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "refinement diverged at level 0" in err[0], err
   assert not (tmp_path / "out").exists()

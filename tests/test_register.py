@@ -38,7 +38,7 @@ def registered(pair_files, tmp_path_factory):
   d, reg = pair_files, tmp_path_factory.mktemp("out") / "reg"
   out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
              "--fixed-labels", d / "fixed_labels.nii.gz", "--moving-labels",
-             d / "moving_labels.nii.gz", "--out", reg, "--io-steps", "20")
+             d / "moving_labels.nii.gz", "--out", reg)
   assert out.returncode == 0, out.stderr[-3000:]
   return reg
 
@@ -57,7 +57,10 @@ def test_register_outputs_overlay_the_fixed_image(pair_files, registered):
   metrics = json.load(open(reg / "metrics.json"))
   assert metrics["mean_dice"] > metrics["mean_dice_before"] + 0.03
   assert metrics["folding_fraction"] < 0.01 and np.isfinite(metrics["sdlogj"])
-  assert metrics["io_loss_first_last"][1] < metrics["io_loss_first_last"][0]
+  losses = metrics["refine"]["loss_first_last"]  # [first, last] per level, coarse to fine
+  assert len(losses) == 2 and all(last < first for first, last in losses)
+  assert metrics["xla_compilations"] >= metrics["xla_cache_hits"] >= 0
+  assert set(metrics["stage_seconds"]) >= {"affine", "network", "refine", "warp"}
   # SimpleITK: moving labels (flipped grid) through displacement.nii.gz onto the fixed grid.
   ref = sitk.ReadImage(str(d / "fixed.nii.gz"))
   field = sitk.ReadImage(str(reg / "displacement.nii.gz"), sitk.sitkVectorFloat64)
@@ -76,15 +79,16 @@ def test_register_is_deterministic_across_processes(pair_files, registered):
   """The same inputs registered again, here in this process: bit-identical outputs."""
   from jaxreg import register
   d = pair_files
+  fixed_labels = io.load_labels(d / "fixed_labels.nii.gz")
+  moving_labels = io.load_labels(d / "moving_labels.nii.gz")
   result = register.register(io.load(d / "fixed.nii.gz"), io.load(d / "moving.nii.gz"),
-                             fixed_labels=io.load_labels(d / "fixed_labels.nii.gz"),
-                             moving_labels=io.load_labels(d / "moving_labels.nii.gz"),
-                             io_steps=20)
+                             fixed_labels=fixed_labels, moving_labels=moving_labels)
   np.testing.assert_array_equal(io.load(registered / "warped.nii.gz").array, result.warped)
   d_vox, _ = io.load_displacement(registered / "displacement_voxel.nii.gz", convention="voxel")
   np.testing.assert_array_equal(d_vox, result.displacement_voxel)
   assert np.all(np.isfinite(result.displacement_mm))
-  assert json.load(open(registered / "metrics.json"))["mean_dice"] == result.metrics["mean_dice"]
+  scores = register.score(result, fixed_labels, moving_labels)
+  assert json.load(open(registered / "metrics.json"))["mean_dice"] == scores["mean_dice"]
 
 
 @pytest.mark.parametrize("case", ["missing", "labels of another grid", "out is a file",
@@ -147,8 +151,7 @@ def test_affine_then_deformable_composes_one_transform_and_its_inverse(misaligne
   d, m0 = misaligned_files
   out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
              "--fixed-labels", d / "fixed_labels.nii.gz", "--moving-labels",
-             d / "moving_labels.nii.gz", "--out", tmp_path / "reg", "--io-steps", "20",
-             "--inverse")
+             d / "moving_labels.nii.gz", "--out", tmp_path / "reg", "--inverse")
   assert out.returncode == 0, out.stderr[-3000:]
   reg = tmp_path / "reg"
   assert {"affine.txt", "inverse_displacement.nii.gz"} <= set(os.listdir(reg))
@@ -156,10 +159,12 @@ def test_affine_then_deformable_composes_one_transform_and_its_inverse(misaligne
   assert metrics["mean_dice_before"] < 0.3 and metrics["mean_dice"] > 0.7  # all labels
   # without the affine stage the network cannot bridge a 25 mm / 10 degree offset
   fixed, moving = io.load(d / "fixed.nii.gz"), io.load(d / "moving.nii.gz")
-  alone = register.register(fixed, moving, affine="none", io_steps=0,
-                            fixed_labels=io.load_labels(d / "fixed_labels.nii.gz"),
-                            moving_labels=io.load_labels(d / "moving_labels.nii.gz"))
-  assert alone.metrics["mean_dice"] < metrics["mean_dice"] - 0.15
+  fixed_labels = io.load_labels(d / "fixed_labels.nii.gz")
+  moving_labels = io.load_labels(d / "moving_labels.nii.gz")
+  alone = register.register(fixed, moving, affine="none", refine=None,
+                            fixed_labels=fixed_labels, moving_labels=moving_labels)
+  alone_dice = register.score(alone, fixed_labels, moving_labels)["mean_dice"]
+  assert alone_dice < metrics["mean_dice"] - 0.15
   # affine.txt (ITK, LPS) holds about the known misalignment, read by SimpleITK
   tx = sitk.ReadTransform(str(reg / "affine.txt"))
   body = np.argwhere(fixed.array > -500)[::50] @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]

@@ -1,0 +1,65 @@
+"""What ``jaxreg register`` writes for one registration, in one atomically written folder.
+
+All on the fixed image's grid and affine: ``warped.nii.gz``,
+``warped_labels.nii.gz`` (with moving labels), ``displacement.nii.gz`` (the
+total transform for ITK/ANTs/3D Slicer: vector NIfTI, mm, LPS),
+``displacement_voxel.nii.gz`` (Learn2Reg: voxels), ``affine.txt`` (the affine
+stage alone, ITK format), ``inverse_displacement.nii.gz`` (with an inverse),
+``metrics.json`` (runtime per stage, XLA compilations, field quality and, with
+both label maps, Dice/HD95 from :func:`jaxreg.register.score`) and
+``report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jaxreg import affine as _affine
+from jaxreg import io as _io
+from jaxreg import preprocess as _preprocess
+from jaxreg.io import Volume
+
+__all__ = ["write_registration"]
+
+
+def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
+                       fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
+                       title: str = "", label_ids=None) -> dict:
+  """Write ``result`` (a :class:`jaxreg.register.Registration`) into ``folder``.
+
+  The folder appears only when complete (:func:`jaxreg.io.atomic_dir`).
+
+  Returns:
+    the metrics written to ``metrics.json`` (the registration's, plus scores).
+  """
+  from jaxreg import register as _register
+  from jaxreg import report
+
+  metrics = dict(result.metrics)
+  if fixed_labels is not None and moving_labels is not None:
+    metrics.update(_register.score(result, fixed_labels, moving_labels, label_ids=label_ids))
+  with _io.atomic_dir(folder) as tmp:
+    out = lambda name: os.path.join(tmp, name)
+    _io.save(out("warped.nii.gz"), result.warped.astype(np.float32), result.affine)
+    if result.warped_labels is not None:
+      _io.save(out("warped_labels.nii.gz"), result.warped_labels.astype(np.int16), result.affine)
+    _io.save_displacement(out("displacement.nii.gz"), result.displacement_voxel, result.affine,
+                          convention="itk")
+    _io.save_displacement(out("displacement_voxel.nii.gz"), result.displacement_voxel,
+                          result.affine, convention="voxel")
+    if metrics.get("affine", "none") != "none":
+      _affine.save_itk(out("affine.txt"), result.affine_matrix)
+    if result.inverse_mm is not None:
+      inv_vox = result.inverse_mm @ np.linalg.inv(result.affine[:3, :3]).T
+      _io.save_displacement(out("inverse_displacement.nii.gz"), inv_vox.astype(np.float32),
+                            result.affine, convention="itk")
+    with open(out("metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2, default=float)
+    before = _preprocess.resample(moving, _preprocess.Grid.of(fixed), cval=-1024.0,
+                                  antialias=False)
+    report.save_report(out("report.png"), fixed.array, before, result.warped,
+                       result.displacement_voxel, result.affine, title=title)
+  return metrics
