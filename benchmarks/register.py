@@ -1,18 +1,38 @@
-"""One demo pair registered end to end: ``jaxreg register`` vs elastix B-spline, seconds and Dice.
+"""Registration accuracy and time on hard, varied pairs: jaxreg vs elastix vs demons, one run.
 
-Run: ``python benchmarks/register.py [--pair 0]`` (elastix needs the ``baselines`` extra).
+Run: ``python benchmarks/register.py [--per-family 2] [--out bench-register]``
+(elastix needs the ``baselines`` extra, demons SimpleITK).
 
-The held-out demo pair ``--pair`` (2.5 mm, 144x144x133, known synthetic deformation)
-is written as NIfTI files; then each method runs as a user would, in a fresh
-process: read the files, register, resample the moving image and labels onto the
-fixed grid, write the results. Reported: the process's wall time (imports and JAX
-compilation included), the registration's own time, and the mean Dice over every
-label present in both maps (the same labels for both methods).
+Pairs: :mod:`benchmarks.families` (the embedded CT at 2.5 mm, 144x144x133,
+deformed by families the training never uses: local smooth motion,
+breathing, a misaligned start, a contrast-phase change, heavy noise), with
+exact ground truth. Every method registers every pair in this process and is
+scored the same way on the fixed grid (:func:`jaxreg.evaluation.score`):
+Dice over the 12 organs and over every label, HD95 (mm, 12 organs), TRE (mm,
+100 keypoints in the organs mapped by the true field), SDlogJ, folding, and
+the method's own registration seconds (jaxreg is compiled on a first,
+untimed pair: a warm process, as in a batch). Methods:
+
+* ``before``: no registration;
+* ``network``: affine stage + the shipped network (``refine=None``);
+* ``jaxreg``: ``jaxreg register``'s default (affine + network + refinement, LNCC);
+* ``jaxreg-mind``: the same with MIND-SSC refinement;
+* ``elastix``: :mod:`jaxreg.elastix` (B-spline, 3 resolutions, as shipped);
+* ``demons``: :mod:`jaxreg.demons` (SimpleITK multi-resolution demons).
+
+``--process`` also times ``jaxreg register`` as whole processes (imports,
+loading, compilation or cache, registration, writing) for one pair of this
+size and one small pair (80x80x70), with an empty and with a warm
+compilation cache.
+
+Outputs: per-pair rows and the per-family table on stdout, and
+``--out``/``per_pair.csv`` + ``tables.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -22,76 +42,149 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import families  # noqa: E402
 
-def _write_pair(folder: str, index: int) -> None:
-  from jaxreg import data, io
-  pair = data.demo_pair(index, split="eval")
-  io.save(os.path.join(folder, "fixed.nii.gz"), np.round(pair.fixed).astype(np.int16), pair.affine)
-  io.save(os.path.join(folder, "moving.nii.gz"), np.round(pair.moving).astype(np.int16),
-          pair.affine)
-  for name, labels in (("fixed", pair.fixed_labels), ("moving", pair.moving_labels)):
-    io.save(os.path.join(folder, f"{name}_labels.nii.gz"), labels.astype(np.uint8), pair.affine)
+METHODS = ("before", "network", "jaxreg", "jaxreg-mind", "elastix", "demons")
+COLUMNS = ("dice12", "dice_all", "hd95", "tre", "sdlogj", "folding", "seconds")
 
 
-def _elastix_child(pair: str, out: str) -> None:
-  """elastix as a user script would run it; prints a JSON line of its results."""
-  from jaxreg import elastix, grid, io, metrics, preprocess
-  fixed = io.load(os.path.join(pair, "fixed.nii.gz"))
-  moving = io.load(os.path.join(pair, "moving.nii.gz"))
-  fl = io.load_labels(os.path.join(pair, "fixed_labels.nii.gz"))
-  ml = io.load_labels(os.path.join(pair, "moving_labels.nii.gz"))
-  disp_mm, seconds = elastix.register(fixed, moving)
-  target = preprocess.Grid.of(fixed)
-  warped = preprocess.resample_moving(moving, disp_mm, target, cval=-1024.0)
-  warped_labels = preprocess.resample_moving(ml, disp_mm, target, order=0)
-  os.makedirs(out, exist_ok=True)
-  io.save(os.path.join(out, "warped.nii.gz"), warped.astype(np.float32), fixed.affine)
-  io.save(os.path.join(out, "warped_labels.nii.gz"), warped_labels.astype(np.int16), fixed.affine)
-  io.save_displacement(os.path.join(out, "displacement.nii.gz"),
-                       grid.disp_mm_to_voxel(disp_mm, fixed.affine), fixed.affine)
-  ids = sorted((set(np.unique(fl.array)) & set(np.unique(ml.array))) - {0})
-  dice = np.nanmean(list(metrics.dice(fl.array, warped_labels, ids).values()))
-  print(json.dumps({"seconds": seconds, "mean_dice": float(dice)}))
+def _run(method: str, case, net, config):
+  from jaxreg import demons, elastix, register
+  from jaxreg.refine import RefineOptions
+  if method == "before":
+    return np.zeros(case.fixed.shape + (3,), np.float32)
+  if method in ("network", "jaxreg", "jaxreg-mind"):
+    refine = {"network": None, "jaxreg": RefineOptions(),
+              "jaxreg-mind": RefineOptions(similarity="mind")}[method]
+    return register.register(case.fixed, case.moving, net=net, config=config,
+                             refine=refine).displacement_mm
+  if method == "elastix":
+    return elastix.register(case.fixed, case.moving)[0]
+  if method == "demons":
+    return demons.register(case.fixed, case.moving)[0]
+  raise ValueError(method)
 
 
-def _timed(cmd) -> tuple[float, str]:
-  t0 = time.time()
-  out = subprocess.run(cmd, capture_output=True, text=True)
-  if out.returncode:
-    raise SystemExit(f"{cmd[:4]} failed: {out.stderr[-2000:]}")
-  return time.time() - t0, out.stdout
+def _score(case, disp):
+  from jaxreg import evaluation
+  organs = evaluation.score(case, disp, families.ORGANS)
+  every = evaluation.score(case, disp, None)
+  return {"dice12": organs["dice"], "dice_all": every["dice"], "hd95": organs["hd95"],
+          "tre": organs["tre"], "sdlogj": organs["sdlogj"], "folding": organs["folding"]}
+
+
+def accuracy(per_family: int, methods, out: str | None) -> list[dict]:
+  from jaxreg import compilation, demons, elastix, weights
+  compilation.enable_cache()
+  methods = [m for m in methods
+             if not (m == "elastix" and not elastix.available())
+             and not (m == "demons" and not demons.available())]
+  cases = families.make_cases(per_family=per_family)
+  net, config = weights.demo_model()
+  for m in methods:  # compile (or read the cache) once, untimed
+    if m.startswith("network") or m.startswith("jaxreg"):
+      _run(m, cases[0], net, config)
+  rows = []
+  for case in cases:
+    for m in methods:
+      t0 = time.time()
+      disp = _run(m, case, net, config)
+      seconds = time.time() - t0
+      row = {"pair": case.name, "family": case.name.rsplit("_", 1)[0], "method": m,
+             **_score(case, disp), "seconds": seconds if m != "before" else 0.0}
+      rows.append(row)
+      print(f"{case.name:14s} {m:12s} " + " ".join(f"{k} {row[k]:.4g}" for k in COLUMNS),
+            flush=True)
+  table = tables(rows, methods)
+  print(table)
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "per_pair.csv"), "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(rows[0]))
+      w.writeheader()
+      w.writerows(rows)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+      f.write(table)
+  return rows
+
+
+def tables(rows, methods) -> str:
+  """One markdown table per family: the mean over its pairs of every column."""
+  fmt = {"dice12": "{:.3f}", "dice_all": "{:.3f}", "hd95": "{:.2f}", "tre": "{:.2f}",
+         "sdlogj": "{:.3f}", "folding": "{:.5f}", "seconds": "{:.1f}"}
+  out = []
+  for family in dict.fromkeys(r["family"] for r in rows):
+    n = len({r["pair"] for r in rows if r["family"] == family})
+    out += [f"\n**{family}** ({n} pairs)\n",
+            "| method | Dice 12 organs | Dice all labels | HD95 (mm) | TRE (mm) | SDlogJ | "
+            "folding | seconds |", "| --- |" + " ---: |" * 7]
+    for m in methods:
+      sel = [r for r in rows if r["family"] == family and r["method"] == m]
+      cells = [fmt[c].format(np.nanmean([r[c] for r in sel])) for c in COLUMNS]
+      out.append(f"| {m} | " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
+def _write_pair(folder: str, case, crop=None) -> list[str]:
+  from jaxreg import io
+  paths = []
+  for name, vol, dtype in (("fixed", case.fixed, np.int16), ("moving", case.moving, np.int16),
+                           ("fixed_labels", case.fixed_labels, np.uint8),
+                           ("moving_labels", case.moving_labels, np.uint8)):
+    array, affine = vol.array, vol.affine
+    if crop is not None:  # a centred crop: a smaller pair on the same geometry
+      lo = [(n - c) // 2 for n, c in zip(array.shape, crop)]
+      array = array[tuple(slice(a, a + c) for a, c in zip(lo, crop))]
+      affine = affine.copy()
+      affine[:3, 3] = affine[:3, :3] @ np.asarray(lo) + affine[:3, 3]
+    path = os.path.join(folder, f"{name}.nii.gz")
+    io.save(path, np.round(array).astype(dtype), affine)
+    paths.append(path)
+  return paths
+
+
+def process_times() -> str:
+  """Whole ``jaxreg register`` processes, empty and warm compilation cache, two sizes."""
+  lines = ["| pair | compilation cache | process wall (s) | registration (s) | XLA compilations "
+           "| cache hits | mean Dice (all labels) |", "| --- | --- |" + " ---: |" * 5]
+  case = families.make_case("local", 0)
+  with tempfile.TemporaryDirectory() as tmp:
+    for label, crop in (("144x144x133", None), ("80x80x70", (80, 80, 70))):
+      folder = os.path.join(tmp, label)
+      os.makedirs(folder)
+      f, m, fl, ml = _write_pair(folder, case, crop)
+      cache = os.path.join(folder, "cache")
+      for state in ("empty", "warm"):
+        out = os.path.join(folder, f"out-{state}")
+        env = dict(os.environ, JAXREG_JAX_CACHE=cache)
+        t0 = time.time()
+        res = subprocess.run([sys.executable, "-m", "jaxreg.cli", "register", "--fixed", f,
+                              "--moving", m, "--fixed-labels", fl, "--moving-labels", ml,
+                              "--out", out], capture_output=True, text=True, env=env)
+        wall = time.time() - t0
+        if res.returncode:
+          raise SystemExit(res.stderr[-2000:])
+        met = json.load(open(os.path.join(out, "metrics.json")))
+        lines.append(f"| {label} | {state} | {wall:.1f} | {met['seconds']:.1f} | "
+                     f"{met['xla_compilations']} | {met['xla_cache_hits']} | "
+                     f"{met['mean_dice']:.3f} |")
+        print(lines[-1], flush=True)
+  return "\n".join(lines) + "\n"
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--pair", type=int, default=0)
-  parser.add_argument("--io-steps", type=int, default=50)
-  parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+  parser.add_argument("--per-family", type=int, default=2)
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--out", default=None, help="folder for per_pair.csv and tables.md")
+  parser.add_argument("--process", action="store_true", help="also time whole processes")
+  parser.add_argument("--process-only", action="store_true")
   args = parser.parse_args()
-  if args.child:
-    return _elastix_child(*args.child)
-  from jaxreg import elastix
-  with tempfile.TemporaryDirectory() as tmp:
-    _write_pair(tmp, args.pair)
-    p = lambda name: os.path.join(tmp, name)
-    print(f"demo evaluation pair {args.pair}, 144x144x133 at 2.5 mm\n"
-          "| method | process wall time (s) | registration (s) | mean Dice |\n"
-          "| --- | ---: | ---: | ---: |")
-    wall, _ = _timed([sys.executable, "-m", "jaxreg.cli", "register", "--fixed",
-                      p("fixed.nii.gz"), "--moving", p("moving.nii.gz"), "--fixed-labels",
-                      p("fixed_labels.nii.gz"), "--moving-labels", p("moving_labels.nii.gz"),
-                      "--out", p("jaxreg"), "--io-steps", str(args.io_steps)])
-    m = json.load(open(p("jaxreg/metrics.json")))
-    print(f"| jaxreg register (affine + network + {args.io_steps} IO steps, report.png) | "
-          f"{wall:.1f} | {m['seconds']:.1f} | {m['mean_dice']:.3f} "
-          f"(before {m['mean_dice_before']:.3f}) |", flush=True)
-    if not elastix.available():
-      print(f"elastix skipped: {elastix.MISSING}")
-      return
-    wall, out = _timed([sys.executable, __file__, "--child", tmp, p("elastix")])
-    e = json.loads(out.strip().splitlines()[-1])
-    print(f"| elastix B-spline (jaxreg.elastix map) | {wall:.1f} | {e['seconds']:.1f} | "
-          f"{e['mean_dice']:.3f} |")
+  if not args.process_only:
+    accuracy(args.per_family, [m for m in args.methods.split(",") if m], args.out)
+  if args.process or args.process_only:
+    print(process_times())
 
 
 if __name__ == "__main__":
