@@ -13,9 +13,13 @@ Modules, each one idea:
 * :mod:`jaxreg.data` -- manifests, demo CT, synthetic pairs, the loader.
 * :mod:`jaxreg.metrics` -- evaluation metrics.
 * :mod:`jaxreg.points` -- map landmarks through a field (``transform_points``).
-* :mod:`jaxreg.register`, :mod:`jaxreg.evaluation`, :mod:`jaxreg.report`,
-  :mod:`jaxreg.elastix` -- registering pairs, evaluating methods, pictures,
-  the elastix baseline (imported on demand).
+* :mod:`jaxreg.affine`, :mod:`jaxreg.refine` -- the affine stage; multi-resolution
+  instance optimisation up to the image's resolution.
+* :mod:`jaxreg.register`, :mod:`jaxreg.outputs`, :mod:`jaxreg.evaluation`,
+  :mod:`jaxreg.report` -- the registration pipeline as stages, what it writes,
+  evaluating methods, pictures (imported on demand).
+* :mod:`jaxreg.elastix`, :mod:`jaxreg.demons` -- classical baselines.
+* :mod:`jaxreg.compilation` -- the persistent compilation cache, counting compilations.
 """
 
 __version__ = "0.1.0"

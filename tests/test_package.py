@@ -21,8 +21,16 @@ CONTRACT = {
                           "resample_moving"],
     "jaxreg.data": ["read_learn2reg", "read_pairs_csv", "read_keypoints", "demo", "demo_pair",
                     "synthetic_pair", "random_smooth_field", "breathing_field", "Loader"],
-    "jaxreg.metrics": ["dice", "hd95", "tre", "sdlogj", "folding_fraction"],
-    "jaxreg.register": ["register", "instance_optimise"],
+    "jaxreg.metrics": ["dice", "hd95", "tre", "sdlogj", "folding_fraction", "field_quality"],
+    "jaxreg.register": ["register", "instance_optimise", "score", "register_many",
+                        "affine_stage", "aligned", "to_model_grid", "network_stage",
+                        "refine_stage", "to_fixed_grid", "warp_outputs", "inverse_stage"],
+    "jaxreg.refine": ["refine", "optimise_level", "level_grids", "body_grid", "upsample2",
+                      "RefineOptions"],
+    "jaxreg.demons": ["register", "available", "to_sitk"],
+    "jaxreg.compilation": ["enable_cache", "cache_dir", "CompileCounter"],
+    "jaxreg.outputs": ["write_registration"],
+    "jaxreg.inputs": ["class_lut", "to_classes", "num_classes", "label_channels"],
     "jaxreg.points": ["transform_points"],
     "jaxreg.evaluation": ["evaluate", "score", "summarise", "load_cases", "run_method", "main"],
     "jaxreg.report": ["save_report", "save_box_plot"],
@@ -30,7 +38,8 @@ CONTRACT = {
     "jaxreg.weights": ["save_weights", "load_weights", "export_checkpoint", "demo_model"],
     "jaxreg.conv": ["conv3d_folded", "conv_fn"],
     "jaxreg.losses": ["local_ncc", "global_ncc", "mse", "diffusion", "bending_energy",
-                      "soft_dice", "folding", "box_sum"],
+                      "soft_dice", "folding", "box_sum", "box_counts", "local_ncc_map",
+                      "mind_ssc", "mind_ssd"],
     "jaxreg.model": ["RegistrationNet", "UNet", "predict_displacement"],
 }
 
@@ -65,7 +74,8 @@ def test_cli_evaluate_bad_method_is_one_line_exit_2(tmp_path):
   out = _cli("evaluate", "--data", "demo", "--out", str(tmp_path / "ev"), "--methods", "ants")
   assert out.returncode == 2
   assert out.stderr.strip() == ("jaxreg evaluate: error: --methods: unknown ['ants']; choose "
-                                "from identity,jaxreg,jaxreg+io,elastix")
+                                "from identity,jaxreg,jaxreg+io,jaxreg+refine,jaxreg+refine-mind,"
+                                "elastix,demons")
   assert not (tmp_path / "ev").exists()
 
 
@@ -89,6 +99,9 @@ def test_cli_demo_trains_evaluates_and_writes_an_example_that_overlays(tmp_path)
   ours = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "warped_labels.nii.gz")))
   assert (warped == ours).mean() >= 0.999
   assert (ours != sitk.GetArrayFromImage(moving)).mean() > 0.005  # the field moved them
+  assert (folder / "report.png").stat().st_size > 10_000  # through register(), as `register`
+  metrics = json.load(open(folder / "metrics.json"))
+  assert metrics["mean_dice"] > metrics["mean_dice_before"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temp folders left
 
 
