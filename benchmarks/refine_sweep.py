@@ -14,10 +14,8 @@ on an untimed first pair).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import time
 
 import numpy as np
 

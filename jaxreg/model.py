@@ -27,7 +27,7 @@ from flax import nnx
 from jaxreg import conv as _conv_lib
 from jaxreg import decompose as _decompose
 
-__all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement", "unet_stride"]
+__all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement", "unet_stride", "from_config"]
 
 HEADS = ("levels", "full")
 
@@ -213,3 +213,14 @@ def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.A
   subfields = model(fixed, moving, extra)
   shape = tuple(fixed.shape[1:4])
   return _decompose.combine_batch(subfields, method, shape, steps), subfields
+
+
+def from_config(config, seed: int = 0) -> "RegistrationNet":
+  """The network a config describes (``config.model``)."""
+  m = config.model
+  extra = len(config.data.label_ids) if m.get("label_inputs", False) else 0
+  return RegistrationNet(
+      in_channels=2 + 2 * extra, widths=tuple(m.widths), num_subfields=m.num_subfields,
+      heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,
+      convs_per_level=m.get("convs_per_level", 1), conv=m.get("conv", "auto"),
+      rngs=nnx.Rngs(seed))

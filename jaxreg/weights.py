@@ -58,21 +58,20 @@ def load_weights(path: str):
     InputError: missing files, or parameters that do not fit the config's
       network (e.g. a checkpoint of another model).
   """
-  from jaxreg.training import config as _config  # the config -> network mapping lives there
-  from jaxreg.training import state as _state
+  from jaxreg import configjson, model
 
   cfg_path, par_path = os.path.join(path, "config.json"), os.path.join(path, "params.msgpack")
   for p in (cfg_path, par_path):
     if not os.path.isfile(p):
       raise InputError(f"{path}: not a jaxreg model folder ({os.path.basename(p)} is missing)")
   try:
-    config = _config.read_config_json(cfg_path)
+    config = configjson.read_config_json(cfg_path)
     with open(par_path, "rb") as f:
       loaded = serialization.msgpack_restore(f.read())
   except Exception as e:
     raise InputError(f"{path}: cannot read the model files ({type(e).__name__}: {e})") from e
   try:  # abstract: no initializer runs, the loaded values replace every leaf
-    net = nnx.eval_shape(lambda: _state.build_model(config))
+    net = nnx.eval_shape(lambda: model.from_config(config))
   except Exception as e:
     raise InputError(f"{path}: config.json does not describe a network ({e})") from e
   graphdef, template = nnx.split(net)

@@ -6,7 +6,6 @@ shifted by a known world translation t, so fixed p corresponds to moving p + t.
 """
 
 import numpy as np
-import pytest
 import scipy.spatial.transform as sst
 
 from jaxreg import data, elastix, preprocess

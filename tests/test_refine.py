@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxreg import io, preprocess, refine, warp
+from jaxreg import preprocess, refine, warp
 from jaxreg.io import InputError, Volume
 from jaxreg.refine import RefineOptions
 

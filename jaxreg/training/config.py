@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import os
 import sys
 
 import ml_collections
 
 from jaxreg import model as _model
-from jaxreg.io import InputError, atomic_path
+from jaxreg.configjson import (config_from_dict, read_config_json, to_json,  # noqa: F401
+                               write_config)  # re-exported: they moved to jaxreg.configjson
+from jaxreg.io import InputError
 
 __all__ = ["load_config", "override", "to_json", "write_config", "check_config",
            "config_from_dict", "read_config_json"]
@@ -135,34 +136,3 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f"model: {e}")
   if problems:
     raise InputError("bad config: " + "; ".join(problems))
-
-
-def to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
-
-
-def write_config(config: ml_collections.ConfigDict, path: str) -> None:
-  """Write the resolved config as JSON, atomically."""
-  with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      f.write(to_json(config) + "\n")
-
-
-def config_from_dict(d: dict) -> ml_collections.ConfigDict:
-  """A config from its JSON form (lists become tuples, as the config files write them)."""
-  def tuples(x):
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    return tuple(x) if isinstance(x, list) else x
-  return ml_collections.ConfigDict(tuples(d))
-
-
-def read_config_json(path: str) -> ml_collections.ConfigDict:
-  """Read a config written by :func:`write_config` (e.g. ``workdir/config.json``)."""
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: no such config file")
-  try:
-    with open(path) as f:
-      return config_from_dict(json.load(f))
-  except (OSError, json.JSONDecodeError) as e:
-    raise InputError(f"{path}: not a readable config ({e})") from e

@@ -32,15 +32,7 @@ class TrainState:
   rng: jax.Array
 
 
-def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> _model.RegistrationNet:
-  """The network a config describes (``config.model``)."""
-  m = config.model
-  extra = len(config.data.label_ids) if m.get("label_inputs", False) else 0
-  return _model.RegistrationNet(
-      in_channels=2 + 2 * extra, widths=tuple(m.widths), num_subfields=m.num_subfields,
-      heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,
-      convs_per_level=m.get("convs_per_level", 1), conv=m.get("conv", "auto"),
-      rngs=nnx.Rngs(seed))
+build_model = _model.from_config  # moved to jaxreg.model (inference needs it, not training)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
