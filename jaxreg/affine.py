@@ -19,7 +19,8 @@ starts from the difference of the centres of mass of the body (HU above
 that map inside the moving image's field of view (a soft mask), so a partial
 overlap is not penalised. As elastix does, the similarity is computed on a
 random sample of fixed voxels (32768 by default, the same ones at every step
-of a level), which makes each step cost the same whatever the image size. The learning rate decays on a cosine within each level.
+of a level), which makes each step cost the same whatever the image size.
+The learning rate decays on a cosine within each level.
 """
 
 from __future__ import annotations

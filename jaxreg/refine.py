@@ -11,8 +11,8 @@ At each level:
   windowed to [0, 1];
 * the field so far (``base``, in voxels of the level) is kept, and an
   increment on a **control grid** (every 2nd voxel of the level, linearly
-  upsampled, :func:`upsample2`) is optimised with Adam in one jitted
-  ``lax.scan``: ``u = base + upsample2(c)``;
+  upsampled, :func:`upsample2`; ``control=1``: a dense increment) is
+  optimised with Adam in one jitted ``lax.scan``: ``u = base + upsample2(c)``;
 * the loss is ``similarity(fixed, warp(moving, u)) + reg_weight * regulariser(u)``,
   the similarity averaged over the fixed image's body (HU above -500, grown by
   two voxels) when ``mask=True``:
@@ -86,6 +86,8 @@ class RefineOptions:
     mind_radius, mind_dilation: MIND-SSC patch radius and neighbour
       distance (level voxels).
     mask: average the similarity over the fixed image's body only.
+    control: control-grid stride in level voxels at each level (2: every 2nd
+      voxel, linearly upsampled; 1: a dense field), one per level or one for all.
   """
   levels_mm: tuple[float, ...] | None = None
   steps: tuple[int, ...] | int = (60, 10)
@@ -97,6 +99,7 @@ class RefineOptions:
   mind_radius: int = 1
   mind_dilation: int = 2
   mask: bool = True
+  control: tuple[int, ...] | int = 2
 
   def checked(self, fixed_spacing) -> "RefineOptions":
     """These options with ``levels_mm`` and ``steps`` resolved; raises InputError if bad."""
@@ -119,7 +122,9 @@ class RefineOptions:
     if len(steps) != len(levels) or min(steps) < 1:
       raise InputError(f"refinement steps must be one positive number per level "
                        f"({len(levels)} levels), got {tuple(steps)}")
-    reg_weight = DEFAULT_REG_WEIGHTS[self.similarity] if self.reg_weight is None else self.reg_weight
+    reg_weight = self.reg_weight
+    if reg_weight is None:
+      reg_weight = DEFAULT_REG_WEIGHTS[self.similarity]
     if not (reg_weight >= 0 and np.isfinite(reg_weight)):
       raise InputError(f"refinement reg_weight must be finite and >= 0, got {reg_weight}")
     if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -129,8 +134,14 @@ class RefineOptions:
     if self.mind_radius < 0 or self.mind_dilation < 1:
       raise InputError(f"MIND needs radius >= 0 and dilation >= 1, got {self.mind_radius}, "
                        f"{self.mind_dilation}")
+    control = self.control
+    control = ((int(control),) * len(levels) if np.ndim(control) == 0
+               else tuple(int(c) for c in control))
+    if len(control) != len(levels) or any(c not in (1, 2) for c in control):
+      raise InputError(f"refinement control strides must be 1 or 2, one per level "
+                       f"({len(levels)} levels), got {self.control}")
     return dataclasses.replace(self, levels_mm=tuple(float(s) for s in levels), steps=steps,
-                               reg_weight=float(reg_weight))
+                               reg_weight=float(reg_weight), control=control)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,10 +220,10 @@ def _weighted_mean(x, weights):
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "similarity", "regulariser", "window",
-                                             "mind_radius", "mind_dilation"))
+                                             "mind_radius", "mind_dilation", "control"))
 def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
                    similarity: str = "lncc", regulariser: str = "diffusion", window: int = 5,
-                   mind_radius: int = 1, mind_dilation: int = 2):
+                   mind_radius: int = 1, mind_dilation: int = 2, control: int = 2):
   """Adam on a control-grid increment of ``base`` at one level (see the module docstring).
 
   Args:
@@ -222,8 +233,8 @@ def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
     weights: ``[X, Y, Z]`` similarity weights (the body mask, or ones).
     lr: Adam learning rate, level voxels per step.
     reg_weight: regulariser weight.
-    steps, similarity, regulariser, window, mind_radius, mind_dilation: see
-      :class:`RefineOptions`.
+    steps, similarity, regulariser, window, mind_radius, mind_dilation, control:
+      see :class:`RefineOptions`.
 
   Returns:
     ``(field [X, Y, Z, 3] level voxels, loss per step [steps])``.
@@ -240,15 +251,18 @@ def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
       return _losses.mind_ssd(fixed_feat, _warp.warp(moving_feat, u), mask=weights)
     warped = _warp.warp(moving, u)
     if similarity == "lncc":
-      return -_weighted_mean(_losses.local_ncc_map(fixed, warped, window=window, stats=stats), weights)
+      lncc = _losses.local_ncc_map(fixed, warped, window=window, stats=stats)
+      return -_weighted_mean(lncc, weights)
     return _weighted_mean((fixed - warped) ** 2, weights)
 
+  expand = upsample2 if control == 2 else (lambda c: c)
+
   def loss(c):
-    u = base + upsample2(c)
+    u = base + expand(c)
     return similarity_loss(u) + reg_weight * reg_fn(u)
 
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
-  control = jnp.zeros(tuple(n // 2 for n in base.shape[:3]) + (3,), base.dtype)
+  params = jnp.zeros(tuple(n // control for n in base.shape[:3]) + (3,), base.dtype)
 
   def body(carry, _):
     c, opt = carry
@@ -256,8 +270,8 @@ def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
     updates, opt = tx.update(grad, opt, c)
     return (optax.apply_updates(c, updates), opt), value
 
-  (control, _), values = jax.lax.scan(body, (control, tx.init(control)), None, length=steps)
-  return base + upsample2(control), values
+  (params, _), values = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  return base + expand(params), values
 
 
 def _body_weights(fixed_hu: np.ndarray, mask: bool) -> np.ndarray:
@@ -302,7 +316,8 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
   lo, hi = hu_window
   disp, grid, losses = np.asarray(init, np.float32), init_grid, []
   grids = level_grids(fixed, options.levels_mm)
-  for level, (spacing, steps, target) in enumerate(zip(options.levels_mm, options.steps, grids)):
+  for level, (spacing, steps, control, target) in enumerate(
+      zip(options.levels_mm, options.steps, options.control, grids)):
     base = _field_on(disp, grid, target)
     fixed_hu = _preprocess.resample(fixed, target, cval=lo)
     f = _preprocess.window(fixed_hu, lo, hi).astype(np.float32)
@@ -313,7 +328,8 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
         jnp.asarray(base), jnp.asarray(f), jnp.asarray(m), jnp.asarray(weights), float(options.lr),
         float(options.reg_weight), steps=int(steps), similarity=options.similarity,
         regulariser=options.regulariser, window=int(options.window),
-        mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation))
+        mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation),
+        control=int(control))
     values = np.asarray(values)
     if not np.all(np.isfinite(values)):
       raise InputError(f"refinement diverged at level {level} ({spacing:g} mm): non-finite "

@@ -109,6 +109,7 @@ def test_level_grids_cover_the_body_box_in_multiples_of_16(pair):
     ({"reg_weight": -1.0}, "reg_weight"),
     ({"lr": float("nan")}, "lr must be positive"),
     ({"window": 4}, "window must be a positive odd"),
+    ({"control": 3}, "control strides must be 1 or 2"),
 ])
 def test_bad_options_raise_input_error(change, match):
   with pytest.raises(InputError, match=match):
