@@ -17,6 +17,7 @@ untimed pair: a warm process, as in a batch). Methods:
 * ``network``: affine stage + the shipped network (``refine=None``);
 * ``jaxreg``: ``jaxreg register``'s default (affine + network + refinement, LNCC);
 * ``jaxreg-mind``: the same with MIND-SSC refinement;
+* ``jaxreg-bending``: the same with a bending-energy regulariser (weight 0.3);
 * ``elastix``: :mod:`jaxreg.elastix` (B-spline, 3 resolutions, as shipped);
 * ``demons``: :mod:`jaxreg.demons` (SimpleITK multi-resolution demons).
 
@@ -45,7 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402
 
-METHODS = ("before", "network", "jaxreg", "jaxreg-mind", "elastix", "demons")
+METHODS = ("before", "network", "jaxreg", "jaxreg-mind", "jaxreg-bending", "elastix", "demons")
 COLUMNS = ("dice12", "dice_all", "hd95", "tre", "sdlogj", "folding", "seconds")
 
 
@@ -54,9 +55,10 @@ def _run(method: str, case, net, config):
   from jaxreg.refine import RefineOptions
   if method == "before":
     return np.zeros(case.fixed.shape + (3,), np.float32)
-  if method in ("network", "jaxreg", "jaxreg-mind"):
+  if method.startswith("network") or method.startswith("jaxreg"):
     refine = {"network": None, "jaxreg": RefineOptions(),
-              "jaxreg-mind": RefineOptions(similarity="mind")}[method]
+              "jaxreg-mind": RefineOptions(similarity="mind"),
+              "jaxreg-bending": RefineOptions(regulariser="bending", reg_weight=0.3)}[method]
     return register.register(case.fixed, case.moving, net=net, config=config,
                              refine=refine).displacement_mm
   if method == "elastix":

@@ -243,3 +243,19 @@ def test_mind_bad_inputs_raise():
     L.mind_ssd(desc[..., 0], desc[..., 0])
   with pytest.raises(ValueError, match=r"mask must be \[X, Y, Z\] = \(14, 16, 12\)"):
     L.mind_ssd(desc, desc, mask=np.ones((14, 16)))
+
+
+def test_bending_energy_matches_a_numpy_roll_reference_on_a_random_field():
+  rng = np.random.default_rng(5)
+  u = rng.normal(size=(7, 6, 5, 3))
+  inner = (slice(1, -1),) * 3
+  total = 0.0
+  for j in range(3):
+    plus, minus = np.roll(u, -1, axis=j), np.roll(u, 1, axis=j)
+    total = total + ((plus - 2 * u + minus)[inner] ** 2).sum(-1)
+    for k in range(j + 1, 3):
+      mixed = (np.roll(plus, -1, k) - np.roll(plus, 1, k) - np.roll(minus, -1, k)
+               + np.roll(minus, 1, k)) / 4.0
+      total = total + 2.0 * (mixed[inner] ** 2).sum(-1)
+  np.testing.assert_allclose(float(L.bending_energy(jnp.asarray(u, jnp.float32))),
+                             total.mean(), rtol=1e-5)
