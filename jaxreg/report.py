@@ -105,7 +105,7 @@ def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.nda
   for name, a in (("moving", moving), ("warped", warped), ("disp", np.asarray(disp)[..., 0])):
     if np.shape(a) != shape:
       raise ValueError(f"{name} has shape {np.shape(a)}, fixed has {shape}")
-  det = _metrics.jacobian_determinant(disp)
+  det = _metrics.jacobian_map(disp)
   # deformed coordinates (voxels, fixed grid) for the grid picture, reordered like the images
   phi = np.moveaxis(np.indices(shape), 0, -1) + np.asarray(disp, np.float64)
   views = {name: plane_slices(*to_ras(a, affine))

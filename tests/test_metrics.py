@@ -149,3 +149,9 @@ def test_field_quality_equals_folding_fraction_and_sdlogj():
   assert 0 < M.folding_fraction(disp) < 0.5
   assert quality["folding_fraction"] == pytest.approx(M.folding_fraction(disp), abs=1e-4)
   assert quality["sdlogj"] == pytest.approx(M.sdlogj(disp), rel=1e-3)
+
+
+def test_jacobian_map_equals_the_numpy_jacobian_determinant():
+  rng = np.random.default_rng(4)
+  disp = ndi.gaussian_filter(rng.normal(size=(21, 17, 12, 3)), (2, 2, 2, 0)) * 3
+  np.testing.assert_allclose(M.jacobian_map(disp), M.jacobian_determinant(disp), atol=1e-5)
