@@ -151,6 +151,13 @@ def _sample_bucketed(array, matrix, target_shape, *, order: int, padding: str, c
                      disp=None, lin=None) -> np.ndarray:
   """:func:`_sample_affine` on bucket-padded arrays, cropped to ``target_shape``."""
   out_shape = bucket_shape(target_shape)
+  shift = 0.0
+  if padding == "constant" and order == 1 and cval != 0 and np.isfinite(cval):
+    # Sample (array - cval) with zeros outside, then add cval back: a sample with no corner
+    # inside is exactly cval (interpolating padded cval values would round, e.g. -999.99994).
+    shift = float(cval)
+    array = np.asarray(array, np.float32) - np.float32(shift)
+    cval = 0.0
   array = _pad_to(array, bucket_shape(np.shape(array)[:3]), padding, cval)
   if disp is not None:
     disp = jnp.asarray(_pad_to(np.asarray(disp, np.float32), out_shape, "border", 0.0))
@@ -158,7 +165,8 @@ def _sample_bucketed(array, matrix, target_shape, *, order: int, padding: str, c
   out = _sample_affine(jnp.asarray(array), jnp.asarray(matrix, jnp.float32), disp, lin,
                        shape=out_shape, order=order, padding=padding, cval=float(cval))
   crop = tuple(slice(0, n) for n in target_shape)
-  return np.asarray(out)[crop]
+  out = np.asarray(out)[crop]
+  return out + np.float32(shift) if shift else out
 
 
 def _antialias(array: np.ndarray, source_spacing, target_spacing) -> np.ndarray:
