@@ -37,6 +37,7 @@ import optax
 from nibabel.affines import apply_affine
 
 from jaxreg import io as _io
+from jaxreg import optim as _optim
 from jaxreg import preprocess as _preprocess
 from jaxreg import warp as _warp
 from jaxreg.io import Volume
@@ -159,14 +160,8 @@ def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, mov
       return -_weighted_ncc(fixed, warped, inside)
     return jnp.sum(inside * (fixed - warped) ** 2) / (jnp.sum(inside) + 1e-6)
 
-  def body(carry, _):
-    th, opt = carry
-    value, grad = jax.value_and_grad(loss)(th)
-    updates, opt = tx.update(grad * mask, opt, th)
-    return (optax.apply_updates(th, updates), opt), value
-
-  (theta, _), values = jax.lax.scan(body, (theta, tx.init(theta)), None, length=steps)
-  return theta, values
+  # parameters outside ``mask`` get exactly zero gradients (the loss reads th * mask)
+  return _optim.minimise(loss, theta, tx, steps)
 
 
 def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: str = "ncc",

@@ -53,6 +53,7 @@ import optax
 import scipy.ndimage as ndi
 
 from jaxreg import losses as _losses
+from jaxreg import optim as _optim
 from jaxreg import preprocess as _preprocess
 from jaxreg import warp as _warp
 from jaxreg.io import InputError, Volume
@@ -264,13 +265,7 @@ def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
   params = jnp.zeros(tuple(n // control for n in base.shape[:3]) + (3,), base.dtype)
 
-  def body(carry, _):
-    c, opt = carry
-    value, grad = jax.value_and_grad(loss)(c)
-    updates, opt = tx.update(grad, opt, c)
-    return (optax.apply_updates(c, updates), opt), value
-
-  (params, _), values = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  params, values = _optim.minimise(loss, params, tx, steps)
   return base + expand(params), values
 
 
