@@ -136,12 +136,8 @@ def _register(args: argparse.Namespace) -> int:
     options.checked((2.0,))  # bad flags fail now, before any file is read
   specs = data.read_pairs_csv(args.pairs) if args.pairs else None
   if specs is None:
-    fixed = io.load(args.fixed)
-    moving = io.load(args.moving)
-    fixed_labels = (io.load_labels(args.fixed_labels, like=fixed, like_path=args.fixed)
-                    if args.fixed_labels else None)
-    moving_labels = (io.load_labels(args.moving_labels, like=moving, like_path=args.moving)
-                     if args.moving_labels else None)
+    fixed, moving, fixed_labels, moving_labels = register.load_pair(
+        data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels))
   io.check_output_dir(args.out)  # fail now, not after the registration
   try:
     net, config = (weights.load_weights(args.checkpoint) if args.checkpoint

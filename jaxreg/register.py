@@ -46,6 +46,7 @@ from nibabel.affines import apply_affine
 from jaxreg import affine as _affine
 from jaxreg import inputs as _inputs
 from jaxreg import losses as _losses
+from jaxreg import optim as _optim
 from jaxreg import metrics as _metrics
 from jaxreg import model as _model
 from jaxreg import preprocess as _preprocess
@@ -58,7 +59,7 @@ from jaxreg.refine import RefineOptions
 __all__ = ["Registration", "RefineOptions", "register", "score", "register_many",
            "affine_stage", "aligned", "to_model_grid", "network_stage", "refine_stage",
            "to_fixed_grid", "warp_outputs", "inverse_stage", "instance_optimise",
-           "check_images", "AFFINE_MODELS"]
+           "check_images", "load_pair", "AFFINE_MODELS"]
 
 AFFINE_MODELS = ("affine", "rigid", "none")
 
@@ -166,14 +167,7 @@ def _optimise(disp, fixed, moving, steps, lr, reg_weight, window):
     warped = _warp.warp(moving, u)
     return -_losses.local_ncc(fixed, warped, window=window) + reg_weight * _losses.diffusion(u)
 
-  def body(carry, _):
-    u, opt = carry
-    value, grad = jax.value_and_grad(loss)(u)
-    updates, opt = tx.update(grad, opt, u)
-    return (optax.apply_updates(u, updates), opt), value
-
-  (disp, _), values = jax.lax.scan(body, (disp, tx.init(disp)), None, length=steps)
-  return disp, values
+  return _optim.minimise(loss, disp, tx, steps)
 
 
 def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, steps: int = 50,
@@ -466,13 +460,24 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
   return rows
 
 
-def _register_one(spec, folder: str, write: Callable, kwargs: dict) -> None:
+def load_pair(spec) -> tuple[Volume, Volume, Volume | None, Volume | None]:
+  """``(fixed, moving, fixed_labels, moving_labels)`` of a :class:`jaxreg.data.PairSpec`;
+  each label map is checked to lie on its image's grid (labels absent: None).
+
+  Raises:
+    InputError: an unreadable file, or labels on another grid (the message names the file).
+  """
   from jaxreg import io as _io
   fixed, moving = _io.load(spec.fixed), _io.load(spec.moving)
   fl = (_io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed)
         if spec.fixed_labels else None)
   ml = (_io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving)
         if spec.moving_labels else None)
+  return fixed, moving, fl, ml
+
+
+def _register_one(spec, folder: str, write: Callable, kwargs: dict) -> None:
+  fixed, moving, fl, ml = load_pair(spec)
   result = register(fixed, moving, fixed_labels=fl, moving_labels=ml,
                     names=(spec.fixed, spec.moving), **kwargs)
   write(result, folder, fixed=fixed, moving=moving, fixed_labels=fl, moving_labels=ml,
