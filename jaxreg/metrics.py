@@ -197,10 +197,14 @@ def sdlogj(disp: np.ndarray, *, clip: float = 1e-9, crop: int = 2) -> float:
   Args:
     disp: ``[X, Y, Z, 3]`` displacement in voxels.
   """
-  det = jacobian_determinant(disp)
+  return _sdlogj_of(jacobian_determinant(disp), clip=clip, crop=crop)
+
+
+def _sdlogj_of(det: np.ndarray, *, clip: float = 1e-9, crop: int = 2) -> float:
+  """:func:`sdlogj` from the Jacobian determinants ``[X, Y, Z]``."""
   if crop:
     det = det[(slice(crop, -crop),) * 3]
-  return float(np.std(np.log(np.clip(det, clip, 1e9))))
+  return float(np.std(np.log(np.clip(np.asarray(det, np.float64), clip, 1e9))))
 
 
 def folding_fraction(disp: np.ndarray) -> float:
@@ -239,6 +243,5 @@ def field_quality(disp: np.ndarray) -> dict[str, float]:
   """``{"folding_fraction", "sdlogj"}`` of a ``[X, Y, Z, 3]`` voxel field from one Jacobian
   (:func:`jacobian_map`): the values of :func:`folding_fraction` and :func:`sdlogj`."""
   det = jacobian_map(disp)
-  inner = det[(slice(2, -2),) * 3] if min(det.shape) > 4 else det
   return {"folding_fraction": float(np.mean(det <= 0)),
-          "sdlogj": float(np.std(np.log(np.clip(inner.astype(np.float64), 1e-9, 1e9))))}
+          "sdlogj": _sdlogj_of(det, crop=2 if min(det.shape) > 4 else 0)}

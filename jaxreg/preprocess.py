@@ -31,6 +31,7 @@ from jaxreg.io import InputError, Volume
 __all__ = [
     "Grid",
     "PreparedPair",
+    "bucket_shape",
     "model_grid",
     "check_overlap",
     "resample",
