@@ -85,12 +85,11 @@ def test_a_second_pair_of_another_size_compiles_little(pairs_csv):
   """Padded shape buckets: a pair of another size (same buckets) reuses the compiled code."""
   d = pairs_csv.parent
   options = register.RefineOptions(steps=(20, 4))
-  first = register.register(io.load(d / "fixed0.nii.gz"), io.load(d / "moving0.nii.gz"),
-                            refine=options)
+  register.register(io.load(d / "fixed0.nii.gz"), io.load(d / "moving0.nii.gz"),  # compiles
+                    refine=options)
   second = register.register(io.load(d / "fixed1.nii.gz"), io.load(d / "moving1.nii.gz"),
                              refine=options)
   assert io.load(d / "fixed1.nii.gz").shape != io.load(d / "fixed0.nii.gz").shape
-  assert first.metrics["xla_compilations"] >= 0
   assert second.metrics["xla_compilations"] <= 3, second.metrics
 
 
