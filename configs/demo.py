@@ -65,14 +65,20 @@ def get_config():
   c.svf_steps = 7
 
   c.loss = ml_collections.ConfigDict()
-  # Image similarity: "lncc" (local NCC), "ncc" (global), "mse".
+  # Image similarity loss: "lncc" (local NCC), "ncc" (global), "mse", "mind"
+  # (MIND-SSC), or a name registered with jaxreg.losses.register_similarity
+  # (train.py --import MODULE), called as fn(fixed, warped, **similarity_kwargs).
   c.loss.similarity = "lncc"
+  c.loss.similarity_kwargs = ml_collections.ConfigDict()
   # LNCC window, voxels.
   c.loss.window = 9
   c.loss.sim_weight = 1.0
-  # Smoothness regulariser: "diffusion" or "bending", weighted on the mean over
-  # sub-fields and on the total field.
+  # Smoothness regulariser: "diffusion", "bending", or a name registered with
+  # jaxreg.losses.register_regulariser, called as fn(disp, **reg_kwargs) on
+  # [X, Y, Z, 3] voxel fields; weighted on the mean over sub-fields and on the
+  # total field.
   c.loss.reg = "diffusion"
+  c.loss.reg_kwargs = ml_collections.ConfigDict()
   c.loss.reg_weight = 0.5
   c.loss.total_reg_weight = 0.5
   # Soft Dice of warped one-hot labels (weak supervision; 0 disables it).

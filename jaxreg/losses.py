@@ -8,6 +8,11 @@ to compare with :func:`mind_ssd`); ``jax.vmap`` them for batches.
 Similarities are values to maximise and losses values to minimise: each
 docstring says which a function returns.
 
+Training resolves ``config.loss.similarity`` / ``config.loss.reg`` names
+through a registry that users extend: :func:`register_similarity`
+(``fn(fixed, warped, **kw) -> scalar loss``) and :func:`register_regulariser`
+(``fn(disp, **kw) -> scalar``, ``disp`` in voxels).
+
 References:
   Balakrishnan et al., `VoxelMorph: A Learning Framework for Deformable Medical
   Image Registration <https://arxiv.org/abs/1809.05231>`_, IEEE TMI 2019 (local
@@ -40,6 +45,12 @@ __all__ = [
     "folding",
     "mind_ssc",
     "mind_ssd",
+    "register_similarity",
+    "register_regulariser",
+    "get_similarity",
+    "get_regulariser",
+    "similarity_names",
+    "regulariser_names",
 ]
 
 
@@ -376,3 +387,102 @@ def mind_ssd(fixed_desc: jax.Array, warped_desc: jax.Array, *,
                      f"descriptors {np.shape(fixed_desc)}, got shape {np.shape(mask)}")
   mask = jnp.asarray(mask, sq.dtype)
   return jnp.sum(mask[..., None] * sq) / (sq.shape[-1] * jnp.sum(mask) + 1e-6)
+
+
+# --- The registry: config names -> functions, extensible by users -------------------------
+#
+# A *similarity loss* is ``fn(fixed, warped, **kw) -> scalar``: ``fixed`` and
+# ``warped`` are ``[X, Y, Z]`` single-sample images on one grid, and the value
+# is to be *minimised* (e.g. ``-LNCC``). A *regulariser* is
+# ``fn(disp, **kw) -> scalar``: ``disp`` is a ``[X, Y, Z, 3]`` displacement in
+# voxels (component ``i`` along array axis ``i``), the value a penalty to
+# minimise. Both must be traceable by JAX (jit, grad, vmap): training vmaps
+# them over the batch.
+
+def _neg_local_ncc(fixed, warped, *, window: int = 9, eps: float = 1e-5):
+  return -local_ncc(fixed, warped, window=window, eps=eps)
+
+
+def _neg_global_ncc(fixed, warped, *, eps: float = 1e-8):
+  return -global_ncc(fixed, warped, eps=eps)
+
+
+def _mind_loss(fixed, warped, *, radius: int = 1, dilation: int = 2):
+  return mind_ssd(mind_ssc(fixed, radius=radius, dilation=dilation),
+                  mind_ssc(warped, radius=radius, dilation=dilation))
+
+
+_SIMILARITIES: dict = {"lncc": _neg_local_ncc, "ncc": _neg_global_ncc, "mse": mse,
+                       "mind": _mind_loss}
+_REGULARISERS: dict = {"diffusion": diffusion, "bending": bending_energy}
+_BUILTIN = {"similarity": frozenset(_SIMILARITIES), "regulariser": frozenset(_REGULARISERS)}
+
+
+def _register(table: dict, kind: str, name, fn, overwrite: bool) -> None:
+  from jaxreg.io import InputError
+  if not isinstance(name, str) or not name.isidentifier():
+    raise InputError(f"a {kind} name must be a Python identifier, got {name!r}")
+  if not callable(fn):
+    raise InputError(f"{kind} {name!r} must be callable, got {type(fn).__name__} {fn!r}")
+  if name in _BUILTIN[kind]:
+    raise InputError(f"{kind} {name!r} is built in and cannot be replaced; pick another name")
+  if name in table and not overwrite and table[name] is not fn:
+    raise InputError(f"{kind} {name!r} is already registered (to {table[name]!r}); "
+                     "pass overwrite=True to replace it")
+  table[name] = fn
+
+
+def _lookup(table: dict, kind: str, name: str):
+  from jaxreg.io import InputError
+  if name not in table:
+    raise InputError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))} "
+                     f"(add one with jaxreg.losses.register_{kind}, and train.py --import MODULE)")
+  return table[name]
+
+
+def register_similarity(name: str, fn, *, overwrite: bool = False) -> None:
+  """Make ``fn(fixed, warped, **kw) -> scalar loss`` available as ``config.loss.similarity=name``.
+
+  ``fixed``/``warped``: ``[X, Y, Z]`` images on one grid; the value is
+  minimised (lower = more similar). Keyword arguments come from
+  ``config.loss.similarity_kwargs``. Built-in names (lncc, ncc, mse, mind)
+  cannot be replaced; re-registering another function needs ``overwrite=True``.
+
+  Raises:
+    jaxreg.io.InputError: ``fn`` is not callable, or the name is not an
+      identifier or is taken.
+  """
+  _register(_SIMILARITIES, "similarity", name, fn, overwrite)
+
+
+def register_regulariser(name: str, fn, *, overwrite: bool = False) -> None:
+  """Make ``fn(disp, **kw) -> scalar penalty`` available as ``config.loss.reg=name``.
+
+  ``disp``: ``[X, Y, Z, 3]`` displacement in voxels, component ``i`` along
+  axis ``i``. Keyword arguments come from ``config.loss.reg_kwargs``. Built-in
+  names (diffusion, bending) cannot be replaced.
+
+  Raises:
+    jaxreg.io.InputError: as :func:`register_similarity`.
+  """
+  _register(_REGULARISERS, "regulariser", name, fn, overwrite)
+
+
+def get_similarity(name: str):
+  """The similarity loss registered as ``name`` (an ``InputError`` lists the names if unknown)."""
+  return _lookup(_SIMILARITIES, "similarity", name)
+
+
+def get_regulariser(name: str):
+  """The regulariser registered as ``name`` (an ``InputError`` lists the names if unknown)."""
+  return _lookup(_REGULARISERS, "regulariser", name)
+
+
+def similarity_names() -> tuple[str, ...]:
+  """Names ``config.loss.similarity`` accepts now (built in, then registered)."""
+  return tuple(_SIMILARITIES)
+
+
+def regulariser_names() -> tuple[str, ...]:
+  """Names ``config.loss.reg`` accepts now (built in, then registered)."""
+  return tuple(_REGULARISERS)

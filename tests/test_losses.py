@@ -259,3 +259,53 @@ def test_bending_energy_matches_a_numpy_roll_reference_on_a_random_field():
       total = total + 2.0 * (mixed[inner] ** 2).sum(-1)
   np.testing.assert_allclose(float(L.bending_energy(jnp.asarray(u, jnp.float32))),
                              total.mean(), rtol=1e-5)
+
+
+@pytest.fixture
+def scratch_registry():
+  """Registered names live for the process: forget the ones a test adds."""
+  before = (dict(L._SIMILARITIES), dict(L._REGULARISERS))
+  yield
+  for table, saved in zip((L._SIMILARITIES, L._REGULARISERS), before):
+    table.clear()
+    table.update(saved)
+
+
+def test_registry_resolves_builtins_and_user_functions(scratch_registry):
+  u = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5, 4, 3)), jnp.float32)
+  f, w = (jnp.asarray(np.random.default_rng(s).random((6, 5, 4)), jnp.float32) for s in (1, 2))
+  assert L.get_regulariser("diffusion") is L.diffusion
+  np.testing.assert_allclose(L.get_similarity("lncc")(f, w, window=3),
+                             -L.local_ncc(f, w, window=3), rtol=1e-6)
+  np.testing.assert_allclose(L.get_similarity("ncc")(f, w), -np.corrcoef(
+      np.ravel(f), np.ravel(w))[0, 1], rtol=1e-5)
+
+  def magnitude(disp, *, power=2):
+    return jnp.mean(jnp.abs(disp) ** power)
+
+  L.register_regulariser("magnitude", magnitude)
+  L.register_regulariser("magnitude", magnitude)  # the same function again: fine
+  assert "magnitude" in L.regulariser_names()
+  np.testing.assert_allclose(L.get_regulariser("magnitude")(u, power=1), np.mean(np.abs(u)),
+                             rtol=1e-6)
+  L.register_similarity("l1", lambda a, b: jnp.mean(jnp.abs(a - b)))
+  np.testing.assert_allclose(L.get_similarity("l1")(f, w), np.mean(np.abs(f - w)), rtol=1e-6)
+
+
+def test_registry_refuses_bad_entries_with_one_line_errors(scratch_registry):
+  from jaxreg.io import InputError
+  with pytest.raises(InputError, match="'smooth' must be callable"):
+    L.register_regulariser("smooth", 3.0)
+  with pytest.raises(InputError, match="built in"):
+    L.register_regulariser("diffusion", lambda u: 0.0)
+  with pytest.raises(InputError, match="identifier"):
+    L.register_similarity("my loss", lambda a, b: 0.0)
+  L.register_regulariser("smooth", lambda u: jnp.mean(u ** 2))
+  with pytest.raises(InputError, match="already registered"):
+    L.register_regulariser("smooth", lambda u: jnp.mean(u ** 4))
+  L.register_regulariser("smooth", L.diffusion, overwrite=True)
+  with pytest.raises(InputError) as e:
+    L.get_regulariser("nope")
+  message = str(e.value)
+  assert "\n" not in message and "'nope'" in message
+  assert all(name in message for name in ("diffusion", "bending", "smooth"))

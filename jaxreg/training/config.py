@@ -59,6 +59,9 @@ def _parse(value: str):
 def override(config: ml_collections.ConfigDict, assignments: list[str]) -> ml_collections.ConfigDict:
   """Apply ``field.sub=value`` assignments (values parsed as Python literals).
 
+  Sections named ``*_kwargs`` (``loss.similarity_kwargs``, ``loss.reg_kwargs``)
+  are keyword arguments of a function and accept new fields.
+
   Raises:
     InputError: unknown field, or a value of the wrong type.
   """
@@ -73,6 +76,10 @@ def override(config: ml_collections.ConfigDict, assignments: list[str]) -> ml_co
       if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
         raise InputError(f"config override {item!r}: no config section {p!r}")
       node = node[p]
+    open_section = len(parts) > 1 and parts[-2].endswith("_kwargs")  # keyword arguments: any name
+    if parts[-1] not in node and open_section:
+      node[parts[-1]] = _parse(value)
+      continue
     if parts[-1] not in node:
       raise InputError(f"config override {item!r}: no field {key!r} "
                        f"(fields here: {sorted(node.keys())})")
@@ -117,15 +124,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     "(--config.data.path=...)")
   from jaxreg import conv as _conv
   from jaxreg import decompose as _decompose
-  from jaxreg.training import step as _step
+  from jaxreg import losses as _losses
   choices = {"model.heads": (m.heads, _model.HEADS),
              "model.conv": (m.get("conv", "auto"), _conv.CONV_IMPLS),
              "decomposition": (config.decomposition, _decompose.METHODS),
-             "loss.similarity": (config.loss.similarity, _step.SIMILARITIES),
-             "loss.reg": (config.loss.reg, _step.REGULARISERS)}
+             "loss.similarity": (config.loss.similarity, _losses.similarity_names()),
+             "loss.reg": (config.loss.reg, _losses.regulariser_names())}
   for name, (value, allowed) in choices.items():
     if value not in allowed:
-      problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+      hint = (" (a name of your own: register it in a module and pass train.py --import MODULE)"
+              if name.startswith("loss.") else "")
+      problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}{hint}")
   if not problems:
     try:  # the network itself (widths, number of sub-fields vs levels, ...), without allocating
       from flax import nnx

@@ -1,6 +1,7 @@
 """Command line of training: ``train.py`` and ``jaxreg train`` both call :func:`main`.
 
 ``--config FILE[:ARG] --workdir DIR [--steps N] [--config.section.field=VALUE ...]``
+``[--import MODULE ...]`` (modules that register losses, imported before the config is checked)
 ``[--distributed [--coordinator HOST:PORT --num-processes N --process-id I]] [--no-progress]``
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "import_modules"]
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -21,6 +22,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, help="shorthand for --config.train.steps")
   p.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                 help="import a module (dotted name, or a .py file) first, e.g. one that calls "
+                      "jaxreg.losses.register_regulariser; repeatable")
   p.add_argument("--distributed", action="store_true",
                  help="multi-process run: calls jax.distributed.initialize()")
   p.add_argument("--coordinator", help="HOST:PORT of process 0 (else auto-detected)")
@@ -41,6 +45,37 @@ def _init_distributed(args) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def import_modules(names: list[str]) -> None:
+  """Import each module: a ``path/to/file.py`` or a dotted name (found from the working folder).
+
+  Raises:
+    InputError: a missing module, or any error raised while importing it.
+  """
+  import importlib
+  import importlib.util
+  import os
+
+  from jaxreg.io import InputError
+  for name in names:
+    try:
+      if name.endswith(".py") or os.sep in name:
+        if not os.path.isfile(name):
+          raise InputError(f"--import {name}: no such file")
+        stem = os.path.splitext(os.path.basename(name))[0]
+        spec = importlib.util.spec_from_file_location(stem, name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[stem] = module
+        spec.loader.exec_module(module)
+      else:
+        if os.getcwd() not in sys.path:
+          sys.path.insert(0, os.getcwd())
+        importlib.import_module(name)
+    except InputError as e:
+      raise InputError(f"--import {name}: {e}" if not str(e).startswith("--import") else str(e))
+    except Exception as e:  # a user's module: one line naming it and what went wrong
+      raise InputError(f"--import {name}: {type(e).__name__}: {e}") from e
+
+
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
   """Parse, train, and turn user errors into one line on stderr with exit code 2."""
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -53,6 +88,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
   try:
     if args.distributed:
       _init_distributed(args)
+    import_modules(args.imports)
     from jaxreg.training.loop import train_and_evaluate
     config = config_lib.load_config(args.config)
     if args.steps is not None:

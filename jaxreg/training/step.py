@@ -8,6 +8,7 @@ and ``moving_labels`` ``[B, X, Y, Z]`` int32 *class indices* (0 = background,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,35 +21,51 @@ from jaxreg import fields as _fields
 from jaxreg import losses as _losses
 from jaxreg import model as _model
 from jaxreg import warp as _warp
+from jaxreg.io import InputError
 from jaxreg.inputs import label_channels, num_classes  # re-exported: they moved to jaxreg.inputs
 from jaxreg.training import sharding as _sharding
 from jaxreg.training.state import TrainState, merge
 
 __all__ = ["make_loss_fn", "make_train_step", "make_eval_step", "jit_train_step",
-           "jit_eval_step", "SIMILARITIES", "REGULARISERS"]
-
-SIMILARITIES = ("lncc", "ncc", "mse")
-REGULARISERS = ("diffusion", "bending")
+           "jit_eval_step", "resolve_objective"]
 
 
-def _similarity_loss(config) -> Callable:
-  name, window = config.loss.similarity, config.loss.get("window", 9)
-  if name == "lncc":
-    return lambda f, w: -_losses.local_ncc(f, w, window=window)
-  if name == "ncc":
-    return lambda f, w: -_losses.global_ncc(f, w)
-  if name == "mse":
-    return _losses.mse
-  raise ValueError(f"config.loss.similarity must be one of {SIMILARITIES}, got {name!r}")
+def resolve_objective(config: ml_collections.ConfigDict, similarity: Callable | None = None,
+                      regulariser: Callable | None = None) -> tuple[Callable, Callable]:
+  """``(sim(fixed, warped), reg(disp))``: the given callables, else ``config.loss`` names.
+
+  Names resolve through :func:`jaxreg.losses.get_similarity` /
+  :func:`jaxreg.losses.get_regulariser` (built in or user-registered), bound
+  to ``config.loss.similarity_kwargs`` / ``config.loss.reg_kwargs``;
+  ``config.loss.window`` is the box of the built-in ``lncc``. Each returned
+  function takes single samples (``[X, Y, Z]`` images, ``[X, Y, Z, 3]``
+  voxel fields) and returns a scalar to minimise.
+  """
+  lw = config.loss
+  if similarity is None:
+    kwargs = dict(lw.get("similarity_kwargs", None) or {})
+    if lw.similarity == "lncc":
+      kwargs.setdefault("window", lw.get("window", 9))
+    similarity = functools.partial(_losses.get_similarity(lw.similarity), **kwargs)
+  if regulariser is None:
+    kwargs = dict(lw.get("reg_kwargs", None) or {})
+    regulariser = functools.partial(_losses.get_regulariser(lw.reg), **kwargs)
+  for kind, fn in (("similarity", similarity), ("regulariser", regulariser)):
+    if not callable(fn):
+      raise InputError(f"the {kind} must be callable, got {type(fn).__name__}")
+  return similarity, regulariser
 
 
-def _regulariser(config) -> Callable:
-  name = config.loss.reg
-  if name == "diffusion":
-    return _losses.diffusion
-  if name == "bending":
-    return _losses.bending_energy
-  raise ValueError(f"config.loss.reg must be one of {REGULARISERS}, got {name!r}")
+def _check_scalar(fn: Callable, kind: str, *args) -> None:
+  """Trace ``fn`` once on abstract single-sample inputs: it must return a scalar."""
+  try:
+    out = jax.eval_shape(fn, *args)
+  except Exception as e:  # a user's function that does not trace: name it, keep the cause
+    raise InputError(f"the {kind} {getattr(fn, '__name__', fn)!r} failed on a single sample "
+                     f"{tuple(args[0].shape)}: {type(e).__name__}: {e}") from e
+  if getattr(out, "shape", None) != ():
+    raise InputError(f"the {kind} must return a scalar, returned "
+                     f"{getattr(out, 'shape', type(out).__name__)}")
 
 
 def _forward(graphdef, template, config, params, batch):
@@ -62,15 +79,23 @@ def _forward(graphdef, template, config, params, batch):
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
-                 config: ml_collections.ConfigDict) -> Callable:
+                 config: ml_collections.ConfigDict, *, similarity: Callable | None = None,
+                 regulariser: Callable | None = None) -> Callable:
   """``loss(params, batch) -> (scalar, metrics)`` for ``config.loss``.
 
-  ``sim_weight * similarity_loss(fixed, warped)``
+  ``similarity(fixed, warped) -> scalar`` and ``regulariser(disp) -> scalar``
+  (single samples, voxels; see :func:`resolve_objective`) replace the
+  functions that ``config.loss.similarity`` / ``config.loss.reg`` name. The
+  loss is ``sim_weight * similarity(fixed, warped)``
   ``+ reg_weight * mean_k reg(u_k) + total_reg_weight * reg(phi)``
   ``+ dice_weight * (1 - soft Dice of warped one-hot labels)``
   ``+ folding_weight * folding(phi)``, each averaged over the batch.
   """
-  sim_fn, reg_fn = _similarity_loss(config), _regulariser(config)
+  sim_fn, reg_fn = resolve_objective(config, similarity, regulariser)
+  shape = tuple(config.data.shape) if config.data.get("shape") else (16, 16, 16)
+  image = jax.ShapeDtypeStruct(shape, jnp.float32)
+  _check_scalar(sim_fn, "similarity", image, image)
+  _check_scalar(reg_fn, "regulariser", jax.ShapeDtypeStruct(shape + (3,), jnp.float32))
   lw = config.loss
   classes = num_classes(config)
 
@@ -99,9 +124,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
 
 def make_train_step(graphdef: nnx.GraphDef, template: nnx.State,
                     config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation) -> Callable:
-  """``step(state, batch) -> (state, metrics)``: one Adam step on the objective."""
-  loss_fn = make_loss_fn(graphdef, template, config)
+                    tx: optax.GradientTransformation, *, similarity: Callable | None = None,
+                    regulariser: Callable | None = None) -> Callable:
+  """``step(state, batch) -> (state, metrics)``: one optimiser step on the objective.
+
+  ``similarity`` / ``regulariser``: callables replacing the config's names,
+  as in :func:`make_loss_fn`.
+  """
+  loss_fn = make_loss_fn(graphdef, template, config, similarity=similarity,
+                         regulariser=regulariser)
 
   def step(state: TrainState, batch):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
@@ -115,7 +146,8 @@ def make_train_step(graphdef: nnx.GraphDef, template: nnx.State,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
-                   config: ml_collections.ConfigDict) -> Callable:
+                   config: ml_collections.ConfigDict, *, similarity: Callable | None = None,
+                   regulariser: Callable | None = None) -> Callable:
   """``eval(params, batch) -> metrics``: the loss terms, and hard Dice per class.
 
   ``dice`` is ``[B, C]`` (classes 1..C) for the network's field and
@@ -123,7 +155,8 @@ def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
   that occur in either map (Dice is undefined otherwise); ``folding_fraction``
   is the fraction of voxels with ``det J <= 0``.
   """
-  loss_fn = make_loss_fn(graphdef, template, config)
+  loss_fn = make_loss_fn(graphdef, template, config, similarity=similarity,
+                         regulariser=regulariser)
   classes = num_classes(config)
 
   def hard_dice(a, b):
