@@ -6,7 +6,8 @@ Every function takes single-sample arrays (images ``[X, Y, Z]``, fields
 :func:`box_sum` and :func:`mind_ssc` (a ``[X, Y, Z, 12]`` MIND-SSC descriptor
 to compare with :func:`mind_ssd`); ``jax.vmap`` them for batches.
 Similarities are values to maximise and losses values to minimise: each
-docstring says which a function returns.
+docstring says which a function returns. Similarities compute in float32 at
+least: bfloat16 inputs are upcast (their box sums and variances would cancel).
 
 Training resolves ``config.loss.similarity`` / ``config.loss.reg`` names
 through a registry that users extend: :func:`register_similarity`
@@ -65,6 +66,12 @@ def _check_volume(x, name: str) -> None:
     raise ValueError(f"{name} must be a single [X, Y, Z] volume, got shape {np.shape(x)}")
 
 
+def _f32(x) -> jax.Array:
+  """``x`` in float32 at least: sums and variances of bfloat16 images cancel to noise."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def box_sum(x: jax.Array, window: int) -> jax.Array:
   """Sum over a centred ``window**3`` box at every voxel, zero outside the volume.
 
@@ -113,8 +120,10 @@ def fixed_box_stats(fixed: jax.Array, window: int) -> tuple[jax.Array, jax.Array
   """``(counts, box sums, box variances)`` of the fixed image for :func:`local_ncc_map`.
 
   They do not depend on the warped image: an optimisation loop computes them
-  once instead of at every step (2 of LNCC's 5 box sums).
+  once instead of at every step (2 of LNCC's 5 box sums). Computed in
+  float32 at least (bfloat16 input is upcast).
   """
+  fixed = _f32(fixed)
   n = box_counts(fixed.shape, window, fixed.dtype)  # in-volume voxels per box
   sf = box_sum(fixed, window)
   var_f = jnp.maximum(box_sum(fixed * fixed, window) - sf * sf / n, 0.0)
@@ -129,6 +138,7 @@ def local_ncc_map(fixed: jax.Array, warped: jax.Array, *, window: int = 9,
   """
   _check_volume(fixed, "fixed")
   _check_same(fixed, warped, "fixed", "warped")
+  fixed, warped = _f32(fixed), _f32(warped)
   n, sf, var_f = fixed_box_stats(fixed, window) if stats is None else stats
   sw = box_sum(warped, window)
   sww = box_sum(warped * warped, window)
@@ -166,6 +176,7 @@ def local_ncc(fixed: jax.Array, warped: jax.Array, *, window: int = 9,
 def global_ncc(fixed: jax.Array, warped: jax.Array, *, eps: float = 1e-8) -> jax.Array:
   """Normalised cross-correlation over the whole volume (a similarity, in [-1, 1])."""
   _check_same(fixed, warped, "fixed", "warped")
+  fixed, warped = _f32(fixed), _f32(warped)
   f = fixed - jnp.mean(fixed)
   w = warped - jnp.mean(warped)
   return jnp.sum(f * w) / jnp.sqrt(jnp.sum(f * f) * jnp.sum(w * w) + eps)
@@ -174,7 +185,7 @@ def global_ncc(fixed: jax.Array, warped: jax.Array, *, eps: float = 1e-8) -> jax
 def mse(fixed: jax.Array, warped: jax.Array) -> jax.Array:
   """Mean squared intensity difference (a loss)."""
   _check_same(fixed, warped, "fixed", "warped")
-  return jnp.mean((fixed - warped) ** 2)
+  return jnp.mean((_f32(fixed) - _f32(warped)) ** 2)
 
 
 def diffusion(disp: jax.Array) -> jax.Array:
@@ -379,7 +390,7 @@ def mind_ssd(fixed_desc: jax.Array, warped_desc: jax.Array, *,
   _check_same(fixed_desc, warped_desc, "fixed_desc", "warped_desc")
   if np.ndim(fixed_desc) != 4:
     raise ValueError(f"descriptors must be [X, Y, Z, C], got shape {np.shape(fixed_desc)}")
-  sq = (fixed_desc - warped_desc) ** 2
+  sq = (_f32(fixed_desc) - _f32(warped_desc)) ** 2
   if mask is None:
     return jnp.mean(sq)
   if np.shape(mask) != np.shape(fixed_desc)[:3]:
