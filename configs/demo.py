@@ -58,6 +58,14 @@ def get_config():
   # Also feed the organ masks of both images (data.label_ids, one-hot) as input channels;
   # such a model needs both label maps at inference too.
   c.model.label_inputs = False
+  # Amortised regularisation (HyperMorph-style): draw lambda per example, log-uniform
+  # over reg_range, give it to the network ("film": per-level feature scale and shift;
+  # "channel": a constant input channel) and weight the regulariser by it. Then
+  # `jaxreg register --reg-weight L` picks the trade-off without retraining; validation
+  # uses loss.reg_weight as lambda.
+  c.model.condition_on_reg = False
+  c.model.reg_conditioning = "film"
+  c.model.reg_range = (0.1, 100.0)
 
   # How the sub-fields are combined: "compose" (the method), "sum", "svf".
   c.decomposition = "compose"

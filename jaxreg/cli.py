@@ -144,8 +144,9 @@ def _register(args: argparse.Namespace) -> int:
                    else weights.demo_model())
   except RuntimeError as e:  # e.g. --device gpu without a GPU
     raise UserError(f"--device {args.device}: {e}".splitlines()[0]) from e
+  register.check_reg_weight(config, args.reg_weight)  # before any work
   kwargs = dict(net=net, config=config, affine=args.affine, refine=options,
-                io_steps=args.io_steps, inverse=args.inverse)
+                io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse)
   if specs is not None:
     rows = register.register_many(specs, args.out, **kwargs)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
   ref.add_argument("--no-mask", action="store_true",
                    help="compare the images everywhere, not only over the fixed body")
+  reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",
+                   help="smoothness trade-off of a lambda-conditioned model (--checkpoint), "
+                        "within the range it was trained on (default: its config's)")
   reg.add_argument("--io-steps", type=int, default=0,
                    help="older dense instance optimisation on the model grid (default 0: off)")
   reg.add_argument("--inverse", action="store_true",

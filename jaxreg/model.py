@@ -14,6 +14,18 @@ Heads (``heads=``):
 Output convolutions start near zero (normal, std ``head_init``), so training
 starts from the identity; ``max_disp`` optionally bounds each sub-field with
 ``max_disp * tanh(u / max_disp)`` (voxels of its grid).
+
+Conditioning on the regularisation weight (amortised lambda, as HyperMorph,
+Hoopes et al. 2021): with ``reg_condition`` set the network takes
+``reg_weight`` ``[B]`` (lambda, inside ``reg_range``) and is trained over that
+range, so one network serves every smoothness trade-off. lambda enters as
+``t = 2 (log lambda - log lo) / (log hi - log lo) - 1`` in ``[-1, 1]``
+(:func:`reg_code`), either
+
+* ``"film"``: a small MLP of ``t`` gives a per-channel scale and shift of every
+  UNet level's features (``x (1 + gamma) + beta``; zero-initialised, so an
+  untrained conditioning is the identity), or
+* ``"channel"``: ``t`` as one more constant input channel.
 """
 
 from __future__ import annotations
@@ -27,9 +39,40 @@ from flax import nnx
 from jaxreg import conv as _conv_lib
 from jaxreg import decompose as _decompose
 
-__all__ = ["UNet", "RegistrationNet", "HEADS", "predict_displacement", "unet_stride", "from_config"]
+__all__ = ["UNet", "RegistrationNet", "HEADS", "REG_CONDITIONS", "predict_displacement",
+           "unet_stride", "from_config", "reg_code"]
 
 HEADS = ("levels", "full")
+REG_CONDITIONS = ("film", "channel")
+
+
+def reg_code(reg_weight: jax.Array, reg_range: Sequence[float]) -> jax.Array:
+  """lambda ``[B]`` -> its position ``t`` in ``[-1, 1]`` on a log scale over ``reg_range``."""
+  lo, hi = (float(v) for v in reg_range)
+  t = (jnp.log(jnp.asarray(reg_weight, jnp.float32)) - jnp.log(lo)) / (jnp.log(hi) - jnp.log(lo))
+  return 2.0 * t - 1.0
+
+
+class FiLM(nnx.Module):
+  """``t [B] -> [(gamma, beta) [B, C_l] for each level l]``: per-channel modulations.
+
+  A two-layer MLP (``1 -> hidden -> 2 sum_l C_l``); the output layer starts at
+  zero, so every gamma and beta is 0 (the identity) until training moves them.
+  """
+
+  def __init__(self, channels: Sequence[int], hidden: int = 64, *, rngs: nnx.Rngs):
+    self.channels = tuple(int(c) for c in channels)
+    self.inner = nnx.Linear(1, hidden, rngs=rngs)
+    self.outer = nnx.Linear(hidden, 2 * sum(self.channels), kernel_init=nnx.initializers.zeros,
+                            rngs=rngs)
+
+  def __call__(self, t: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    out = self.outer(nnx.leaky_relu(self.inner(t[:, None]), 0.2))
+    pieces, start = [], 0
+    for c in self.channels:
+      pieces.append((out[:, start:start + c], out[:, start + c:start + 2 * c]))
+      start += 2 * c
+    return pieces
 
 
 def unet_stride(widths: Sequence[int]) -> int:
@@ -110,19 +153,35 @@ class UNet(nnx.Module):
   def stride(self) -> int:
     return unet_stride(self.widths)
 
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
+  @property
+  def level_channels(self) -> tuple[int, ...]:
+    """Channels of each level's output, encoder (fine to coarse) then decoder (coarse to fine)."""
+    return self.widths + tuple(self.widths[i] for i in range(len(self.widths) - 2, -1, -1))
+
+  def __call__(self, x: jax.Array, film: Sequence[tuple[jax.Array, jax.Array]] | None = None
+               ) -> list[jax.Array]:
+    """``film``: optional ``(gamma, beta)`` ``[B, C]`` per level (:attr:`level_channels`
+    order), applied to each level's output as ``x (1 + gamma) + beta``."""
+    def modulate(x, k):
+      if film is None:
+        return x
+      gamma, beta = film[k]
+      return x * (1.0 + gamma[:, None, None, None, :]) + beta[:, None, None, None, :]
+
     if x.ndim != 5:
       raise ValueError(f"UNet input must be [B, X, Y, Z, C], got shape {x.shape}")
     if any(n % self.stride for n in x.shape[1:4]):
       raise ValueError(f"spatial shape {x.shape[1:4]} must be divisible by {self.stride} "
                        f"(2 ** (levels - 1) for {len(self.widths)} levels)")
     skips = []
-    for convs in self.encoder:
+    for k, convs in enumerate(self.encoder):
       for conv in convs:
         x = nnx.leaky_relu(conv(x), 0.2)
+      x = modulate(x, k)
       skips.append(x)
     outs = [x]
-    for convs, skip in zip(self.decoder, reversed(skips[:-1])):
+    for k, (convs, skip) in enumerate(zip(self.decoder, reversed(skips[:-1])),
+                                      start=len(self.encoder)):
       if self.fuse_upsample:
         x = _upsample_skip_conv(convs[0], x, skip)
       else:
@@ -130,6 +189,7 @@ class UNet(nnx.Module):
       x = nnx.leaky_relu(x, 0.2)
       for conv in convs[1:]:
         x = nnx.leaky_relu(conv(x), 0.2)
+      x = modulate(x, k)
       outs.append(x)
     return outs
 
@@ -146,16 +206,29 @@ class RegistrationNet(nnx.Module):
     head_init: std of the heads' initial weights (small: start at identity).
     convs_per_level: UNet convolutions per level.
     conv: convolution formulation (``"auto"``, ``"native"``, ``"folded"``).
+    reg_condition: None, or ``"film"`` / ``"channel"``: take the regularisation
+      weight as an input (see the module docstring).
+    reg_range: ``(lo, hi)``, the lambda range a conditioned network is trained on.
     rngs: NNX random streams.
 
-  Call: ``(fixed [B, X, Y, Z(, C)], moving [B, X, Y, Z(, C)], extra=None)``
-  -> list of K arrays ``[B, X_k, Y_k, Z_k, 3]`` (voxels, coarse to fine).
+  Call: ``(fixed [B, X, Y, Z(, C)], moving [B, X, Y, Z(, C)], extra=None,
+  reg_weight=None)`` -> list of K arrays ``[B, X_k, Y_k, Z_k, 3]`` (voxels,
+  coarse to fine). ``reg_weight`` (``[B]`` or a scalar, lambda) is required by
+  a conditioned network and refused by another.
   """
 
   def __init__(self, *, in_channels: int = 2, widths: Sequence[int] = (16, 32, 32, 64),
                num_subfields: int = 3, heads: str = "levels", max_disp: float | None = None,
                head_init: float = 1e-5, convs_per_level: int = 1, conv: str = "auto",
+               reg_condition: str | None = None, reg_range: Sequence[float] = (0.1, 100.0),
                rngs: nnx.Rngs):
+    if reg_condition is not None and reg_condition not in REG_CONDITIONS:
+      raise ValueError(f"reg_condition must be None or one of {REG_CONDITIONS}, "
+                       f"got {reg_condition!r}")
+    lo, hi = (float(v) for v in reg_range)
+    if not 0 < lo < hi:
+      raise ValueError(f"reg_range must be (lo, hi) with 0 < lo < hi, got {tuple(reg_range)}")
+    self.reg_condition, self.reg_range = reg_condition, (lo, hi)
     if heads not in HEADS:
       raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
     if num_subfields < 1:
@@ -163,7 +236,9 @@ class RegistrationNet(nnx.Module):
     if heads == "levels" and num_subfields > len(widths):
       raise ValueError(f"heads='levels' needs num_subfields <= levels ({len(widths)}), "
                        f"got {num_subfields}")
-    self.unet = UNet(in_channels, widths, convs_per_level=convs_per_level, conv=conv, rngs=rngs)
+    self.unet = UNet(in_channels + (reg_condition == "channel"), widths,
+                     convs_per_level=convs_per_level, conv=conv, rngs=rngs)
+    self.film = FiLM(self.unet.level_channels, rngs=rngs) if reg_condition == "film" else None
     self.heads = heads
     self.num_subfields = num_subfields
     self.max_disp = max_disp
@@ -176,12 +251,25 @@ class RegistrationNet(nnx.Module):
                                 for w in level_widths])
 
   def __call__(self, fixed: jax.Array, moving: jax.Array,
-               extra: jax.Array | None = None) -> list[jax.Array]:
+               extra: jax.Array | None = None, reg_weight: jax.Array | None = None
+               ) -> list[jax.Array]:
     chans = [c if c.ndim == 5 else c[..., None] for c in (fixed, moving)]
     if extra is not None:
       chans.append(extra if extra.ndim == 5 else extra[..., None])
+    if (reg_weight is None) != (self.reg_condition is None):
+      raise ValueError("this network is conditioned on the regularisation weight: pass "
+                       "reg_weight" if reg_weight is None else
+                       "reg_weight given, but this network was built without reg_condition")
+    film = None
+    if reg_weight is not None:
+      code = jnp.broadcast_to(reg_code(reg_weight, self.reg_range), fixed.shape[:1])
+      if self.reg_condition == "channel":
+        chans.append(jnp.broadcast_to(code[:, None, None, None, None],
+                                      chans[0].shape[:4] + (1,)).astype(chans[0].dtype))
+      else:
+        film = self.film(code)
     x = jnp.concatenate(chans, axis=-1)
-    feats = self.unet(x)
+    feats = self.unet(x, film)
     if self.heads == "levels":
       feats = feats[-self.num_subfields:]
     else:
@@ -197,7 +285,8 @@ class RegistrationNet(nnx.Module):
 
 def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.Array, *,
                          method: str = "compose", steps: int = 7,
-                         extra: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+                         extra: jax.Array | None = None, reg_weight: jax.Array | None = None
+                         ) -> tuple[jax.Array, list[jax.Array]]:
   """The total displacement the network predicts for a batch.
 
   Args:
@@ -206,11 +295,12 @@ def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.A
     method: decomposition (``compose``, ``sum``, ``svf``).
     steps: scaling-and-squaring steps for ``svf``.
     extra: optional extra input channels.
+    reg_weight: lambda ``[B]`` (or a scalar) for a conditioned network.
 
   Returns:
     ``(disp [B, X, Y, Z, 3] voxels, sub-fields)``.
   """
-  subfields = model(fixed, moving, extra)
+  subfields = model(fixed, moving, extra, reg_weight)
   shape = tuple(fixed.shape[1:4])
   return _decompose.combine_batch(subfields, method, shape, steps), subfields
 
@@ -223,4 +313,5 @@ def from_config(config, seed: int = 0) -> "RegistrationNet":
       in_channels=2 + 2 * extra, widths=tuple(m.widths), num_subfields=m.num_subfields,
       heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,
       convs_per_level=m.get("convs_per_level", 1), conv=m.get("conv", "auto"),
-      rngs=nnx.Rngs(seed))
+      reg_condition=m.get("reg_conditioning", "film") if m.get("condition_on_reg", False)
+      else None, reg_range=tuple(m.get("reg_range", (0.1, 100.0))), rngs=nnx.Rngs(seed))

@@ -138,16 +138,43 @@ def to_model_grid(fixed: Volume, moving: Volume, config, *, fixed_labels: Volume
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "steps"))
-def _predict(graphdef, state, fixed, moving, extra, *, method, steps):
+def _predict(graphdef, state, fixed, moving, extra, reg_weight, *, method, steps):
   from flax import nnx
   net = nnx.merge(graphdef, state)
   return _model.predict_displacement(net, fixed[None], moving[None], method=method,
-                                     steps=steps, extra=extra)[0][0]
+                                     steps=steps, extra=extra, reg_weight=reg_weight)[0][0]
 
 
-def network_stage(net, config, pair: _preprocess.PreparedPair) -> np.ndarray:
-  """``[*pair.grid.shape, 3]`` the network's composed field, voxels of the model grid."""
+def check_reg_weight(config, reg_weight: float | None) -> float | None:
+  """lambda for the network: ``reg_weight``, or the config's for a conditioned model.
+
+  Raises:
+    InputError: ``reg_weight`` for a model trained without lambda conditioning, or a
+      lambda outside the range the model was trained on (refused: the network has
+      never seen it, and extrapolating a trade-off is not a trade-off you chose).
+  """
+  if not config.model.get("condition_on_reg", False):
+    if reg_weight is not None:
+      raise InputError("--reg-weight needs a model trained with lambda conditioning "
+                       "(config.model.condition_on_reg); this one was trained at one fixed "
+                       f"weight ({config.loss.reg_weight})")
+    return None
+  lo, hi = (float(v) for v in config.model.reg_range)
+  lam = float(config.loss.reg_weight if reg_weight is None else reg_weight)
+  if not lo <= lam <= hi:
+    raise InputError(f"--reg-weight {lam:g} lies outside the range this model was trained on "
+                     f"[{lo:g}, {hi:g}]")
+  return lam
+
+
+def network_stage(net, config, pair: _preprocess.PreparedPair,
+                  reg_weight: float | None = None) -> np.ndarray:
+  """``[*pair.grid.shape, 3]`` the network's composed field, voxels of the model grid.
+
+  ``reg_weight``: lambda of a conditioned network (see :func:`check_reg_weight`).
+  """
   from flax import nnx
+  lam = check_reg_weight(config, reg_weight)
   extra = None
   if config.model.get("label_inputs", False):
     lut = _inputs.class_lut(config.data.label_ids)
@@ -156,7 +183,8 @@ def network_stage(net, config, pair: _preprocess.PreparedPair) -> np.ndarray:
     extra = _inputs.label_channels(config, *classes)
   graphdef, state = nnx.split(net)
   return np.asarray(_predict(graphdef, state, jnp.asarray(pair.fixed), jnp.asarray(pair.moving),
-                             extra, method=config.decomposition, steps=config.svf_steps))
+                             extra, None if lam is None else jnp.full((1,), lam, jnp.float32),
+                             method=config.decomposition, steps=config.svf_steps))
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "window"))
@@ -252,8 +280,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
              fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
              affine: str = "affine", refine: RefineOptions | None = RefineOptions(),
              io_steps: int = 0, io_lr: float = 0.05, io_reg_weight: float = 1.0,
-             inverse: bool = False, names: tuple[str, str] = ("fixed", "moving")
-             ) -> Registration:
+             reg_weight: float | None = None, inverse: bool = False,
+             names: tuple[str, str] = ("fixed", "moving")) -> Registration:
   """Register ``moving`` to ``fixed`` (see the module docstring).
 
   Args:
@@ -268,6 +296,10 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       refinement, or None for the network's field alone.
     io_steps, io_lr, io_reg_weight: the older dense instance optimisation on the
       model grid before refinement (0 steps: off).
+    reg_weight: lambda, the smoothness trade-off of a network trained with lambda
+      conditioning (within its ``config.model.reg_range``; default: the config's
+      ``loss.reg_weight``). Refused for other networks. The refinement has its own
+      weight (``refine.reg_weight``).
     inverse: also compute the inverse map (``Registration.inverse_mm``).
     names: file names for error messages.
 
@@ -292,6 +324,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     refine = refine.checked(fixed.spacing)
   if net is None:
     net, config = weights.demo_model()
+  reg_weight = check_reg_weight(config, reg_weight)
   if config.model.get("label_inputs", False) and (fixed_labels is None or moving_labels is None):
     raise InputError(f"{names[1]}: this model takes organ masks as input; give both "
                      "--fixed-labels and --moving-labels")
@@ -312,7 +345,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     moving_a = aligned(moving, matrix)
     pair = timed("model_grid", to_model_grid, fixed, moving_a, config, fixed_labels=fixed_labels,
                  moving_labels=aligned(moving_labels, matrix), names=names)
-    disp = timed("network", network_stage, net, config, pair)
+    disp = timed("network", network_stage, net, config, pair, reg_weight)
     grid, io_losses, refine_losses = pair.grid, [], []
     if io_steps > 0:
       disp, values = timed("io", instance_optimise, disp, pair.fixed, pair.moving, steps=io_steps,
@@ -342,6 +375,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       "model_grid": {"shape": list(pair.grid.shape), "spacing_mm": float(config.data.spacing)},
       "affine": affine,
       "affine_matrix_ras": matrix.tolist(),
+      "network_reg_weight": reg_weight,
       "io_steps": int(io_steps),
       "io_loss_first_last": [io_losses[0], io_losses[-1]] if io_losses else None,
       "refine": None if refine is None else {

@@ -64,3 +64,59 @@ def test_bad_configurations_and_shapes_raise():
   net = M.RegistrationNet(widths=(8, 16, 16), num_subfields=1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"divisible by 4"):
     net(jnp.zeros((1, 18, 16, 16)), jnp.zeros((1, 18, 16, 16)))
+
+
+def test_reg_code_is_log_scaled_over_the_range():
+  np.testing.assert_allclose(M.reg_code(jnp.array([0.1, 1.0, 100.0, np.sqrt(10.0) / 10]),
+                                        (0.1, 100.0)),
+                             [-1.0, -1.0 / 3, 1.0, -2.0 / 3], atol=1e-6)
+
+
+def test_film_conditioning_starts_as_the_identity_and_learns_a_dependence_on_lambda():
+  f, m = _images()
+  plain = M.RegistrationNet(widths=(8, 8, 8), num_subfields=2, head_init=0.1, rngs=nnx.Rngs(0))
+  film = M.RegistrationNet(widths=(8, 8, 8), num_subfields=2, head_init=0.1,
+                           reg_condition="film", rngs=nnx.Rngs(0))
+  state = nnx.state(film)  # the same UNet and heads as `plain`
+  nnx.replace_by_pure_dict(state, dict(nnx.to_pure_dict(state), **nnx.to_pure_dict(nnx.state(plain))))
+  nnx.update(film, state)
+  base = M.predict_displacement(plain, f, m)[0]
+  for lam in (0.1, 3.0, 100.0):  # zero-initialised FiLM: no modulation yet
+    np.testing.assert_allclose(M.predict_displacement(film, f, m, reg_weight=lam)[0], base,
+                               rtol=1e-6, atol=1e-7)
+  film.film.outer.kernel[...] = 0.5 * jax.random.normal(jax.random.key(1),
+                                                        film.film.outer.kernel.shape)
+  low, high = (M.predict_displacement(film, f, m, reg_weight=jnp.array([lam, lam]))[0]
+               for lam in (0.1, 100.0))
+  assert float(jnp.max(jnp.abs(low - high))) > 1e-3
+  mixed = M.predict_displacement(film, f, m, reg_weight=jnp.array([0.1, 100.0]))[0]
+  np.testing.assert_allclose(mixed[0], low[0], rtol=1e-5, atol=1e-6)  # lambda per example
+  np.testing.assert_allclose(mixed[1], high[1], rtol=1e-5, atol=1e-6)
+
+
+def test_channel_conditioning_feeds_lambda_as_a_constant_input_channel():
+  f, m = _images()
+  net = M.RegistrationNet(widths=(8, 8, 8), num_subfields=2, head_init=0.1,
+                          reg_condition="channel", rngs=nnx.Rngs(0))
+  assert net.unet.encoder[0][0].in_features == 3
+  t = M.reg_code(jnp.array([2.0, 2.0]), net.reg_range)
+  x = jnp.concatenate([f[..., None], m[..., None],
+                       jnp.broadcast_to(t[:, None, None, None, None], f.shape + (1,))], -1)
+  feats = net.unet(x)
+  expected = net.head_convs[-1](feats[-1])  # the finest head, fed by hand
+  np.testing.assert_allclose(net(f, m, reg_weight=2.0)[-1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conditioning_errors():
+  f, m = _images()
+  with pytest.raises(ValueError, match="reg_condition must be"):
+    M.RegistrationNet(widths=(8, 8), num_subfields=1, reg_condition="hyper", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="0 < lo < hi"):
+    M.RegistrationNet(widths=(8, 8), num_subfields=1, reg_condition="film", reg_range=(1, 1),
+                      rngs=nnx.Rngs(0))
+  cond = M.RegistrationNet(widths=(8, 8), num_subfields=1, reg_condition="film",
+                           rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="pass reg_weight"):
+    cond(f, m)
+  with pytest.raises(ValueError, match="without reg_condition"):
+    M.RegistrationNet(widths=(8, 8), num_subfields=1, rngs=nnx.Rngs(0))(f, m, reg_weight=1.0)

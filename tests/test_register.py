@@ -189,3 +189,31 @@ def test_affine_then_deformable_composes_one_transform_and_its_inverse(misaligne
   # is the accuracy check.
   assert metrics["folding_fraction"] < 1e-3 and metrics["inverse_residual_voxels"] < 10.0
 
+
+
+def test_reg_weight_picks_the_trade_off_of_a_conditioned_model(pair_files, tmp_path):
+  from jaxreg import register, training, weights
+  from jaxreg.io import InputError
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = training.override(training.load_config(os.path.join(root, "configs", "test.py")),
+                             ["model.condition_on_reg=True", "train.steps=4", "optim.lr=0.01"])
+  training.train_and_evaluate(config, str(tmp_path / "w"), progress=False, log=lambda s: None)
+  weights.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "model"))
+  net, config = weights.load_weights(str(tmp_path / "model"))
+  d = pair_files
+  fixed, moving = io.load(d / "fixed.nii.gz"), io.load(d / "moving.nii.gz")
+  runs = {lam: register.register(fixed, moving, net=net, config=config, refine=None,
+                                 affine="none", reg_weight=lam) for lam in (0.1, 100.0)}
+  assert runs[0.1].metrics["network_reg_weight"] == 0.1
+  assert np.max(np.abs(runs[0.1].displacement_mm - runs[100.0].displacement_mm)) > 0
+  default = register.register(fixed, moving, net=net, config=config, refine=None, affine="none")
+  assert default.metrics["network_reg_weight"] == config.loss.reg_weight
+  with pytest.raises(InputError, match=r"outside the range this model was trained on \[0.1, 100\]"):
+    register.register(fixed, moving, net=net, config=config, refine=None, reg_weight=1000.0)
+  # the CLI: a model without conditioning refuses --reg-weight, before writing anything
+  out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
+             "--out", tmp_path / "reg", "--reg-weight", "1.0")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  line, = out.stderr.strip().splitlines()
+  assert "--reg-weight needs a model trained with lambda conditioning" in line
+  assert not (tmp_path / "reg").exists()

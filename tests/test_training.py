@@ -12,7 +12,7 @@ import pytest
 
 from jaxreg import training
 from jaxreg.io import InputError
-from jaxreg.training import sharding, sources, state as state_lib, step as step_lib
+from jaxreg.training import config as config_lib, sharding, sources, state as state_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
@@ -384,3 +384,61 @@ def test_unknown_or_broken_user_losses_are_one_line_errors(tmp_path, capsys, scr
   assert main(["--config", TEST_CONFIG, "--workdir", str(tmp_path / "c"),
                "--import", "no_such_module_here"]) == 2
   assert "No module named" in capsys.readouterr().err
+
+
+def test_conditioned_loss_weights_the_regulariser_by_each_examples_lambda():
+  config = _config(**{"model.condition_on_reg": True, "loss.reg_weight": 2.0,
+                      "loss.total_reg_weight": 1.0, "model.head_init": 0.05})
+  graphdef, template, state = state_lib.init_state(config)
+  batch = _batch(config, 2)
+  loss_fn = step_lib.make_loss_fn(graphdef, template, config)
+  # FiLM starts at zero, so the field does not depend on lambda yet: only the weights do.
+  lam = np.array([0.5, 8.0], np.float32)
+  a, ma = loss_fn(state.params, dict(batch, reg_weight=lam))
+  b, mb = loss_fn(state.params, dict(batch, reg_weight=2 * lam))
+  disp, subs = step_lib._forward(graphdef, template, config, state.params,
+                                 dict(batch, reg_weight=lam))
+  from jaxreg import losses
+  reg_sub = np.array([np.mean([losses.diffusion(u[i]) for u in subs]) for i in range(2)])
+  reg_tot = np.array([losses.diffusion(disp[i]) for i in range(2)])
+  # total weight follows lambda with the config's ratio total_reg_weight / reg_weight = 1/2
+  expected = np.mean(lam * reg_sub + lam * 0.5 * reg_tot)
+  np.testing.assert_allclose(float(b - a), expected, rtol=1e-4)
+  # without a batch lambda (evaluation), lambda = loss.reg_weight for every example
+  c, _ = loss_fn(state.params, batch)
+  d, _ = loss_fn(state.params, dict(batch, reg_weight=np.full(2, 2.0, np.float32)))
+  np.testing.assert_allclose(float(c), float(d), rtol=1e-6)
+
+
+def test_lambda_is_drawn_log_uniform_over_the_range():
+  config = _config(**{"model.condition_on_reg": True})
+  lam = np.asarray(step_lib.draw_reg_weight(config, jax.random.key(0), 20000))
+  lo, hi = config.model.reg_range
+  assert lam.min() >= lo and lam.max() <= hi
+  t = (np.log(lam) - np.log(lo)) / (np.log(hi) - np.log(lo))  # uniform on [0, 1]
+  assert abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.005
+
+
+def test_conditioned_training_learns_a_lambda_dependence(tmp_path):
+  from jaxreg import model, weights
+  config = _config(**{"model.condition_on_reg": True, "train.steps": 6,
+                      "optim.lr": 0.01})
+  result = training.train_and_evaluate(config, str(tmp_path / "w"), progress=False,
+                                       log=lambda s: None)
+  assert result["step"] == 6
+  weights.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "m"))
+  net, loaded = weights.load_weights(str(tmp_path / "m"))
+  assert loaded.model.condition_on_reg and tuple(loaded.model.reg_range) == (0.1, 100.0)
+  batch = _batch(config, 1)
+  low, high = (model.predict_displacement(net, batch["fixed"], batch["moving"],
+                                          reg_weight=lam)[0] for lam in (0.1, 100.0))
+  assert float(jnp.max(jnp.abs(low - high))) > 0  # FiLM left zero: trained
+
+
+def test_bad_conditioning_configs_are_refused():
+  from jaxreg.io import InputError
+  with pytest.raises(InputError, match="must lie in model.reg_range"):
+    config_lib.check_config(_config(**{"model.condition_on_reg": True, "loss.reg_weight": 500.0}))
+  with pytest.raises(InputError, match="reg_conditioning must be one of film, channel"):
+    config_lib.check_config(_config(**{"model.condition_on_reg": True,
+                                     "model.reg_conditioning": "hyper"}))

@@ -135,6 +135,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       hint = (" (a name of your own: register it in a module and pass train.py --import MODULE)"
               if name.startswith("loss.") else "")
       problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}{hint}")
+  if m.get("condition_on_reg", False):
+    lo, hi = m.reg_range
+    if not 0 < lo < hi:
+      problems.append(f"model.reg_range must be (lo, hi) with 0 < lo < hi, got {tuple(m.reg_range)}")
+    elif not lo <= config.loss.reg_weight <= hi:
+      problems.append(f"loss.reg_weight {config.loss.reg_weight} (lambda of validation) must lie "
+                      f"in model.reg_range {tuple(m.reg_range)}")
+    if m.get("reg_conditioning", "film") not in _model.REG_CONDITIONS:
+      problems.append(f"model.reg_conditioning must be one of "
+                      f"{', '.join(_model.REG_CONDITIONS)}; got {m.reg_conditioning!r}")
   if not problems:
     try:  # the network itself (widths, number of sub-fields vs levels, ...), without allocating
       from flax import nnx

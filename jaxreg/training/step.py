@@ -27,7 +27,8 @@ from jaxreg.training import sharding as _sharding
 from jaxreg.training.state import TrainState, merge
 
 __all__ = ["make_loss_fn", "make_train_step", "make_eval_step", "jit_train_step",
-           "jit_eval_step", "resolve_objective"]
+           "jit_eval_step", "resolve_objective", "conditioned", "batch_reg_weight",
+           "draw_reg_weight"]
 
 
 def resolve_objective(config: ml_collections.ConfigDict, similarity: Callable | None = None,
@@ -68,6 +69,31 @@ def _check_scalar(fn: Callable, kind: str, *args) -> None:
                      f"{getattr(out, 'shape', type(out).__name__)}")
 
 
+def conditioned(config: ml_collections.ConfigDict) -> bool:
+  """Whether the network takes the regularisation weight lambda as an input."""
+  return bool(config.model.get("condition_on_reg", False))
+
+
+def batch_reg_weight(config: ml_collections.ConfigDict, batch) -> jax.Array | None:
+  """lambda ``[B]`` of a batch for a conditioned network, else None.
+
+  ``batch["reg_weight"]`` when present (the train step draws it), otherwise
+  ``config.loss.reg_weight`` for every example (evaluation at one trade-off).
+  """
+  if not conditioned(config):
+    return None
+  if "reg_weight" in batch:
+    return batch["reg_weight"]
+  return jnp.full(batch["fixed"].shape[:1], config.loss.reg_weight, jnp.float32)
+
+
+def draw_reg_weight(config: ml_collections.ConfigDict, key: jax.Array, batch_size: int
+                    ) -> jax.Array:
+  """lambda ``[batch_size]``, log-uniform over ``config.model.reg_range``."""
+  lo, hi = (float(v) for v in config.model.reg_range)
+  return jnp.exp(jax.random.uniform(key, (batch_size,), jnp.float32, jnp.log(lo), jnp.log(hi)))
+
+
 def _forward(graphdef, template, config, params, batch):
   net = merge(graphdef, template, params)
   extra = None
@@ -75,7 +101,7 @@ def _forward(graphdef, template, config, params, batch):
     extra = label_channels(config, batch["fixed_labels"], batch["moving_labels"])
   return _model.predict_displacement(net, batch["fixed"], batch["moving"],
                                      method=config.decomposition, steps=config.svf_steps,
-                                     extra=extra)
+                                     extra=extra, reg_weight=batch_reg_weight(config, batch))
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
@@ -90,6 +116,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
   ``+ reg_weight * mean_k reg(u_k) + total_reg_weight * reg(phi)``
   ``+ dice_weight * (1 - soft Dice of warped one-hot labels)``
   ``+ folding_weight * folding(phi)``, each averaged over the batch.
+
+  A network conditioned on lambda (``config.model.condition_on_reg``) is
+  trained with the batch's lambda ``[B]`` (:func:`batch_reg_weight`) in place
+  of ``reg_weight``, per example, and ``total_reg_weight`` scaled alike
+  (``lambda * total_reg_weight / reg_weight``): the loss uses the same lambda
+  the network is given.
   """
   sim_fn, reg_fn = resolve_objective(config, similarity, regulariser)
   shape = tuple(config.data.shape) if config.data.get("shape") else (16, 16, 16)
@@ -103,9 +135,17 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
     disp, subfields = _forward(graphdef, template, config, params, batch)
     warped = _warp.warp_batch(batch["moving"], disp)
     sim = jnp.mean(jax.vmap(sim_fn)(batch["fixed"], warped))
-    reg_sub = sum(jnp.mean(jax.vmap(reg_fn)(u)) for u in subfields) / len(subfields)
-    reg_total = jnp.mean(jax.vmap(reg_fn)(disp))
-    total = lw.sim_weight * sim + lw.reg_weight * reg_sub + lw.total_reg_weight * reg_total
+    reg_sub_b = sum(jax.vmap(reg_fn)(u) for u in subfields) / len(subfields)  # [B]
+    reg_total_b = jax.vmap(reg_fn)(disp)
+    lam = batch_reg_weight(config, batch)
+    if lam is None:
+      w_sub, w_total = lw.reg_weight, lw.total_reg_weight
+    else:  # the lambda the network was given, per example
+      w_sub = lam
+      w_total = lam * (lw.total_reg_weight / lw.reg_weight if lw.reg_weight else 1.0)
+    reg_sub, reg_total = jnp.mean(reg_sub_b), jnp.mean(reg_total_b)
+    total = (lw.sim_weight * sim + jnp.mean(w_sub * reg_sub_b)
+             + jnp.mean(w_total * reg_total_b))
     metrics = {"similarity_loss": sim, "reg_subfields": reg_sub, "reg_total": reg_total}
     if classes and lw.dice_weight > 0 and "moving_labels" in batch:
       fixed_p = jax.nn.one_hot(batch["fixed_labels"], classes)
@@ -135,6 +175,9 @@ def make_train_step(graphdef: nnx.GraphDef, template: nnx.State,
                          regulariser=regulariser)
 
   def step(state: TrainState, batch):
+    if conditioned(config):  # a fresh lambda per example, from the state's key and step
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      batch = dict(batch, reg_weight=draw_reg_weight(config, key, batch["fixed"].shape[0]))
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
