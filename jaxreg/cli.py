@@ -137,7 +137,8 @@ def _register(args: argparse.Namespace) -> int:
   specs = data.read_pairs_csv(args.pairs) if args.pairs else None
   if specs is None:
     fixed, moving, fixed_labels, moving_labels = register.load_pair(
-        data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels))
+        data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels),
+        series=args.series)
   io.check_output_dir(args.out)  # fail now, not after the registration
   try:
     net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
@@ -186,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Outputs, all on the fixed image's grid and affine: "
                        "warped.nii.gz, warped_labels.nii.gz, displacement.nii.gz (ITK/ANTs/Slicer: "
                        "vector, mm, LPS), displacement_voxel.nii.gz (Learn2Reg), metrics.json.")
-  reg.add_argument("--fixed", help="fixed CT (NIfTI)")
-  reg.add_argument("--moving", help="moving CT (NIfTI)")
+  reg.add_argument("--fixed", help="fixed CT: NIfTI, NRRD, MetaImage, or a DICOM series folder")
+  reg.add_argument("--moving", help="moving CT (the same formats)")
   reg.add_argument("--pairs", help="a CSV of pairs (columns fixed,moving[,fixed_labels,"
                    "moving_labels]) registered in one process: one sub-folder per pair in "
                    "--out and summary.csv; complete pairs are skipped on a re-run")
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
   ref.add_argument("--no-mask", action="store_true",
                    help="compare the images everywhere, not only over the fixed body")
+  reg.add_argument("--series", metavar="UID",
+                   help="DICOM series instance UID, for an image folder holding several series")
   reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",
                    help="smoothness trade-off of a lambda-conditioned model (--checkpoint), "
                         "within the range it was trained on (default: its config's)")

@@ -1,4 +1,9 @@
-"""NIfTI in and out, with affines, atomic writes and ITK-compatible displacement fields.
+"""Images in and out, with affines, atomic writes and ITK-compatible displacement fields.
+
+:func:`load` / :func:`load_labels` read NIfTI (nibabel) and, with the ``itk`` extra,
+NRRD (``.nrrd``/``.nhdr``), MetaImage (``.mha``/``.mhd``) and a folder holding a DICOM
+CT series (:mod:`jaxreg.itkio`, SimpleITK); every format arrives in the same array order
+and RAS affine. Outputs are NIfTI.
 
 Arrays are numpy, indexed ``[x, y, z]`` (nibabel's array order); every volume
 travels with its 4x4 voxel-to-world affine (RAS+ mm, nibabel's convention).
@@ -36,6 +41,7 @@ __all__ = [
     "save_displacement",
     "load_displacement",
     "check_same_grid",
+    "reindexed",
     "atomic_path",
     "atomic_dir",
     "check_output_dir",
@@ -79,8 +85,6 @@ def _read_nifti(path) -> nib.Nifti1Image:
   path = os.fspath(path)
   if not os.path.exists(path):
     _fail(path, "no such file")
-  if os.path.isdir(path):
-    _fail(path, "is a directory, not a NIfTI file")
   if os.path.getsize(path) == 0:
     _fail(path, "file is empty")
   try:
@@ -139,25 +143,61 @@ def _read_array(img, path, dtype=None) -> np.ndarray:
   return np.asarray(data, dtype=dtype) if dtype is not None else np.asarray(data)
 
 
-def load(path, dtype=np.float32) -> Volume:
-  """Read a 3-D NIfTI image (``.nii`` / ``.nii.gz``) with its affine.
+def _check_geometry(path, array: np.ndarray, affine: np.ndarray) -> None:
+  """The checks a NIfTI's header gets, for an image read by another reader."""
+  if array.ndim != 3:
+    _fail(path, f"expected a 3-D image, got shape {tuple(array.shape)}")
+  if min(array.shape) < 2:
+    _fail(path, f"every axis needs at least 2 voxels, got shape {tuple(array.shape)}")
+  if array.dtype.kind not in "biuf":
+    _fail(path, f"unsupported voxel type {array.dtype} (need integer or real values)")
+  try:
+    _grid.check_affine(affine)
+  except ValueError as e:
+    _fail(path, str(e))
+  col = np.linalg.norm(affine[:3, :3], axis=0)
+  if np.any(col < 1e-3) or np.any(col > 1e3):
+    _fail(path, f"implausible voxel spacing {col.tolist()} mm")
 
-  Scaling (``scl_slope``/``scl_inter``) is applied, so CT arrives in HU.
+
+def _read(path, dtype=None, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """``(array, affine)`` of a NIfTI, NRRD or MetaImage file or a DICOM folder."""
+  from jaxreg import itkio
+  if itkio.is_itk_path(path):
+    if not os.path.exists(path):
+      _fail(path, "no such file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+      _fail(path, "file is empty")
+    array, affine = itkio.read(path, series)
+    _check_geometry(path, array, affine)
+    return (array.astype(dtype) if dtype is not None else array), affine
+  img = _read_nifti(path)
+  affine = _checked_affine(img, path)
+  return _read_array(img, path, dtype), affine
+
+
+def load(path, dtype=np.float32, *, series: str | None = None) -> Volume:
+  """Read a 3-D image with its affine: NIfTI, or NRRD / MetaImage / a DICOM folder.
+
+  NIfTI scaling (``scl_slope``/``scl_inter``) and DICOM rescale slope/intercept
+  are applied, so CT arrives in HU. Formats other than NIfTI need the ``itk``
+  extra (SimpleITK); see :mod:`jaxreg.itkio` for their geometry.
 
   Args:
-    path: file to read.
+    path: file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) or
+      a folder holding a DICOM series.
     dtype: numpy dtype of the returned array.
+    series: DICOM series instance UID, where the folder holds several.
 
   Returns:
     :class:`Volume` ``(array [X, Y, Z], affine [4, 4])``.
 
   Raises:
     InputError: missing, empty, unreadable or truncated file, not 3-D,
-      non-finite voxels, non-positive spacing, singular or non-finite affine.
+      non-finite voxels, non-positive spacing, singular or non-finite affine;
+      a DICOM folder with no series, several without ``series``, a gantry tilt.
   """
-  img = _read_nifti(path)
-  affine = _checked_affine(img, path)
-  array = _read_array(img, path, dtype)
+  array, affine = _read(path, dtype, series)
   if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
     n = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     _fail(path, f"{n} voxels are NaN or infinite")
@@ -169,7 +209,7 @@ def load_labels(path, *, like: Volume | None = None, like_path=None,
   """Read an integer label map, optionally checking it lies on an image's grid.
 
   Args:
-    path: label NIfTI file.
+    path: label file, in any format :func:`load` reads.
     like: the image the labels belong to; its grid must match.
     like_path: that image's file name, for the error message.
     allow_empty: accept a map with no foreground voxel.
@@ -181,9 +221,7 @@ def load_labels(path, *, like: Volume | None = None, like_path=None,
     InputError: as :func:`load`, plus non-integer values, negative labels, an
       empty map, or a grid that differs from ``like``'s.
   """
-  img = _read_nifti(path)
-  affine = _checked_affine(img, path)
-  raw = _read_array(img, path)
+  raw, affine = _read(path)
   if np.issubdtype(raw.dtype, np.floating):
     if not np.all(np.isfinite(raw)):
       _fail(path, "label map has NaN or infinite values")
@@ -196,8 +234,35 @@ def load_labels(path, *, like: Volume | None = None, like_path=None,
     _fail(path, "label map is empty (no voxel is labelled)")
   volume = Volume(labels, affine)
   if like is not None:
+    volume = reindexed(volume, like) or volume  # the same voxels in another axis order
     check_same_grid(like, volume, like_path or "image", path)
   return volume
+
+
+def reindexed(volume: Volume, like: Volume, atol_mm: float = 1e-3) -> Volume | None:
+  """``volume`` on ``like``'s grid when both hold the same voxel centres in another axis
+  order or direction (a DICOM series stacked the other way, a transposed export); else None.
+
+  Only permutations and flips of the axes: no value is interpolated.
+  """
+  m = np.linalg.solve(like.affine, volume.affine)  # volume index -> like index
+  perm = np.round(m[:3, :3])
+  if not (np.allclose(m[:3, :3], perm, atol=1e-4) and np.all(np.abs(perm).sum(0) == 1)
+          and np.all(np.abs(perm).sum(1) == 1)):
+    return None
+  order = [int(np.flatnonzero(perm[i])[0]) for i in range(3)]  # like axis i <- volume axis
+  array = np.transpose(volume.array, order)
+  for i, j in enumerate(order):
+    if perm[i, j] < 0:
+      array = np.flip(array, axis=i)
+  if array.shape != like.shape:
+    return None
+  # transposing and flipping maps volume index v to P v + c with c_i = 0 on kept axes and
+  # n_i - 1 on flipped ones: the two grids must hold exactly the same voxel centres
+  c = np.array([0.0 if perm[i, j] > 0 else like.shape[i] - 1 for i, j in enumerate(order)])
+  if not np.allclose(like.affine[:3, :3] @ (m[:3, 3] - c), 0, atol=atol_mm):
+    return None
+  return Volume(np.ascontiguousarray(array), like.affine)
 
 
 def check_same_grid(a: Volume, b: Volume, a_name="first", b_name="second", atol_mm=1e-3) -> None:

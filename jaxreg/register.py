@@ -494,15 +494,18 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
   return rows
 
 
-def load_pair(spec) -> tuple[Volume, Volume, Volume | None, Volume | None]:
+def load_pair(spec, series: str | None = None
+              ) -> tuple[Volume, Volume, Volume | None, Volume | None]:
   """``(fixed, moving, fixed_labels, moving_labels)`` of a :class:`jaxreg.data.PairSpec`;
   each label map is checked to lie on its image's grid (labels absent: None).
+  Any format :func:`jaxreg.io.load` reads; ``series``: a DICOM series UID, for an
+  image folder that holds several.
 
   Raises:
     InputError: an unreadable file, or labels on another grid (the message names the file).
   """
   from jaxreg import io as _io
-  fixed, moving = _io.load(spec.fixed), _io.load(spec.moving)
+  fixed, moving = _io.load(spec.fixed, series=series), _io.load(spec.moving, series=series)
   fl = (_io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed)
         if spec.fixed_labels else None)
   ml = (_io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving)

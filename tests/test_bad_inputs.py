@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import write_dicom_series
+
 from jaxreg import cli, io
 from jaxreg.io import InputError
 
@@ -70,7 +72,20 @@ CASES = {
     "empty file": (lambda d: {"--fixed": _touch(d / "empty.nii.gz")}, "file is empty", "load"),
     "truncated file": (lambda d: {"--fixed": _truncated(d)}, "", "load"),
     "not NIfTI": (lambda d: {"--fixed": _text(d / "notes.nii.gz")}, "not a readable NIfTI", "load"),
-    "a folder": (lambda d: {"--fixed": d}, "is a directory", "load"),
+    "a folder without DICOM": (lambda d: {"--fixed": d}, "no DICOM series in this folder",
+                               "load"),
+    "an empty DICOM folder": (lambda d: {"--fixed": _mkdir(d / "dicom")},
+                              "no DICOM series in this folder", "load"),
+    "mixed DICOM series": (lambda d: {"--moving": _mixed_dicom(d / "dicom")},
+                           "2 DICOM series here; pick one with --series UID", "load"),
+    "2-D DICOM": (lambda d: {"--fixed": write_dicom_series(d / "dicom", _ct()[:, :, :1], AFFINE)},
+                  "every axis needs at least 2 voxels", "load"),
+    "DICOM with gantry tilt": (lambda d: {"--fixed": write_dicom_series(
+        d / "dicom", _ct(), AFFINE, tilt_mm=1.0)}, "gantry tilt of", "load"),
+    "NRRD with a non-spatial axis": (lambda d: {"--fixed": _itk(d / "x.nrrd", np.zeros(
+        (2,) + SHAPE, np.int16))}, "expected a 3-D image, got 4-D", "load"),
+    ".mhd without its raw file": (lambda d: {"--moving": _mhd_without_raw(d)},
+                                  "ITK cannot read it", "load"),
     "2-D image": (lambda d: {"--fixed": _nifti(d / "x.nii.gz", np.zeros((24, 24), np.float32))},
                   "expected a 3-D image", "load"),
     "4-D image": (lambda d: {"--fixed": _nifti(d / "x.nii.gz", np.zeros(SHAPE + (2,)))},
@@ -144,6 +159,31 @@ def _singular(path):
   header["pixdim"][1:4] = 4.0
   nib.save(nib.Nifti1Image(_ct().astype(np.float32), None, header=header), str(path))
   return path
+
+
+def _mkdir(path):
+  path.mkdir()
+  return path
+
+
+def _mixed_dicom(path):
+  write_dicom_series(path, _ct(), AFFINE, uid="1.2.3.1")
+  return write_dicom_series(path, _ct(1), AFFINE, uid="1.2.3.2", prefix="other")
+
+
+def _itk(path, array):
+  import SimpleITK as sitk
+  sitk.WriteImage(sitk.GetImageFromArray(array, isVector=False), str(path))
+  return path
+
+
+def _mhd_without_raw(d):
+  import SimpleITK as sitk
+  sitk.WriteImage(sitk.GetImageFromArray(_ct().astype(np.int16)), str(d / "m.mhd"))
+  for name in os.listdir(d):
+    if name.startswith("m.") and not name.endswith(".mhd"):
+      os.remove(d / name)
+  return d / "m.mhd"
 
 
 def _touch(path):

@@ -186,7 +186,7 @@ BAD_FILES = {
     "singular affine": (lambda t: _write_nifti(t / "s.nii.gz", np.zeros(SHAPE, np.float32),
                                                np.diag([1.0, 1.0, 1e-9, 1.0])),
                         "singular"),
-    "directory": (lambda t: t, "is a directory"),
+    "directory": (lambda t: t, "no DICOM series in this folder"),
 }
 
 
@@ -249,3 +249,29 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
   with pytest.raises(io.InputError, match="exists and is not a folder"):
     with io.atomic_dir(tmp_path / "file"):
       pass
+
+
+def test_labels_in_another_axis_order_are_reindexed_onto_the_image_grid():
+  rng = np.random.default_rng(0)
+  image = io.Volume(rng.random((4, 5, 6)).astype(np.float32),
+                    np.array([[0, 0, 2.5, 10], [-0.8, 0, 0, 20], [0, 0.7, 0, -5], [0, 0, 0, 1]]))
+  labels = rng.integers(0, 5, (4, 5, 6))
+  # the same voxels stored with axes permuted (2, 0, 1) and axis 1 of the result reversed
+  stored = np.flip(np.transpose(labels, (2, 0, 1)), axis=1)
+  idx = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]], float)  # (flipped) stored -> image
+  perm = np.eye(4)
+  perm[:3] = idx
+  flip = np.eye(4)
+  flip[1, 1], flip[1, 3] = -1, stored.shape[1] - 1
+  affine = image.affine @ perm @ flip
+  # independent check of the construction: each stored voxel lands on the image voxel
+  v = (2, 3, 1)
+  lv = (affine @ [*v, 1])[:3]
+  li = np.round(np.linalg.solve(image.affine[:3, :3], lv - image.affine[:3, 3])).astype(int)
+  assert stored[v] == labels[tuple(li)]
+  got = io.reindexed(io.Volume(stored, affine), image)
+  np.testing.assert_array_equal(got.array, labels)
+  np.testing.assert_allclose(got.affine, image.affine)
+  shifted = affine.copy()
+  shifted[:3, 3] += [1.0, 0, 0]  # a 1 mm shift: not the same voxels, not reindexed
+  assert io.reindexed(io.Volume(stored, shifted), image) is None
