@@ -61,5 +61,6 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
     before = _preprocess.resample(moving, _preprocess.Grid.of(fixed), cval=-1024.0,
                                   antialias=False)
     report.save_report(out("report.png"), fixed.array, before, result.warped,
-                       result.displacement_voxel, result.affine, title=title)
+                       result.displacement_voxel, result.affine, title=title,
+                       fixed_labels=None if fixed_labels is None else fixed_labels.array)
   return metrics

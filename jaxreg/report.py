@@ -84,10 +84,14 @@ def _pyplot():
 
 def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
                 disp: np.ndarray, affine: np.ndarray, *, title: str = "",
-                window: tuple[float, float] = (-1000.0, 600.0), grid_every: int = 6) -> None:
-  """Write a PNG: fixed, moving, warped, checkerboard, deformation grid, Jacobian.
+                window: tuple[float, float] = (-1000.0, 600.0), grid_every: int = 6,
+                fixed_labels: np.ndarray | None = None, diff_range: float = 400.0) -> None:
+  """Write a PNG: fixed, moving, warped, fixed - warped, [the fixed labels' contours on the
+  warped image], checkerboard, deformation grid, Jacobian.
 
-  One row per plane (axial, coronal, sagittal through the centre of the grid).
+  One row per plane (axial, coronal, sagittal through the centre of the grid). Where
+  alignment fails, the difference image shows structure (red: fixed brighter, blue:
+  warped brighter) and the label contours miss the warped organs' edges.
 
   Args:
     path: output ``.png`` (written atomically).
@@ -99,10 +103,16 @@ def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.nda
     title: figure title.
     window: display window (HU).
     grid_every: spacing of the deformation-grid lines, in displayed voxels.
+    fixed_labels: optional ``[X, Y, Z]`` fixed label map: its contours drawn on the
+      warped image (one colour per label).
+    diff_range: HU at the ends of the difference image's colour scale.
   """
   plt = _pyplot()
   shape = np.shape(fixed)
-  for name, a in (("moving", moving), ("warped", warped), ("disp", np.asarray(disp)[..., 0])):
+  checks = [("moving", moving), ("warped", warped), ("disp", np.asarray(disp)[..., 0])]
+  if fixed_labels is not None:
+    checks.append(("fixed_labels", fixed_labels))
+  for name, a in checks:
     if np.shape(a) != shape:
       raise ValueError(f"{name} has shape {np.shape(a)}, fixed has {shape}")
   det = _metrics.jacobian_map(disp)
@@ -110,9 +120,15 @@ def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.nda
   phi = np.moveaxis(np.indices(shape), 0, -1) + np.asarray(disp, np.float64)
   views = {name: plane_slices(*to_ras(a, affine))
            for name, a in (("fixed", fixed), ("moving", moving), ("warped", warped),
-                           ("det", det), ("phi", phi))}
+                           ("det", det), ("phi", phi),
+                           ("diff", np.asarray(fixed, np.float64) - np.asarray(warped)),
+                           ("labels", np.zeros(shape, np.int32) if fixed_labels is None
+                            else np.asarray(fixed_labels)))}
   axes_to_ras = nib.orientations.io_orientation(np.asarray(affine, np.float64))[:, 0]
-  columns = ("fixed", "moving", "warped", "checkerboard", "deformation grid", "det J")
+  columns = ("fixed", "moving", "warped", "fixed - warped") + \
+      (("fixed labels on warped",) if fixed_labels is not None else ()) + \
+      ("checkerboard", "deformation grid", "det J")
+  colours = plt.get_cmap("tab20")
   fig, axes = plt.subplots(3, len(columns), figsize=(3 * len(columns), 9.5), squeeze=False)
   lo, hi = window
   for r, plane in enumerate(PLANES):
@@ -127,6 +143,18 @@ def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.nda
       if name in panels:
         ax.imshow(panels[name], cmap="gray", vmin=lo, vmax=hi, aspect=aspect,
                   interpolation="nearest")
+      elif name == "fixed - warped":
+        im = ax.imshow(views["diff"][plane][0], cmap="RdBu_r", vmin=-diff_range,
+                       vmax=diff_range, aspect=aspect, interpolation="nearest")
+        if r == 0:
+          fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+      elif name == "fixed labels on warped":
+        ax.imshow(panels["warped"], cmap="gray", vmin=lo, vmax=hi, aspect=aspect,
+                  interpolation="nearest")
+        lab = views["labels"][plane][0]
+        for value in np.unique(lab[lab > 0]):
+          ax.contour(lab == value, levels=[0.5], colors=[colours(int(value) % 20)],
+                     linewidths=0.7)
       elif name == "deformation grid":
         ax.imshow(panels["warped"], cmap="gray", vmin=lo, vmax=hi, aspect=aspect, alpha=0.5)
         p = views["phi"][plane][0]

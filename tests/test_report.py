@@ -60,11 +60,20 @@ def test_save_report_and_box_plot_write_pngs(tmp_path):
   path = tmp_path / "report.png"
   R.save_report(str(path), fixed, fixed + 10, fixed - 10, disp, LAS, title="t")
   image = matplotlib.image.imread(path)
-  assert image.ndim == 3 and image.shape[1] > image.shape[0] > 300  # 3 rows x 6 columns
+  assert image.ndim == 3 and image.shape[1] > image.shape[0] > 300  # 3 rows x 7 columns
   assert image[..., :3].std() > 0.05
   R.save_box_plot(str(tmp_path / "box.png"), {"a": [1.0, 2.0, np.nan], "b": [3.0]},
                   metric="dice")
   assert matplotlib.image.imread(tmp_path / "box.png").shape[0] > 100
   assert sorted(p.name for p in tmp_path.iterdir()) == ["box.png", "report.png"]
+  labels = np.zeros(SHAPE, np.int32)
+  labels[2:-2, 2:-2, 2:-2] = 3
+  R.save_report(str(tmp_path / "labelled.png"), fixed, fixed + 10, fixed - 10, disp, LAS,
+                fixed_labels=labels)
+  labelled = matplotlib.image.imread(tmp_path / "labelled.png")
+  assert labelled.shape[0] == image.shape[0]  # one more column: the label contours
+  assert 1.08 < labelled.shape[1] / image.shape[1] < 1.2
   with pytest.raises(ValueError, match="warped"):
     R.save_report(str(path), fixed, fixed, fixed[:-1], disp, LAS)
+  with pytest.raises(ValueError, match="fixed_labels"):
+    R.save_report(str(path), fixed, fixed, fixed, disp, LAS, fixed_labels=labels[:-1])
