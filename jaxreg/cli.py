@@ -119,7 +119,14 @@ def _refine_options(args):
 
 
 def _register(args: argparse.Namespace) -> int:
-  """Register --moving to --fixed (or every pair of --pairs); outputs written atomically."""
+  """Register --moving to --fixed (or every pair of --pairs); outputs written atomically,
+  under a lock on --out (a second process writing there gets a one-line error)."""
+  from jaxreg import io
+  with io.output_lock(args.out):
+    return _register_locked(args)
+
+
+def _register_locked(args: argparse.Namespace) -> int:
   import jax
 
   if args.device:
@@ -250,12 +257,20 @@ def main(argv: list[str] | None = None) -> int:
   if args.command is None:
     parser.print_help()
     return 2
+  from jaxreg.interrupt import interruptible
   from jaxreg.io import InputError
-  try:
-    return args.func(args)
-  except (UserError, InputError) as e:
-    print(f"jaxreg {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  with interruptible():
+    try:
+      return args.func(args)
+    except (UserError, InputError) as e:
+      print(f"jaxreg {args.command}: error: {e}", file=sys.stderr)
+      return 2
+    except KeyboardInterrupt as e:
+      print(f"jaxreg {args.command}: {str(e) or 'interrupted'}; no partial output was left "
+            "(a finished output folder is kept; run again to complete the rest)",
+            file=sys.stderr)
+      return 130
+
 
 
 if __name__ == "__main__":

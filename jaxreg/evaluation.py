@@ -313,12 +313,18 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
   """Run the evaluation; user errors print one line on stderr and exit 2."""
+  from jaxreg.interrupt import interruptible
   args = build_parser(prog).parse_args(argv)
-  try:
-    return _main(args)
-  except InputError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
+  with interruptible():
+    try:
+      with _io.output_lock(args.out):
+        return _main(args)
+    except InputError as e:
+      print(f"{prog}: error: {e}", file=sys.stderr)
+      return 2
+    except KeyboardInterrupt as e:
+      print(f"{prog}: {str(e) or 'interrupted'}; nothing was written", file=sys.stderr)
+      return 130
 
 
 def _main(args) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "reindexed",
     "atomic_path",
     "atomic_dir",
+    "output_lock",
     "check_output_dir",
     "CONVENTIONS",
 ]
@@ -312,6 +313,43 @@ def atomic_path(path, suffix: str = ""):
     raise
 
 
+@contextlib.contextmanager
+def output_lock(path):
+  """Hold an exclusive lock on the output folder ``path`` for the body's duration.
+
+  A second process asking for the same folder gets an :class:`InputError` at once (no
+  waiting, no mixed files). The lock is ``flock`` on a hidden ``.NAME.lock`` file beside
+  the folder, released by the kernel if the process dies, and removed on exit.
+
+  Raises:
+    InputError: another process holds the lock, or the parent folder is not writable.
+  """
+  path = check_output_dir(path)
+  lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+  try:
+    import fcntl
+  except ImportError:  # not POSIX: no lock, the atomic rename still avoids mixed files
+    yield
+    return
+  try:
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+  except OSError as e:
+    raise InputError(f"{path}: cannot write in {os.path.dirname(path)} ({e.strerror})") from e
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise InputError(f"{path}: another jaxreg process is writing this folder; wait for it "
+                       "or choose another --out") from None
+    try:
+      yield
+    finally:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(lock)
+  finally:
+    os.close(fd)
+
+
 def check_output_dir(path) -> str:
   """The absolute path of an output folder that :func:`atomic_dir` can write.
 
@@ -347,7 +385,13 @@ def atomic_dir(path):
   except OSError as e:
     raise InputError(f"{path}: cannot write in {parent} ({e.strerror})") from e
   try:
-    yield tmp
+    try:
+      yield tmp
+    except OSError as e:  # a full disk, a quota, a vanished mount: say so in one line
+      if isinstance(e, InputError) or e.errno is None:
+        raise
+      raise InputError(f"{path}: writing the outputs failed ({e.strerror}); nothing was "
+                       "replaced, the previous contents are intact") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
