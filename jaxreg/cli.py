@@ -7,6 +7,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import os
 import sys
@@ -155,8 +156,9 @@ def _register_locked(args: argparse.Namespace) -> int:
   register.check_reg_weight(config, args.reg_weight)  # before any work
   kwargs = dict(net=net, config=config, affine=args.affine, refine=options,
                 io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse)
+  write = functools.partial(outputs.write_registration, fmt=args.output_format)
   if specs is not None:
-    rows = register.register_many(specs, args.out, **kwargs)
+    rows = register.register_many(specs, args.out, write=write, **kwargs)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     print(f"jaxreg register: {len(rows)} pairs -> {args.out} ({counts['done']} done, "
           f"{counts['skipped']} already complete, {counts['failed']} failed; summary.csv)")
@@ -167,7 +169,7 @@ def _register_locked(args: argparse.Namespace) -> int:
   result = register.register(fixed, moving, fixed_labels=fixed_labels,
                              moving_labels=moving_labels, names=(args.fixed, args.moving),
                              **kwargs)
-  m = outputs.write_registration(
+  m = write(
       result, args.out, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
       moving_labels=moving_labels,
       title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
   ref.add_argument("--no-mask", action="store_true",
                    help="compare the images everywhere, not only over the fixed body")
+  reg.add_argument("--output-format", choices=("nifti", "nrrd", "mha"), default="nifti",
+                   help="format of the warped images and ITK displacements (default nifti; "
+                        "nrrd/mha need the itk extra)")
   reg.add_argument("--series", metavar="UID",
                    help="DICOM series instance UID, for an image folder holding several series")
   reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-__all__ = ["SUFFIXES", "is_itk_path", "read", "write", "dicom_series"]
+__all__ = ["SUFFIXES", "is_itk_path", "read", "write", "write_displacement", "dicom_series"]
 
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -144,6 +144,24 @@ def write(path, array: np.ndarray, affine: np.ndarray) -> None:
   affine = np.asarray(affine, np.float64)
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
   image = sitk.GetImageFromArray(np.transpose(np.asarray(array), (2, 1, 0)))
+  image.SetSpacing(spacing.tolist())
+  image.SetDirection((_LPS @ affine[:3, :3] / spacing).ravel().tolist())
+  image.SetOrigin((_LPS @ affine[:3, 3]).tolist())
+  sitk.WriteImage(image, os.fspath(path), useCompression=True)
+
+
+def write_displacement(path, disp_mm: np.ndarray, affine: np.ndarray) -> None:
+  """Write a displacement as an ITK vector image (NRRD/MetaImage) in ITK's convention.
+
+  ``disp_mm``: ``[X, Y, Z, 3]`` world (RAS+) millimetres on the grid of ``affine``; the
+  file holds LPS millimetre vectors on that grid, what SimpleITK's
+  ``DisplacementFieldTransform`` and 3D Slicer read (fixed point ``p`` -> ``p + d(p)``).
+  """
+  sitk = _sitk(path)
+  affine = np.asarray(affine, np.float64)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  lps = np.asarray(disp_mm, np.float64) * np.array([-1.0, -1.0, 1.0])
+  image = sitk.GetImageFromArray(np.transpose(lps, (2, 1, 0, 3)), isVector=True)
   image.SetSpacing(spacing.tolist())
   image.SetDirection((_LPS @ affine[:3, :3] / spacing).ravel().tolist())
   image.SetOrigin((_LPS @ affine[:3, 3]).tolist())

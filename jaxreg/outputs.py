@@ -22,15 +22,20 @@ from jaxreg import io as _io
 from jaxreg import preprocess as _preprocess
 from jaxreg.io import Volume
 
-__all__ = ["write_registration"]
+__all__ = ["write_registration", "OUTPUT_FORMATS"]
+
+OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 
 
 def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
                        fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
-                       title: str = "", label_ids=None) -> dict:
+                       title: str = "", label_ids=None, fmt: str = "nifti") -> dict:
   """Write ``result`` (a :class:`jaxreg.register.Registration`) into ``folder``.
 
-  The folder appears only when complete (:func:`jaxreg.io.atomic_dir`).
+  The folder appears only when complete (:func:`jaxreg.io.atomic_dir`). ``fmt``
+  (:data:`OUTPUT_FORMATS`): the format of the warped images and the ITK displacement(s):
+  NIfTI, or NRRD / MetaImage (through SimpleITK, the ``itk`` extra); the Learn2Reg
+  ``displacement_voxel.nii.gz`` is NIfTI in every case.
 
   Returns:
     the metrics written to ``metrics.json`` (the registration's, plus scores).
@@ -38,24 +43,33 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
   from jaxreg import register as _register
   from jaxreg import report
 
+  if fmt not in OUTPUT_FORMATS:
+    raise _io.InputError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+  ext = OUTPUT_FORMATS[fmt]
   metrics = dict(result.metrics)
   if fixed_labels is not None and moving_labels is not None:
     metrics.update(_register.score(result, fixed_labels, moving_labels, label_ids=label_ids))
   with _io.atomic_dir(folder) as tmp:
     out = lambda name: os.path.join(tmp, name)
-    _io.save(out("warped.nii.gz"), result.warped.astype(np.float32), result.affine)
+    to_vox = lambda mm: (mm @ np.linalg.inv(result.affine[:3, :3]).T).astype(np.float32)
+    if fmt == "nifti":
+      save = _io.save
+      save_field = lambda path, mm, vox=None: _io.save_displacement(
+          path, to_vox(mm) if vox is None else vox, result.affine, convention="itk")
+    else:
+      from jaxreg import itkio
+      save = itkio.write
+      save_field = lambda path, mm, vox=None: itkio.write_displacement(path, mm, result.affine)
+    save(out("warped" + ext), result.warped.astype(np.float32), result.affine)
     if result.warped_labels is not None:
-      _io.save(out("warped_labels.nii.gz"), result.warped_labels.astype(np.int16), result.affine)
-    _io.save_displacement(out("displacement.nii.gz"), result.displacement_voxel, result.affine,
-                          convention="itk")
+      save(out("warped_labels" + ext), result.warped_labels.astype(np.int16), result.affine)
+    save_field(out("displacement" + ext), result.displacement_mm, result.displacement_voxel)
     _io.save_displacement(out("displacement_voxel.nii.gz"), result.displacement_voxel,
                           result.affine, convention="voxel")
     if metrics.get("affine", "none") != "none":
       _affine.save_itk(out("affine.txt"), result.affine_matrix)
     if result.inverse_mm is not None:
-      inv_vox = result.inverse_mm @ np.linalg.inv(result.affine[:3, :3]).T
-      _io.save_displacement(out("inverse_displacement.nii.gz"), inv_vox.astype(np.float32),
-                            result.affine, convention="itk")
+      save_field(out("inverse_displacement" + ext), result.inverse_mm)
     with open(out("metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2, default=float)
     before = _preprocess.resample(moving, _preprocess.Grid.of(fixed), cval=-1024.0,

@@ -7,6 +7,7 @@ hypothesis: oblique and flipped orientations, anisotropic spacing 0.5-5 mm, any 
 """
 
 import os
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -68,7 +69,7 @@ def test_itk_formats_read_as_the_nifti_they_were_converted_from(tmp_path, geomet
 def test_a_dicom_series_reads_in_hu_on_its_patient_geometry(tmp_path, geometry):
   shape, affine = geometry
   hu = np.random.default_rng(1).integers(-1000, 1500, shape).astype(np.int16)
-  folder = write_dicom_series(tmp_path / f"ct{abs(hash(affine.tobytes()))}", hu, affine)
+  folder = write_dicom_series(tempfile.mkdtemp(dir=tmp_path), hu, affine)  # fresh per example
   first = sorted(os.listdir(folder))[0]
   reader = sitk.ImageFileReader()
   reader.SetFileName(os.path.join(folder, first))
@@ -149,3 +150,41 @@ def test_without_simpleitk_the_error_names_the_extra(tmp_path, monkeypatch):
   with pytest.raises(InputError, match=r"x.nrrd: reading NRRD, MetaImage and DICOM needs "
                                        r"SimpleITK: pip install 'jaxreg\[itk\]'"):
     io.load(tmp_path / "x.nrrd")
+
+
+@pytest.mark.parametrize("fmt", ["nrrd", "mha"])
+def test_register_writes_nrrd_or_mha_that_simpleitk_applies(tmp_path, capsys, fmt):
+  from jaxreg import cli
+  shape, affine = (32, 32, 32), np.array([[-4.0, 0, 0, 60], [0, 4.0, 0, -50], [0, 0, 4.0, 10],
+                                           [0, 0, 0, 1]])
+  grid = np.indices(shape)
+  labels = {}
+  for name, c in (("fixed", (15.5, 15.5, 15.5)), ("moving", (17.0, 14.5, 16.0))):
+    r = np.linalg.norm(grid - np.asarray(c)[:, None, None, None], axis=0)
+    labels[name] = ((r < 11).astype(np.uint8) + (r < 5)).astype(np.uint8)
+    ct = np.where(r < 11, 40.0, -1000.0) + np.where(r < 5, 300.0, 0.0)
+    nib.save(nib.Nifti1Image(ct.astype(np.int16), affine), str(tmp_path / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(labels[name], affine), str(tmp_path / f"{name}_labels.nii.gz"))
+  out = tmp_path / "out"
+  rc = cli.main(["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving",
+                 str(tmp_path / "moving.nii.gz"), "--moving-labels",
+                 str(tmp_path / "moving_labels.nii.gz"), "--out", str(out), "--no-refine",
+                 "--output-format", fmt])
+  assert rc == 0, capsys.readouterr().err
+  ext = "." + fmt
+  assert {f"warped{ext}", f"warped_labels{ext}", f"displacement{ext}",
+          "displacement_voxel.nii.gz"} <= set(os.listdir(out))
+  warped = io.load(out / f"warped{ext}")
+  np.testing.assert_allclose(warped.affine, affine, atol=1e-5)
+  ref = sitk.ReadImage(str(tmp_path / "fixed.nii.gz"))
+  field = sitk.ReadImage(str(out / f"displacement{ext}"), sitk.sitkVectorFloat64)
+  moving = sitk.ReadImage(str(tmp_path / "moving_labels.nii.gz"))
+  theirs = sitk.GetArrayFromImage(sitk.Resample(
+      moving, ref, sitk.DisplacementFieldTransform(field), sitk.sitkNearestNeighbor, 0))
+  ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"warped_labels{ext}")))
+  assert (theirs == ours).mean() >= 0.999
+  d_vox, _ = io.load_displacement(out / "displacement_voxel.nii.gz", convention="voxel")
+  field = sitk.ReadImage(str(out / f"displacement{ext}"))  # the transform took the first copy
+  lps = np.transpose(sitk.GetArrayFromImage(field), (2, 1, 0, 3))
+  ras_mm = lps * [-1, -1, 1]
+  np.testing.assert_allclose(ras_mm, d_vox @ affine[:3, :3].T, atol=1e-4)
