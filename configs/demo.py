@@ -106,6 +106,9 @@ def get_config():
   # Optimisation steps and global batch size (a multiple of the device count).
   c.train.steps = 900
   c.train.batch_size = 1
+  # Compute dtype of the network's convolutions (inputs, activations): "float32" or
+  # "bfloat16" (mixed precision: parameters, optimiser state, fields and losses stay float32).
+  c.train.compute_dtype = "float32"
   # Devices to train on: 0 = all devices (of all processes), N = the first N.
   c.train.devices = 0
   # Log train metrics, run validation and save a checkpoint every so many steps.

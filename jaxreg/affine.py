@@ -252,5 +252,5 @@ def itk_text(matrix: np.ndarray) -> str:
 def save_itk(path: str, matrix: np.ndarray) -> None:
   """Write :func:`itk_text` to ``path`` atomically."""
   with _io.atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(itk_text(matrix))

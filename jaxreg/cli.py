@@ -82,9 +82,9 @@ def _demo(args: argparse.Namespace) -> int:
     table += [f"| {name} | {dice:.3f} | {fold:.5f} |" for name, dice, fold in rows]
     summary = {"pairs": args.pairs, "labels": list(config.data.label_ids),
                "shipped": shipped, "trained_here": trained}
-    with open(os.path.join(tmp, "summary.json"), "w") as f:
+    with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
-    with open(os.path.join(tmp, "summary.md"), "w") as f:
+    with open(os.path.join(tmp, "summary.md"), "w", encoding="utf-8") as f:
       f.write("\n".join(table) + "\n")
   print("\n".join(table))
   print(f"Dice over {len(config.data.label_ids)} organs on the "
@@ -158,7 +158,7 @@ def _register_locked(args: argparse.Namespace) -> int:
                 io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse)
   write = functools.partial(outputs.write_registration, fmt=args.output_format)
   if specs is not None:
-    rows = register.register_many(specs, args.out, write=write, **kwargs)
+    rows = register.register_many(specs, args.out, write=write, series=args.series, **kwargs)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     print(f"jaxreg register: {len(rows)} pairs -> {args.out} ({counts['done']} done, "
           f"{counts['skipped']} already complete, {counts['failed']} failed; summary.csv)")

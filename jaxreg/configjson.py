@@ -24,7 +24,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def write_config(config: ml_collections.ConfigDict, path: str) -> None:
   """Write the resolved config as JSON, atomically."""
   with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(to_json(config) + "\n")
 
 
@@ -42,7 +42,7 @@ def read_config_json(path: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such config file")
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return config_from_dict(json.load(f))
   except (OSError, json.JSONDecodeError) as e:
     raise InputError(f"{path}: not a readable config ({e})") from e

@@ -115,7 +115,7 @@ def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
   path = _find_json(folder)
   root = os.path.dirname(path)
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       meta = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise InputError(f"{path}: not a readable JSON file ({e})") from e
@@ -180,7 +180,7 @@ def read_pairs_csv(path: str) -> list[PairSpec]:
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
   root = os.path.dirname(os.path.abspath(path))
-  with open(path, newline="") as f:
+  with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     columns = reader.fieldnames or []
     if "fixed" not in columns or "moving" not in columns:
@@ -244,7 +244,7 @@ def demo() -> Demo:
   ct = load(_demo_file("ct.nii.gz"))
   labels = load_labels(_demo_file("labels.nii.gz"), like=ct)
   names, evaluated = {}, []
-  with open(_demo_file("labels.csv")) as f:
+  with open(_demo_file("labels.csv"), encoding="utf-8") as f:
     for row in csv.DictReader(f):
       names[int(row["id"])] = row["name"]
       if row["evaluated"] == "1":

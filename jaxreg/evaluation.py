@@ -277,13 +277,13 @@ def markdown_table(summary: dict) -> str:
 def write_outputs(folder: str, rows: Sequence[dict], summary: dict, info: dict) -> None:
   """per_pair.csv, summary.md, summary.json and one box plot per metric in ``folder``."""
   from jaxreg import report
-  with open(os.path.join(folder, "per_pair.csv"), "w", newline="") as f:
+  with open(os.path.join(folder, "per_pair.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=["pair", "method", *METRICS])
     writer.writeheader()
     writer.writerows(rows)
-  with open(os.path.join(folder, "summary.json"), "w") as f:
+  with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
     json.dump({**info, "summary": summary}, f, indent=2)
-  with open(os.path.join(folder, "summary.md"), "w") as f:
+  with open(os.path.join(folder, "summary.md"), "w", encoding="utf-8") as f:
     f.write(markdown_table(summary))
   for metric, (unit, _) in METRICS.items():
     values = {m: [r[metric] for r in rows if r["method"] == m] for m in summary}

@@ -16,6 +16,9 @@ series is a decision the user should make with the scanner's geometry in view.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import locale
 import os
 
 import numpy as np
@@ -24,6 +27,20 @@ __all__ = ["SUFFIXES", "is_itk_path", "read", "write", "write_displacement", "di
 
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _keep_locale(fn):
+  """Run ``fn`` and put the process's C locale back: ITK's GDCM resets it to "C", after which
+  Python's ``open()`` would default to ASCII (a summary with a non-ASCII sign then fails)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      with contextlib.suppress(locale.Error):
+        locale.setlocale(locale.LC_ALL, saved)
+  return wrapped
 
 
 def is_itk_path(path) -> bool:
@@ -47,6 +64,7 @@ def _fail(path, problem: str):
   raise InputError(f"{path}: {problem}")
 
 
+@_keep_locale
 def dicom_series(folder) -> dict[str, list[str]]:
   """Series instance UID -> its files (sorted by GDCM along the slice normal)."""
   sitk = _sitk(folder)
@@ -105,6 +123,7 @@ def _read_dicom(folder, series: str | None, sitk):
   return reader.Execute()
 
 
+@_keep_locale
 def read(path, series: str | None = None):
   """``(array [X, Y, Z] in ITK index order, affine [4, 4] RAS+ mm)`` of a NRRD/MetaImage file
   or a DICOM folder (``series``: the series UID where the folder holds several).
@@ -135,6 +154,7 @@ def read(path, series: str | None = None):
   return array, affine
 
 
+@_keep_locale
 def write(path, array: np.ndarray, affine: np.ndarray) -> None:
   """Write ``array [X, Y, Z]`` with its RAS affine as NRRD/MetaImage (the inverse of :func:`read`).
 
@@ -150,6 +170,7 @@ def write(path, array: np.ndarray, affine: np.ndarray) -> None:
   sitk.WriteImage(image, os.fspath(path), useCompression=True)
 
 
+@_keep_locale
 def write_displacement(path, disp_mm: np.ndarray, affine: np.ndarray) -> None:
   """Write a displacement as an ITK vector image (NRRD/MetaImage) in ITK's convention.
 

@@ -40,7 +40,7 @@ from jaxreg import conv as _conv_lib
 from jaxreg import decompose as _decompose
 
 __all__ = ["UNet", "RegistrationNet", "HEADS", "REG_CONDITIONS", "predict_displacement",
-           "unet_stride", "from_config", "reg_code"]
+           "unet_stride", "from_config", "reg_code", "compute_dtype", "COMPUTE_DTYPES"]
 
 HEADS = ("levels", "full")
 REG_CONDITIONS = ("film", "channel")
@@ -81,9 +81,10 @@ def unet_stride(widths: Sequence[int]) -> int:
 
 
 def _conv(cin: int, cout: int, stride: int, rngs: nnx.Rngs, conv: str = "auto",
-          **kw) -> nnx.Conv:
+          dtype=None, **kw) -> nnx.Conv:
   return nnx.Conv(cin, cout, (3, 3, 3), strides=stride, padding="SAME", rngs=rngs,
-                  conv_general_dilated=_conv_lib.conv_fn(conv), **kw)
+                  conv_general_dilated=_conv_lib.conv_fn(conv), dtype=dtype,
+                  param_dtype=jnp.float32, **kw)
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
@@ -95,12 +96,12 @@ def _upsample2(x: jax.Array) -> jax.Array:
 
 def _upsample_skip_conv(conv: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Array:
   """``conv(concat([upsample2(x), skip]))`` with the kernel split by input channels."""
-  kernel = conv.kernel[...]
+  kernel = conv.kernel[...].astype(x.dtype)  # the compute dtype (bfloat16 in mixed precision)
   c = x.shape[-1]
   y = _conv_lib.conv3d_upsampled(x, kernel[..., :c, :], conv.conv_general_dilated)
   y = y + conv.conv_general_dilated(skip, kernel[..., c:, :], (1, 1, 1), "SAME",
                                     dimension_numbers=_conv_lib.NDHWC)
-  return y + conv.bias[...] if conv.bias is not None else y
+  return y + conv.bias[...].astype(y.dtype) if conv.bias is not None else y
 
 
 class UNet(nnx.Module):
@@ -128,21 +129,21 @@ class UNet(nnx.Module):
   """
 
   def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 32, 64), *,
-               convs_per_level: int = 1, conv: str = "auto", rngs: nnx.Rngs):
+               convs_per_level: int = 1, conv: str = "auto", dtype=None, rngs: nnx.Rngs):
     if len(widths) < 1 or min(widths) < 1:
       raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}")
     self.widths = tuple(int(w) for w in widths)
     enc, cin = [], in_channels
     for i, w in enumerate(self.widths):
-      convs = [_conv(cin, w, 1 if i == 0 else 2, rngs, conv)]
-      convs += [_conv(w, w, 1, rngs, conv) for _ in range(convs_per_level - 1)]
+      convs = [_conv(cin, w, 1 if i == 0 else 2, rngs, conv, dtype)]
+      convs += [_conv(w, w, 1, rngs, conv, dtype) for _ in range(convs_per_level - 1)]
       enc.append(nnx.List(convs))
       cin = w
     dec = []
     for i in range(len(self.widths) - 2, -1, -1):
       w = self.widths[i]
-      convs = [_conv(cin + w, w, 1, rngs, conv)]
-      convs += [_conv(w, w, 1, rngs, conv) for _ in range(convs_per_level - 1)]
+      convs = [_conv(cin + w, w, 1, rngs, conv, dtype)]
+      convs += [_conv(w, w, 1, rngs, conv, dtype) for _ in range(convs_per_level - 1)]
       dec.append(nnx.List(convs))
       cin = w
     self.encoder = nnx.List(enc)
@@ -165,8 +166,8 @@ class UNet(nnx.Module):
     def modulate(x, k):
       if film is None:
         return x
-      gamma, beta = film[k]
-      return x * (1.0 + gamma[:, None, None, None, :]) + beta[:, None, None, None, :]
+      gamma, beta = (v.astype(x.dtype)[:, None, None, None, :] for v in film[k])
+      return x * (1.0 + gamma) + beta
 
     if x.ndim != 5:
       raise ValueError(f"UNet input must be [B, X, Y, Z, C], got shape {x.shape}")
@@ -209,6 +210,9 @@ class RegistrationNet(nnx.Module):
     reg_condition: None, or ``"film"`` / ``"channel"``: take the regularisation
       weight as an input (see the module docstring).
     reg_range: ``(lo, hi)``, the lambda range a conditioned network is trained on.
+    dtype: compute dtype of the convolutions (inputs and activations; e.g.
+      ``jnp.bfloat16`` for mixed precision); parameters stay float32, and the
+      sub-fields are returned in float32.
     rngs: NNX random streams.
 
   Call: ``(fixed [B, X, Y, Z(, C)], moving [B, X, Y, Z(, C)], extra=None,
@@ -221,7 +225,7 @@ class RegistrationNet(nnx.Module):
                num_subfields: int = 3, heads: str = "levels", max_disp: float | None = None,
                head_init: float = 1e-5, convs_per_level: int = 1, conv: str = "auto",
                reg_condition: str | None = None, reg_range: Sequence[float] = (0.1, 100.0),
-               rngs: nnx.Rngs):
+               dtype=None, rngs: nnx.Rngs):
     if reg_condition is not None and reg_condition not in REG_CONDITIONS:
       raise ValueError(f"reg_condition must be None or one of {REG_CONDITIONS}, "
                        f"got {reg_condition!r}")
@@ -237,7 +241,7 @@ class RegistrationNet(nnx.Module):
       raise ValueError(f"heads='levels' needs num_subfields <= levels ({len(widths)}), "
                        f"got {num_subfields}")
     self.unet = UNet(in_channels + (reg_condition == "channel"), widths,
-                     convs_per_level=convs_per_level, conv=conv, rngs=rngs)
+                     convs_per_level=convs_per_level, conv=conv, dtype=dtype, rngs=rngs)
     self.film = FiLM(self.unet.level_channels, rngs=rngs) if reg_condition == "film" else None
     self.heads = heads
     self.num_subfields = num_subfields
@@ -247,7 +251,7 @@ class RegistrationNet(nnx.Module):
       level_widths = [widths[k] for k in range(num_subfields - 1, -1, -1)]
     else:
       level_widths = [widths[0]] * num_subfields
-    self.head_convs = nnx.List([_conv(w, 3, 1, rngs, conv, kernel_init=init)
+    self.head_convs = nnx.List([_conv(w, 3, 1, rngs, conv, dtype, kernel_init=init)
                                 for w in level_widths])
 
   def __call__(self, fixed: jax.Array, moving: jax.Array,
@@ -276,7 +280,7 @@ class RegistrationNet(nnx.Module):
       feats = [feats[-1]] * self.num_subfields
     out = []
     for conv, f in zip(self.head_convs, feats):
-      u = conv(f)
+      u = conv(f).astype(jnp.float32)  # fields, warps and losses stay float32
       if self.max_disp is not None:
         u = self.max_disp * jnp.tanh(u / self.max_disp)
       out.append(u)
@@ -314,4 +318,17 @@ def from_config(config, seed: int = 0) -> "RegistrationNet":
       heads=m.heads, max_disp=m.get("max_disp"), head_init=m.head_init,
       convs_per_level=m.get("convs_per_level", 1), conv=m.get("conv", "auto"),
       reg_condition=m.get("reg_conditioning", "film") if m.get("condition_on_reg", False)
-      else None, reg_range=tuple(m.get("reg_range", (0.1, 100.0))), rngs=nnx.Rngs(seed))
+      else None, reg_range=tuple(m.get("reg_range", (0.1, 100.0))),
+      dtype=compute_dtype(config), rngs=nnx.Rngs(seed))
+
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config):
+  """The network's compute dtype for ``config.train.compute_dtype`` (None: float32)."""
+  name = config.train.get("compute_dtype", "float32") if "train" in config else "float32"
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                     f"got {name!r}")
+  return COMPUTE_DTYPES[name]

@@ -70,7 +70,7 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
       _affine.save_itk(out("affine.txt"), result.affine_matrix)
     if result.inverse_mm is not None:
       save_field(out("inverse_displacement" + ext), result.inverse_mm)
-    with open(out("metrics.json"), "w") as f:
+    with open(out("metrics.json"), "w", encoding="utf-8") as f:
       json.dump(metrics, f, indent=2, default=float)
     before = _preprocess.resample(moving, _preprocess.Grid.of(fixed), cval=-1024.0,
                                   antialias=False)

@@ -428,7 +428,7 @@ def _pair_name(index: int, spec) -> str:
 
 def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
                   progress: bool | None = None, log: Callable[[str], None] = print,
-                  **kwargs) -> list[dict]:
+                  series: str | None = None, **kwargs) -> list[dict]:
   """Register many pairs in one process (compiled code is reused), one folder per pair.
 
   Each pair's outputs go to ``out/NNN_<moving>_to_<fixed>/`` (written atomically by
@@ -445,6 +445,7 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
     write: how to write one result (default: the CLI's outputs).
     progress: show a progress bar with ETA (default: when stderr is a terminal).
     log: one line per pair.
+    series: a DICOM series UID, for image folders holding several (:func:`load_pair`).
     **kwargs: passed to :func:`register` (net, config, affine, refine, ...).
 
   Returns:
@@ -476,7 +477,7 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
         row["status"] = "skipped"
       else:
         try:
-          _register_one(spec, folder, write, kwargs)
+          _register_one(spec, folder, write, kwargs, series)
           row.update(_read_scores(folder))
         except InputError as e:  # a bad file, no overlap, a diverging refinement, ...
           row.update(status="failed", error=str(e).splitlines()[0])
@@ -513,8 +514,9 @@ def load_pair(spec, series: str | None = None
   return fixed, moving, fl, ml
 
 
-def _register_one(spec, folder: str, write: Callable, kwargs: dict) -> None:
-  fixed, moving, fl, ml = load_pair(spec)
+def _register_one(spec, folder: str, write: Callable, kwargs: dict,
+                  series: str | None = None) -> None:
+  fixed, moving, fl, ml = load_pair(spec, series)
   result = register(fixed, moving, fixed_labels=fl, moving_labels=ml,
                     names=(spec.fixed, spec.moving), **kwargs)
   write(result, folder, fixed=fixed, moving=moving, fixed_labels=fl, moving_labels=ml,
@@ -526,7 +528,7 @@ def _read_scores(folder: str) -> dict:
   path = os.path.join(folder, "metrics.json")
   if not os.path.isfile(path):
     return {}
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     m = json.load(f)
   return {k: round(m[k], 4) for k in ("mean_dice_before", "mean_dice") if k in m}
 
@@ -534,7 +536,7 @@ def _read_scores(folder: str) -> dict:
 def _write_summary(out: str, rows: list[dict]) -> None:
   from jaxreg import io as _io
   with _io.atomic_path(os.path.join(out, "summary.csv")) as tmp:
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
       writer = csv.DictWriter(f, fieldnames=list(rows[0]))
       writer.writeheader()
       writer.writerows(rows)

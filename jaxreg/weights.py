@@ -38,12 +38,12 @@ def save_weights(path: str, config: ml_collections.ConfigDict, params,
   if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)):
     raise ValueError(f"{path}: refusing to save non-finite parameters")
   with atomic_dir(path) as tmp:
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
     with open(os.path.join(tmp, "params.msgpack"), "wb") as f:
       f.write(serialization.msgpack_serialize(params))
     if info is not None:
-      with open(os.path.join(tmp, "info.json"), "w") as f:
+      with open(os.path.join(tmp, "info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
 
 

@@ -21,8 +21,18 @@ def write_dicom_series(folder, array, affine, *, uid="1.2.826.0.1.3680043.2.1125
   ``gaps_mm`` gives the distance after each slice (non-uniform spacing). Stored with
   rescale intercept ``intercept`` (ITK writes ``HU - intercept`` as the stored values).
   """
+  import locale
+
   import numpy as np
   import SimpleITK as sitk
+  saved = locale.setlocale(locale.LC_ALL)  # GDCM resets the C locale; put it back after
+  try:
+    return _write_dicom(folder, array, affine, uid, intercept, tilt_mm, gaps_mm, prefix, np, sitk)
+  finally:
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom(folder, array, affine, uid, intercept, tilt_mm, gaps_mm, prefix, np, sitk):
   os.makedirs(folder, exist_ok=True)
   lps = np.diag([-1.0, -1.0, 1.0])
   spacing = np.linalg.norm(affine[:3, :3], axis=0)

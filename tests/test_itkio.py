@@ -188,3 +188,13 @@ def test_register_writes_nrrd_or_mha_that_simpleitk_applies(tmp_path, capsys, fm
   lps = np.transpose(sitk.GetArrayFromImage(field), (2, 1, 0, 3))
   ras_mm = lps * [-1, -1, 1]
   np.testing.assert_allclose(ras_mm, d_vox @ affine[:3, :3].T, atol=1e-4)
+
+
+def test_reading_dicom_leaves_the_process_locale_alone(tmp_path):
+  """ITK's GDCM resets the C locale to "C"; after that open() would default to ASCII."""
+  import locale
+  before = (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False))
+  folder = write_dicom_series(tmp_path / "ct", np.zeros((4, 4, 3), np.int16), np.eye(4))
+  io.load(folder)
+  itkio.write(tmp_path / "x.nrrd", np.zeros((3, 3, 3), np.int16), np.eye(4))
+  assert (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)) == before

@@ -101,7 +101,12 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(pair_files, tmp_path, 
   if case == "missing":
     args["--moving"], expect = tmp_path / "nope.nii.gz", "nope.nii.gz: no such file"
   elif case == "labels of another grid":
-    args["--moving-labels"] = d / "fixed_labels.nii.gz"  # fixed grid != flipped moving grid
+    # the moving grid shifted by half a voxel: not the same voxels in another order
+    lab = io.load_labels(d / "moving_labels.nii.gz")
+    shifted = lab.affine.copy()
+    shifted[:3, 3] += 0.5 * lab.affine[:3, 0]
+    io.save(tmp_path / "shifted_labels.nii.gz", lab.array.astype(np.uint8), shifted)
+    args["--moving-labels"] = tmp_path / "shifted_labels.nii.gz"
     expect = "affine differs from"
   elif case == "out in a missing folder":
     args["--out"], expect = tmp_path / "no" / "reg", "parent folder"
@@ -117,6 +122,15 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(pair_files, tmp_path, 
   assert len(lines) == 1 and expect in lines[0] and "Traceback" not in out.stderr
   if case != "out is a file":
     assert not (tmp_path / "reg").exists()
+
+
+def test_labels_stored_in_the_other_axis_order_are_accepted(pair_files):
+  """The fixed labels hold the same voxels as the flipped moving grid: re-indexed, not refused."""
+  d = pair_files
+  moving = io.load(d / "moving.nii.gz")
+  labels = io.load_labels(d / "fixed_labels.nii.gz", like=moving)
+  np.testing.assert_allclose(labels.affine, moving.affine)
+  np.testing.assert_array_equal(labels.array, io.load_labels(d / "fixed_labels.nii.gz").array[::-1])
 
 
 @pytest.fixture(scope="module")

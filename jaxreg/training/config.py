@@ -135,6 +135,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       hint = (" (a name of your own: register it in a module and pass train.py --import MODULE)"
               if name.startswith("loss.") else "")
       problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}{hint}")
+  if t.get("compute_dtype", "float32") not in _model.COMPUTE_DTYPES:
+    problems.append(f"train.compute_dtype must be one of {', '.join(_model.COMPUTE_DTYPES)}; "
+                    f"got {t.compute_dtype!r}")
   if m.get("condition_on_reg", False):
     lo, hi = m.reg_range
     if not 0 < lo < hi:
