@@ -4,7 +4,8 @@
     python benchmarks/memory.py --shape 96,80,128     # another grid
 
 Compiles the train step of a config for one device, in float32 and with bfloat16 compute
-(``train.compute_dtype``), without running it, and prints ``compiled.memory_analysis()``:
+(``train.compute_dtype``), with and without rematerialisation of the UNet levels
+(``model.remat``), without running it, and prints ``compiled.memory_analysis()``:
 arguments (parameters, optimiser state, batch), outputs and temporaries (activations kept
 for the backward pass and scratch), in GiB. The reference is the paper's 11 GB for a
 2 mm whole-body batch of 1. The figures are XLA:CPU's; a GPU/TPU compiler schedules
@@ -62,12 +63,16 @@ def main(argv=None) -> int:
     base = training.override(base, [f"data.shape=({args.shape})"])
   print(f"{args.config}: data.shape {tuple(base.data.shape)}, batch {base.train.batch_size}, "
         f"UNet {tuple(base.model.widths)}, K={base.model.num_subfields}; one device, XLA:CPU")
-  print("| compute dtype | arguments GiB | outputs GiB | temporaries GiB | total GiB | compile s |")
-  print("| --- | --- | --- | --- | --- | --- |")
-  for dtype in ("float32", "bfloat16"):
-    r = analyse(training.override(base, [f"train.compute_dtype='{dtype}'", "train.devices=1"]))
-    print(f"| {dtype} | {r['arguments']:.2f} | {r['outputs']:.2f} | {r['temporaries']:.2f} | "
-          f"{r['peak']:.2f} | {r['compile_seconds']:.0f} |", flush=True)
+  print("| compute dtype | remat | arguments GiB | outputs GiB | temporaries GiB | total GiB |"
+        " compile s |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for remat in (False, True):
+    for dtype in ("float32", "bfloat16"):
+      r = analyse(training.override(base, [f"train.compute_dtype='{dtype}'", "train.devices=1",
+                                           f"model.remat={remat}"]))
+      print(f"| {dtype} | {'levels' if remat else 'no'} | {r['arguments']:.2f} | "
+            f"{r['outputs']:.2f} | {r['temporaries']:.2f} | {r['peak']:.2f} | "
+            f"{r['compile_seconds']:.0f} |", flush=True)
   return 0
 
 

@@ -63,6 +63,8 @@ def get_config():
   # "channel": a constant input channel) and weight the regulariser by it. Then
   # `jaxreg register --reg-weight L` picks the trade-off without retraining; validation
   # uses loss.reg_weight as lambda.
+  # Rematerialise each UNet level in the backward pass (less memory, more compute).
+  c.model.remat = False
   c.model.condition_on_reg = False
   c.model.reg_conditioning = "film"
   c.model.reg_range = (0.1, 100.0)

@@ -129,10 +129,12 @@ class UNet(nnx.Module):
   """
 
   def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 32, 64), *,
-               convs_per_level: int = 1, conv: str = "auto", dtype=None, rngs: nnx.Rngs):
+               convs_per_level: int = 1, conv: str = "auto", dtype=None, remat: bool = False,
+               rngs: nnx.Rngs):
     if len(widths) < 1 or min(widths) < 1:
       raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}")
     self.widths = tuple(int(w) for w in widths)
+    self.remat = bool(remat)
     enc, cin = [], in_channels
     for i, w in enumerate(self.widths):
       convs = [_conv(cin, w, 1 if i == 0 else 2, rngs, conv, dtype)]
@@ -174,23 +176,33 @@ class UNet(nnx.Module):
     if any(n % self.stride for n in x.shape[1:4]):
       raise ValueError(f"spatial shape {x.shape[1:4]} must be divisible by {self.stride} "
                        f"(2 ** (levels - 1) for {len(self.widths)} levels)")
-    skips = []
-    for k, convs in enumerate(self.encoder):
+    fuse = self.fuse_upsample
+
+    def encode(convs, x):
       for conv in convs:
         x = nnx.leaky_relu(conv(x), 0.2)
-      x = modulate(x, k)
-      skips.append(x)
-    outs = [x]
-    for k, (convs, skip) in enumerate(zip(self.decoder, reversed(skips[:-1])),
-                                      start=len(self.encoder)):
-      if self.fuse_upsample:
+      return x
+
+    def decode(convs, x, skip):
+      if fuse:
         x = _upsample_skip_conv(convs[0], x, skip)
       else:
         x = convs[0](jnp.concatenate([_upsample2(x), skip], axis=-1))
       x = nnx.leaky_relu(x, 0.2)
       for conv in convs[1:]:
         x = nnx.leaky_relu(conv(x), 0.2)
-      x = modulate(x, k)
+      return x
+
+    if self.remat:  # keep only each level's output for the backward pass; recompute inside
+      encode, decode = nnx.remat(encode), nnx.remat(decode)
+    skips = []
+    for k, convs in enumerate(self.encoder):
+      x = modulate(encode(convs, x), k)
+      skips.append(x)
+    outs = [x]
+    for k, (convs, skip) in enumerate(zip(self.decoder, reversed(skips[:-1])),
+                                      start=len(self.encoder)):
+      x = modulate(decode(convs, x, skip), k)
       outs.append(x)
     return outs
 
@@ -213,6 +225,8 @@ class RegistrationNet(nnx.Module):
     dtype: compute dtype of the convolutions (inputs and activations; e.g.
       ``jnp.bfloat16`` for mixed precision); parameters stay float32, and the
       sub-fields are returned in float32.
+    remat: rematerialise each UNet level in the backward pass (``nnx.remat``): only
+      level outputs are kept, the convolutions inside a level are recomputed.
     rngs: NNX random streams.
 
   Call: ``(fixed [B, X, Y, Z(, C)], moving [B, X, Y, Z(, C)], extra=None,
@@ -225,7 +239,7 @@ class RegistrationNet(nnx.Module):
                num_subfields: int = 3, heads: str = "levels", max_disp: float | None = None,
                head_init: float = 1e-5, convs_per_level: int = 1, conv: str = "auto",
                reg_condition: str | None = None, reg_range: Sequence[float] = (0.1, 100.0),
-               dtype=None, rngs: nnx.Rngs):
+               dtype=None, remat: bool = False, rngs: nnx.Rngs):
     if reg_condition is not None and reg_condition not in REG_CONDITIONS:
       raise ValueError(f"reg_condition must be None or one of {REG_CONDITIONS}, "
                        f"got {reg_condition!r}")
@@ -241,7 +255,8 @@ class RegistrationNet(nnx.Module):
       raise ValueError(f"heads='levels' needs num_subfields <= levels ({len(widths)}), "
                        f"got {num_subfields}")
     self.unet = UNet(in_channels + (reg_condition == "channel"), widths,
-                     convs_per_level=convs_per_level, conv=conv, dtype=dtype, rngs=rngs)
+                     convs_per_level=convs_per_level, conv=conv, dtype=dtype, remat=remat,
+                     rngs=rngs)
     self.film = FiLM(self.unet.level_channels, rngs=rngs) if reg_condition == "film" else None
     self.heads = heads
     self.num_subfields = num_subfields
@@ -319,7 +334,7 @@ def from_config(config, seed: int = 0) -> "RegistrationNet":
       convs_per_level=m.get("convs_per_level", 1), conv=m.get("conv", "auto"),
       reg_condition=m.get("reg_conditioning", "film") if m.get("condition_on_reg", False)
       else None, reg_range=tuple(m.get("reg_range", (0.1, 100.0))),
-      dtype=compute_dtype(config), rngs=nnx.Rngs(seed))
+      dtype=compute_dtype(config), remat=bool(m.get("remat", False)), rngs=nnx.Rngs(seed))
 
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}

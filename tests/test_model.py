@@ -120,3 +120,17 @@ def test_conditioning_errors():
     cond(f, m)
   with pytest.raises(ValueError, match="without reg_condition"):
     M.RegistrationNet(widths=(8, 8), num_subfields=1, rngs=nnx.Rngs(0))(f, m, reg_weight=1.0)
+
+
+def test_remat_gives_the_same_output_and_gradients():
+  f, m = _images()
+  nets = [M.RegistrationNet(widths=(8, 8, 8), num_subfields=2, head_init=0.1, remat=r,
+                            rngs=nnx.Rngs(0)) for r in (False, True)]
+
+  def loss(net):
+    disp, _ = M.predict_displacement(net, f, m)
+    return jnp.sum(disp ** 2)
+  values = [nnx.value_and_grad(loss)(n) for n in nets]
+  np.testing.assert_allclose(values[1][0], values[0][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(values[0][1]), jax.tree.leaves(values[1][1])):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
