@@ -112,6 +112,12 @@ def _checked_affine(img, path) -> np.ndarray:
   zooms = _raw_pixdim(img, path)
   if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
     _fail(path, f"voxel spacing must be positive, header pixdim says {zooms.tolist()}")
+  _check_plausible_affine(path, affine)
+  return affine
+
+
+def _check_plausible_affine(path, affine: np.ndarray) -> None:
+  """Finite, invertible, and voxel sizes between 1 um and 1 m."""
   try:
     _grid.check_affine(affine)
   except ValueError as e:
@@ -119,7 +125,6 @@ def _checked_affine(img, path) -> np.ndarray:
   col = np.linalg.norm(affine[:3, :3], axis=0)
   if np.any(col < 1e-3) or np.any(col > 1e3):
     _fail(path, f"implausible voxel spacing {col.tolist()} mm")
-  return affine
 
 
 def _read_array(img, path, dtype=None) -> np.ndarray:
@@ -152,13 +157,7 @@ def _check_geometry(path, array: np.ndarray, affine: np.ndarray) -> None:
     _fail(path, f"every axis needs at least 2 voxels, got shape {tuple(array.shape)}")
   if array.dtype.kind not in "biuf":
     _fail(path, f"unsupported voxel type {array.dtype} (need integer or real values)")
-  try:
-    _grid.check_affine(affine)
-  except ValueError as e:
-    _fail(path, str(e))
-  col = np.linalg.norm(affine[:3, :3], axis=0)
-  if np.any(col < 1e-3) or np.any(col > 1e3):
-    _fail(path, f"implausible voxel spacing {col.tolist()} mm")
+  _check_plausible_affine(path, affine)
 
 
 def _read(path, dtype=None, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,20 @@ jax.config.update(
     os.environ.get("JAXREG_JAX_CACHE", os.path.expanduser("~/.cache/jaxreg/jax")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+import pytest  # noqa: E402
+
+from jaxreg import losses as L  # noqa: E402
+
+@pytest.fixture
+def scratch_registry():
+  """Registered loss names live for the process: forget the ones a test adds."""
+  before = (dict(L._SIMILARITIES), dict(L._REGULARISERS))
+  yield
+  for table, saved in zip((L._SIMILARITIES, L._REGULARISERS), before):
+    table.clear()
+    table.update(saved)
+
+
 
 def write_dicom_series(folder, array, affine, *, uid="1.2.826.0.1.3680043.2.1125.7",
                        intercept=-1024, tilt_mm=0.0, gaps_mm=None, prefix="slice"):

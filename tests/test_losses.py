@@ -261,15 +261,6 @@ def test_bending_energy_matches_a_numpy_roll_reference_on_a_random_field():
                              total.mean(), rtol=1e-5)
 
 
-@pytest.fixture
-def scratch_registry():
-  """Registered names live for the process: forget the ones a test adds."""
-  before = (dict(L._SIMILARITIES), dict(L._REGULARISERS))
-  yield
-  for table, saved in zip((L._SIMILARITIES, L._REGULARISERS), before):
-    table.clear()
-    table.update(saved)
-
 
 def test_registry_resolves_builtins_and_user_functions(scratch_registry):
   u = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5, 4, 3)), jnp.float32)

@@ -301,15 +301,6 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
                _final_params(str(work))[1])
 
 
-@pytest.fixture
-def scratch_registry():
-  from jaxreg import losses
-  before = (dict(losses._SIMILARITIES), dict(losses._REGULARISERS))
-  yield
-  for table, saved in zip((losses._SIMILARITIES, losses._REGULARISERS), before):
-    table.clear()
-    table.update(saved)
-
 
 def test_loss_fn_takes_user_callables_in_place_of_config_names():
   from jaxreg import losses
