@@ -33,6 +33,12 @@ def get_config():
   c.data.breathing_mm = 10.0
   c.data.contrast = 0.1
   c.data.noise_hu = 10.0
+  # Optional families (0: off): a second, finer smooth component (mm, control spacing mm)
+  # for multi-scale motion, and a residual rigid misalignment (deg per axis, mm per axis).
+  c.data.fine_disp_mm = 0.0
+  c.data.fine_spacing_mm = 20.0
+  c.data.rigid_deg = 0.0
+  c.data.rigid_mm = 0.0
   # Held-out validation pairs (evaluation seeds, disjoint from training seeds).
   c.data.val_pairs = 4
   # Batches prepared ahead by the loader, and its worker threads.

@@ -42,6 +42,7 @@ __all__ = [
     "demo_pair",
     "SyntheticPair",
     "random_smooth_field",
+    "rigid_field",
     "breathing_field",
     "synthetic_pair",
     "Loader",
@@ -410,11 +411,31 @@ def _lung_levels(shape, affine, labels: np.ndarray | None, lung_ids: Sequence[in
   return float(s.max()), float(s.min() + 0.4 * (s.max() - s.min()))
 
 
+def rigid_field(shape, affine, rotation_deg, shift_mm) -> np.ndarray:
+  """``[X, Y, Z, 3]`` voxel displacement of a rigid map about the grid's centre.
+
+  Fixed voxel ``x`` (world ``p = A x``) samples the source at world
+  ``R (p - c) + c + t``: ``R`` from the xyz Euler angles ``rotation_deg``,
+  ``c`` the grid centre, ``t = shift_mm``.
+  """
+  from scipy.spatial.transform import Rotation
+  affine = np.asarray(affine, np.float64)
+  idx = np.moveaxis(np.indices(shape), 0, -1).astype(np.float64)
+  world = idx @ affine[:3, :3].T + affine[:3, 3]
+  centre = affine[:3, :3] @ ((np.array(shape) - 1) / 2) + affine[:3, 3]
+  rot = Rotation.from_euler("xyz", rotation_deg, degrees=True).as_matrix()
+  moved = (world - centre) @ rot.T + centre + np.asarray(shift_mm, np.float64)
+  back = (moved - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+  return (back - idx).astype(np.float32)
+
+
 def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None, *,
                    seed: int, max_disp_mm: float = 10.0, control_spacing_mm: float = 40.0,
                    breathing_mm: float = 8.0, contrast: float = 0.1,
                    noise_std: float = 10.0, lung_ids: Sequence[int] = (10, 11, 12, 13, 14),
-                   background: float = -1024.0) -> SyntheticPair:
+                   background: float = -1024.0, fine_disp_mm: float = 0.0,
+                   fine_spacing_mm: float = 20.0, rigid_deg: float = 0.0,
+                   rigid_mm: float = 0.0) -> SyntheticPair:
   """Make a fixed/moving pair from one image by a known smooth deformation.
 
   The moving image is the source; the fixed image is the source warped by
@@ -436,6 +457,12 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
     noise_std: standard deviation of added noise (image units).
     lung_ids: label ids of the lungs, used to place apex and diaphragm.
     background: value outside the image after warping.
+    fine_disp_mm, fine_spacing_mm: a second, finer smooth component (multi-scale
+      motion), composed after the first; 0 disables it.
+    rigid_deg, rigid_mm: a residual rigid misalignment (each Euler angle uniform in
+      ``[-rigid_deg, rigid_deg]``, each shift in ``[-rigid_mm, rigid_mm]``), applied
+      first; 0 disables it. The options that are 0 draw no random numbers, so the
+      pairs of a seed do not change when they are off.
 
   Returns:
     :class:`SyntheticPair`.
@@ -454,6 +481,14 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
     breath = breathing_field(shape, affine, amplitude_mm=breathing_mm * rng.uniform(0.5, 1.0),
                              diaphragm_mm=base, apex_mm=apex)
     disp = np.asarray(_compose(disp, breath))
+  if fine_disp_mm > 0:
+    fine = random_smooth_field(rng, shape, affine, max_mm=fine_disp_mm,
+                               control_spacing_mm=fine_spacing_mm)
+    disp = np.asarray(_compose(disp, fine))
+  if rigid_deg > 0 or rigid_mm > 0:
+    rigid = rigid_field(shape, affine, rng.uniform(-rigid_deg, rigid_deg, 3),
+                        rng.uniform(-rigid_mm, rigid_mm, 3))
+    disp = np.asarray(_compose(disp, rigid))
   fixed = np.asarray(_warp_jit(image, disp, cval=float(background)))
   if contrast > 0:
     lo, hi = float(image.min()), float(image.max())

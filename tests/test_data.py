@@ -217,3 +217,28 @@ def test_demo_pairs_train_and_eval_are_disjoint_and_on_the_model_grid():
   assert D.EVAL_SEED_BASE - D.TRAIN_SEED_BASE > 10**8
   with pytest.raises(ValueError, match="split"):
     D.demo_pair(0, split="test")
+
+
+def test_rigid_and_multiscale_components_are_exact_and_keep_old_pairs():
+  from scipy.spatial.transform import Rotation
+  ct, labels, aff = _small_ct()
+  base = dict(seed=7, max_disp_mm=8.0, breathing_mm=6.0, contrast=0.0, noise_std=0.0)
+  old = D.synthetic_pair(ct, aff, labels, **base)
+  with_off = D.synthetic_pair(ct, aff, labels, **base, fine_disp_mm=0.0, rigid_deg=0.0)
+  np.testing.assert_array_equal(with_off.disp, old.disp)  # options off: the same pairs
+  # rigid alone, checked at one voxel against the closed form written here
+  pair = D.synthetic_pair(ct, aff, labels, seed=3, max_disp_mm=0.0, breathing_mm=0.0,
+                          contrast=0.0, noise_std=0.0, rigid_deg=8.0, rigid_mm=20.0)
+  u = D.rigid_field(ct.shape, aff, [5.0, -3.0, 2.0], [10.0, 0.0, -4.0])
+  x = np.array([3, 4, 5])
+  p = aff[:3, :3] @ x + aff[:3, 3]
+  c = aff[:3, :3] @ ((np.array(ct.shape) - 1) / 2) + aff[:3, 3]
+  r = Rotation.from_euler("xyz", [5.0, -3.0, 2.0], degrees=True).as_matrix()
+  q = r @ (p - c) + c + [10.0, 0.0, -4.0]
+  np.testing.assert_allclose(u[tuple(x)], np.linalg.solve(aff[:3, :3], q - aff[:3, 3]) - x,
+                             atol=1e-4)
+  jac = np.linalg.det(np.stack(np.gradient(pair.disp, axis=(0, 1, 2)), -1) + np.eye(3))
+  np.testing.assert_allclose(jac[2:-2, 2:-2, 2:-2], 1.0, atol=1e-3)  # rigid: volume kept
+  assert np.abs(pair.disp).max() > 1.0
+  fine = D.synthetic_pair(ct, aff, labels, **base, fine_disp_mm=4.0, fine_spacing_mm=15.0)
+  assert np.abs(fine.disp - old.disp).max() > 0.3
