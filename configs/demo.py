@@ -39,6 +39,8 @@ def get_config():
   c.data.fine_spacing_mm = 20.0
   c.data.rigid_deg = 0.0
   c.data.rigid_mm = 0.0
+  # Random field-of-view cut of the fixed image: up to this fraction of each axis (0: off).
+  c.data.crop = 0.0
   # Held-out validation pairs (evaluation seeds, disjoint from training seeds).
   c.data.val_pairs = 4
   # Batches prepared ahead by the loader, and its worker threads.

@@ -435,7 +435,7 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
                    noise_std: float = 10.0, lung_ids: Sequence[int] = (10, 11, 12, 13, 14),
                    background: float = -1024.0, fine_disp_mm: float = 0.0,
                    fine_spacing_mm: float = 20.0, rigid_deg: float = 0.0,
-                   rigid_mm: float = 0.0) -> SyntheticPair:
+                   rigid_mm: float = 0.0, crop: float = 0.0) -> SyntheticPair:
   """Make a fixed/moving pair from one image by a known smooth deformation.
 
   The moving image is the source; the fixed image is the source warped by
@@ -461,8 +461,12 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
       motion), composed after the first; 0 disables it.
     rigid_deg, rigid_mm: a residual rigid misalignment (each Euler angle uniform in
       ``[-rigid_deg, rigid_deg]``, each shift in ``[-rigid_mm, rigid_mm]``), applied
-      first; 0 disables it. The options that are 0 draw no random numbers, so the
-      pairs of a seed do not change when they are off.
+      first; 0 disables it.
+    crop: a random field-of-view cut of the fixed image: up to this fraction of each
+      axis is removed (set to ``background``, labels to 0) at a random end; 0 disables
+      it. The truth (``disp``) is unchanged: the cut voxels simply hold no image.
+      The options that are 0 draw no random numbers, so the pairs of a seed do not
+      change when they are off.
 
   Returns:
     :class:`SyntheticPair`.
@@ -501,6 +505,16 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
   if labels is not None:
     moving_labels = np.asarray(labels, np.int32)
     fixed_labels = np.asarray(_warp_jit(moving_labels, disp, order=0))
+  if crop > 0:
+    keep = np.ones(shape, bool)
+    for axis, n in enumerate(shape):
+      cut = int(rng.uniform(0, crop) * n)
+      index = [slice(None)] * 3
+      index[axis] = slice(0, cut) if rng.uniform() < 0.5 else slice(n - cut, n)
+      keep[tuple(index)] = False
+    fixed = np.where(keep, fixed, background)
+    if fixed_labels is not None:
+      fixed_labels = np.where(keep, fixed_labels, 0).astype(np.int32)
   return SyntheticPair(fixed.astype(np.float32), image, fixed_labels, moving_labels,
                        disp.astype(np.float32), np.asarray(affine, np.float64))
 

@@ -242,3 +242,23 @@ def test_rigid_and_multiscale_components_are_exact_and_keep_old_pairs():
   assert np.abs(pair.disp).max() > 1.0
   fine = D.synthetic_pair(ct, aff, labels, **base, fine_disp_mm=4.0, fine_spacing_mm=15.0)
   assert np.abs(fine.disp - old.disp).max() > 0.3
+
+
+def test_field_of_view_crop_cuts_the_fixed_image_at_one_end_per_axis():
+  ct, labels, aff = _small_ct()
+  base = dict(seed=5, max_disp_mm=6.0, breathing_mm=0.0, contrast=0.0, noise_std=0.0)
+  full = D.synthetic_pair(ct, aff, labels, **base)
+  cut = D.synthetic_pair(ct, aff, labels, **base, crop=0.3)
+  np.testing.assert_array_equal(cut.disp, full.disp)
+  changed = cut.fixed != full.fixed
+  assert changed.any() and np.all(cut.fixed[changed] == -1024.0)
+  kept = ~changed | (full.fixed == -1024.0)
+  # what remains is one box: per axis, the cut is a run at the start or at the end
+  for axis in range(3):
+    profile = np.any(cut.fixed != -1024.0, axis=tuple(a for a in range(3) if a != axis))
+    idx = np.flatnonzero(profile)
+    assert idx.size and np.all(np.diff(idx) == 1)
+    assert idx[0] == 0 or idx[-1] == ct.shape[axis] - 1
+    assert ct.shape[axis] - idx.size <= int(0.3 * ct.shape[axis])
+  assert np.all(cut.fixed_labels[~kept] == 0)
+  np.testing.assert_array_equal(cut.fixed_labels[kept], full.fixed_labels[kept])

@@ -40,7 +40,8 @@ def demo_pair_for(config: ml_collections.ConfigDict, index: int,
                          breathing_mm=d.breathing_mm, contrast=d.contrast,
                          noise_std=d.noise_hu, fine_disp_mm=d.get("fine_disp_mm", 0.0),
                          fine_spacing_mm=d.get("fine_spacing_mm", 20.0),
-                         rigid_deg=d.get("rigid_deg", 0.0), rigid_mm=d.get("rigid_mm", 0.0))
+                         rigid_deg=d.get("rigid_deg", 0.0), rigid_mm=d.get("rigid_mm", 0.0),
+                         crop=d.get("crop", 0.0))
 
 
 def _demo_sources(config):
