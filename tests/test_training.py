@@ -169,7 +169,7 @@ def test_train_py_end_to_end_and_bad_flags(tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith("train.py: error:")
 
 
-@pytest.mark.parametrize("name", ["demo", "default", "learn2reg_abdomen", "test"])
+@pytest.mark.parametrize("name", ["demo", "demo_6mm", "default", "learn2reg_abdomen", "test"])
 def test_shipped_configs_load_and_describe_a_network(name):
   config = training.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
   from flax import nnx
