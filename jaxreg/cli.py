@@ -132,7 +132,7 @@ def _register_locked(args: argparse.Namespace) -> int:
 
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  from jaxreg import compilation, data, io, outputs, register, weights
+  from jaxreg import compilation, data, outputs, register, weights
 
   compilation.enable_cache(args.jax_cache)
   if args.pairs is None and (args.fixed is None or args.moving is None):
@@ -147,7 +147,6 @@ def _register_locked(args: argparse.Namespace) -> int:
     fixed, moving, fixed_labels, moving_labels = register.load_pair(
         data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels),
         series=args.series)
-  io.check_output_dir(args.out)  # fail now, not after the registration
   try:
     net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                    else weights.demo_model())

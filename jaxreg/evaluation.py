@@ -336,7 +336,6 @@ def _main(args) -> int:
                      f"{','.join(METHODS)}")
   if args.io_steps < 0:
     raise InputError(f"--io-steps must be >= 0, got {args.io_steps}")
-  _io.check_output_dir(args.out)
   net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                  else weights.demo_model())
   from jaxreg import demons

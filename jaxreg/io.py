@@ -82,12 +82,17 @@ def _fail(path, problem: str):
   raise InputError(f"{path}: {problem}")
 
 
-def _read_nifti(path) -> nib.Nifti1Image:
-  path = os.fspath(path)
+def _check_path(path) -> None:
+  """The input exists and, if it is a file, is not empty (every reader's first check)."""
   if not os.path.exists(path):
     _fail(path, "no such file")
-  if os.path.getsize(path) == 0:
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
     _fail(path, "file is empty")
+
+
+def _read_nifti(path) -> nib.Nifti1Image:
+  path = os.fspath(path)
+  _check_path(path)
   try:
     img = nib.load(path)
   except Exception as e:  # nibabel raises many types for unreadable files
@@ -164,10 +169,7 @@ def _read(path, dtype=None, series: str | None = None) -> tuple[np.ndarray, np.n
   """``(array, affine)`` of a NIfTI, NRRD or MetaImage file or a DICOM folder."""
   from jaxreg import itkio
   if itkio.is_itk_path(path):
-    if not os.path.exists(path):
-      _fail(path, "no such file")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-      _fail(path, "file is empty")
+    _check_path(path)
     array, affine = itkio.read(path, series)
     _check_geometry(path, array, affine)
     return (array.astype(dtype) if dtype is not None else array), affine
