@@ -1,37 +1,48 @@
 """Device memory of the compiled train step, from XLA's own analysis (no accelerator needed).
 
     python benchmarks/memory.py                       # configs/default.py (2 mm whole body)
-    python benchmarks/memory.py --shape 96,80,128     # another grid
+    python benchmarks/memory.py --space 1,8 --shape 96,80,128 --json out.json
 
-Compiles the train step of a config for one device, in float32 and with bfloat16 compute
-(``train.compute_dtype``), with and without rematerialisation of the UNet levels
-(``model.remat``), without running it, and prints ``compiled.memory_analysis()``:
-arguments (parameters, optimiser state, batch), outputs and temporaries (activations kept
-for the backward pass and scratch), in GiB. The reference is the paper's 11 GB for a
-2 mm whole-body batch of 1. The figures are XLA:CPU's; a GPU/TPU compiler schedules
-differently, so on an accelerator run it there (benchmarks/accelerator.sh).
+Compiles the train step of a config without running it, for one device and spatially
+sharded over ``space`` = 2, 4, 8 devices (``config.mesh``; fake CPU devices are made when
+there are too few), in float32 and with bfloat16 compute (``train.compute_dtype``), with and
+without rematerialisation (``model.remat``: the UNet levels; ``train.remat_loss``: the
+composition, warps and losses), and prints ``compiled.memory_analysis()`` **per device**:
+arguments (parameters, optimiser state, this device's share of the batch), outputs and
+temporaries (activations kept for the backward pass and scratch), in GiB. The reference is
+the paper's 11 GB for a 2 mm whole-body batch of 1. Convolutions are compiled ``native``
+(what ``model.conv = "auto"`` chooses on GPU/TPU). The figures are XLA:CPU's: it computes
+bfloat16 convolutions in float32 (converted copies of each activation) and transposes
+layouts around them, so an accelerator's compiler needs less; run it there
+(benchmarks/accelerator.sh) for that machine's own figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):  # fake CPU devices for the sharded rows (ignored by GPU/TPU backends)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GIB = 2.0 ** 30
 
 
-def analyse(config) -> dict[str, float]:
-  """Compile one train step (abstract inputs, nothing allocated) and read its memory."""
+def analyse(config, space: int = 1) -> dict[str, float]:
+  """Compile one train step (abstract inputs, nothing allocated) and read its memory per device."""
   import jax
   import jax.numpy as jnp
 
   from jaxreg.training import sharding, state as state_lib, step as step_lib
   graphdef, template, state = state_lib.init_state(config)
-  mesh = sharding.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:space], data=1, space=space)
   tx = state_lib.make_optimizer(config)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, template, config, tx),
                                        mesh, state)
@@ -47,32 +58,63 @@ def analyse(config) -> dict[str, float]:
   m = compiled.memory_analysis()
   return {"arguments": m.argument_size_in_bytes / GIB, "outputs": m.output_size_in_bytes / GIB,
           "temporaries": m.temp_size_in_bytes / GIB,
-          "peak": (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes) / GIB,
+          "total": (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                    - m.alias_size_in_bytes) / GIB,
           "compile_seconds": time.time() - t0}
+
+
+def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True), log=print):
+  """Analyse every (space, dtype, remat) combination; log one markdown row each."""
+  from jaxreg import training
+  out = []
+  for space in spaces:
+    for remat in remats:
+      for dtype in dtypes:
+        config = training.override(base, [
+            f"train.compute_dtype='{dtype}'", f"train.devices={space}", "mesh.data=1",
+            f"mesh.space={space}", f"model.remat={remat}", f"train.remat_loss={remat}",
+            "model.conv='native'"])
+        r = dict(analyse(config, space), space=space, compute_dtype=dtype, remat=remat,
+                 shape=list(base.data.shape))
+        out.append(r)
+        log(f"| {'x'.join(map(str, base.data.shape))} | {space} | {dtype} | "
+            f"{'UNet levels + loss' if remat else 'no'} | {r['arguments']:.2f} | "
+            f"{r['temporaries']:.2f} | {r['total']:.2f} | {r['compile_seconds']:.0f} |")
+  return out
+
+
+HEADER = ("| shape | space | compute dtype | remat | arguments GiB | temporaries GiB | "
+          "total GiB / device | compile s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "default.py"))
   p.add_argument("--shape", help="X,Y,Z to override data.shape")
+  p.add_argument("--space", default="1,2,4,8", help="devices on the space axis, e.g. 1,2,4,8")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--remat", default="no,yes", help="no, yes or no,yes")
+  p.add_argument("--json", help="also write the rows to this JSON file")
   args = p.parse_args(argv)
+  import jax
+
   from jaxreg import training
   base = training.load_config(args.config)
   if args.shape:
     base = training.override(base, [f"data.shape=({args.shape})"])
+  spaces = [int(s) for s in args.space.split(",")]
+  spaces = [s for s in spaces if s <= jax.device_count()]
   print(f"{args.config}: data.shape {tuple(base.data.shape)}, batch {base.train.batch_size}, "
-        f"UNet {tuple(base.model.widths)}, K={base.model.num_subfields}; one device, XLA:CPU")
-  print("| compute dtype | remat | arguments GiB | outputs GiB | temporaries GiB | total GiB |"
-        " compile s |")
-  print("| --- | --- | --- | --- | --- | --- | --- |")
-  for remat in (False, True):
-    for dtype in ("float32", "bfloat16"):
-      r = analyse(training.override(base, [f"train.compute_dtype='{dtype}'", "train.devices=1",
-                                           f"model.remat={remat}"]))
-      print(f"| {dtype} | {'levels' if remat else 'no'} | {r['arguments']:.2f} | "
-            f"{r['outputs']:.2f} | {r['temporaries']:.2f} | {r['peak']:.2f} | "
-            f"{r['compile_seconds']:.0f} |", flush=True)
+        f"UNet {tuple(base.model.widths)}, K={base.model.num_subfields}, "
+        f"{len(base.data.label_ids)} labels; {jax.devices()[0].platform}, "
+        f"{jax.device_count()} device(s)")
+  print(HEADER, flush=True)
+  out = rows(base, spaces, tuple(args.dtypes.split(",")),
+             tuple(v == "yes" for v in args.remat.split(",")),
+             log=lambda s: print(s, flush=True))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=1)
   return 0
 
 

@@ -119,8 +119,15 @@ def get_config():
   # Compute dtype of the network's convolutions (inputs, activations): "float32" or
   # "bfloat16" (mixed precision: parameters, optimiser state, fields and losses stay float32).
   c.train.compute_dtype = "float32"
+  # Recompute the objective outside the UNet (composition, warps, similarity, soft Dice) in the
+  # backward pass instead of keeping its intermediates: less memory, a slower step.
+  c.train.remat_loss = False
   # Devices to train on: 0 = all devices (of all processes), N = the first N.
   c.train.devices = 0
+  # The device mesh over those devices: `data` devices split the batch (0: all that `space`
+  # leaves), `space` devices split each volume's first spatial axis X (spatial sharding, for
+  # volumes too large for one device; data.shape[0] must be a multiple of it).
+  c.mesh = ml_collections.ConfigDict({"data": 0, "space": 1})
   # Log train metrics, run validation and save a checkpoint every so many steps.
   c.train.log_every = 25
   c.train.eval_every = 150

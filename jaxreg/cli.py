@@ -153,8 +153,10 @@ def _register_locked(args: argparse.Namespace) -> int:
   except RuntimeError as e:  # e.g. --device gpu without a GPU
     raise UserError(f"--device {args.device}: {e}".splitlines()[0]) from e
   register.check_reg_weight(config, args.reg_weight)  # before any work
+  from jaxreg import mesh as _mesh
   kwargs = dict(net=net, config=config, affine=args.affine, refine=options,
-                io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse)
+                io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse,
+                mesh=_mesh.inference_mesh(args.mesh))
   write = functools.partial(outputs.write_registration, fmt=args.output_format)
   if specs is not None:
     rows = register.register_many(specs, args.out, write=write, series=args.series, **kwargs)
@@ -236,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--inverse", action="store_true",
                    help="also write inverse_displacement.nii.gz (moving -> fixed)")
   reg.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform to run on")
+  reg.add_argument("--mesh", metavar="space=S",
+                   help="split each volume along its first axis over S local devices (the "
+                   "network and the refinement; for pairs too large for one device)")
   reg.add_argument("--jax-cache", help="JAX compilation cache folder, or 'off' (default: "
                    "$JAXREG_JAX_CACHE or ~/.cache/jaxreg/jax)")
   reg.set_defaults(func=_register)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxreg import fields as _fields
+from jaxreg import mesh as _mesh
 
 __all__ = ["compose_all", "sum_all", "compose_all_svf", "combine", "combine_batch", "METHODS"]
 
@@ -50,7 +51,8 @@ def _on_grid(fields: list[jax.Array], shape) -> list[jax.Array]:
   if shape is None:
     shape = max((tuple(u.shape[:3]) for u in fields), key=np.prod)
   shape = tuple(int(s) for s in shape)
-  return [u if u.shape[:3] == shape else _fields.resize(u, shape) for u in fields]
+  return [u if u.shape[:3] == shape else _mesh.spatial(_fields.resize(u, shape), batched=False)
+          for u in fields]
 
 
 def _compose_chain(fields: list[jax.Array]) -> jax.Array:
@@ -152,4 +154,4 @@ def combine_batch(fields: Sequence[jax.Array], method: str = "compose",
         f"{[np.shape(u) for u in fields]}")
   if len({np.shape(u)[0] for u in fields}) != 1:
     raise ValueError(f"batch sizes differ: {[np.shape(u) for u in fields]}")
-  return jax.vmap(lambda fs: combine(fs, method, shape, steps))(fields)
+  return _mesh.vmap(lambda fs: combine(fs, method, shape, steps), np.shape(fields[0])[0])(fields)

@@ -162,8 +162,9 @@ def load_cases(source: str, config, *, pairs: int | None = None) -> list[Case]:
 
 
 def run_method(method: str, case: Case, *, net=None, config=None, io_steps: int = 50,
-               affine: str = "none") -> np.ndarray:
-  """Register one case with one method.
+               affine: str = "none", mesh=None) -> np.ndarray:
+  """Register one case with one method (``mesh``: the jaxreg methods' spatial sharding,
+  see :func:`jaxreg.register.register`).
 
   Returns:
     ``[*case.fixed.shape, 3]`` world displacement (RAS+ mm) on the fixed grid.
@@ -181,7 +182,7 @@ def run_method(method: str, case: Case, *, net=None, config=None, io_steps: int 
                                fixed_labels=case.fixed_labels if needs else None,
                                moving_labels=case.moving_labels if needs else None,
                                io_steps=io_steps if method == "jaxreg+io" else 0,
-                               refine=refine, affine=affine,
+                               refine=refine, affine=affine, mesh=mesh,
                                names=(f"{case.name} fixed", f"{case.name} moving"))
     return result.displacement_mm
   if method == "elastix":
@@ -215,14 +216,14 @@ def score(case: Case, disp_mm: np.ndarray, label_ids: Sequence[int] | None = Non
 
 def evaluate(cases: Sequence[Case], methods: Sequence[str], *, net=None, config=None,
              io_steps: int = 50, affine: str = "none", label_ids: Sequence[int] | None = None,
-             log: Callable[[str], None] = print) -> list[dict]:
+             mesh=None, log: Callable[[str], None] = print) -> list[dict]:
   """Every method on every case; one row per (case, method) with every metric.
 
   ``affine`` is the jaxreg methods' pre-alignment (see :func:`jaxreg.register.register`).
   """
   rows = []
   run = lambda method, case: run_method(method, case, net=net, config=config,
-                                        io_steps=io_steps, affine=affine)
+                                        io_steps=io_steps, affine=affine, mesh=mesh)
   for method in methods:
     if method.startswith("jaxreg") and cases:  # compile once, untimed
       run(method, cases[0])
@@ -308,6 +309,8 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
   p.add_argument("--affine", choices=("none", "rigid", "affine"), default="none",
                  help="pre-alignment of the jaxreg methods (default none: the demo pairs start "
                  "aligned, and elastix's B-spline map has no affine stage either)")
+  p.add_argument("--mesh", metavar="space=S",
+                 help="run the jaxreg methods spatially sharded over S local devices")
   return p
 
 
@@ -336,6 +339,8 @@ def _main(args) -> int:
                      f"{','.join(METHODS)}")
   if args.io_steps < 0:
     raise InputError(f"--io-steps must be >= 0, got {args.io_steps}")
+  from jaxreg import mesh as _mesh
+  mesh = _mesh.inference_mesh(args.mesh)
   net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                  else weights.demo_model())
   from jaxreg import demons
@@ -347,11 +352,11 @@ def _main(args) -> int:
   label_ids = tuple(config.data.label_ids) if args.data == "demo" else None
   print(f"evaluating {', '.join(methods)} on {len(cases)} pairs of {args.data}")
   rows = evaluate(cases, methods, net=net, config=config, io_steps=args.io_steps,
-                  affine=args.affine, label_ids=label_ids)
+                  affine=args.affine, label_ids=label_ids, mesh=mesh)
   summary = summarise(rows)
   info = {"data": args.data, "pairs": len(cases), "methods": methods,
           "checkpoint": args.checkpoint or "shipped demo model", "io_steps": args.io_steps,
-          "affine": args.affine,
+          "affine": args.affine, "mesh_space": _mesh.space_size(mesh),
           "labels": list(label_ids) if label_ids else "all labels in both maps"}
   with _io.atomic_dir(args.out) as tmp:
     write_outputs(tmp, rows, summary, info)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from jaxreg import conv as _conv_lib
 from jaxreg import decompose as _decompose
+from jaxreg.mesh import spatial
 
 __all__ = ["UNet", "RegistrationNet", "HEADS", "REG_CONDITIONS", "predict_displacement",
            "unet_stride", "from_config", "reg_code", "compute_dtype", "COMPUTE_DTYPES"]
@@ -196,13 +197,14 @@ class UNet(nnx.Module):
     if self.remat:  # keep only each level's output for the backward pass; recompute inside
       encode, decode = nnx.remat(encode), nnx.remat(decode)
     skips = []
+    x = spatial(x)  # split along X over the mesh's ``space`` axis, if any (jaxreg.mesh)
     for k, convs in enumerate(self.encoder):
-      x = modulate(encode(convs, x), k)
+      x = spatial(modulate(encode(convs, x), k))
       skips.append(x)
     outs = [x]
     for k, (convs, skip) in enumerate(zip(self.decoder, reversed(skips[:-1])),
                                       start=len(self.encoder)):
-      x = modulate(decode(convs, x, skip), k)
+      x = spatial(modulate(decode(convs, x, skip), k))
       outs.append(x)
     return outs
 
@@ -304,8 +306,8 @@ class RegistrationNet(nnx.Module):
 
 def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.Array, *,
                          method: str = "compose", steps: int = 7,
-                         extra: jax.Array | None = None, reg_weight: jax.Array | None = None
-                         ) -> tuple[jax.Array, list[jax.Array]]:
+                         extra: jax.Array | None = None, reg_weight: jax.Array | None = None,
+                         remat: bool = False) -> tuple[jax.Array, list[jax.Array]]:
   """The total displacement the network predicts for a batch.
 
   Args:
@@ -315,13 +317,18 @@ def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.A
     steps: scaling-and-squaring steps for ``svf``.
     extra: optional extra input channels.
     reg_weight: lambda ``[B]`` (or a scalar) for a conditioned network.
+    remat: recompute the composition in the backward pass instead of keeping its
+      interpolation intermediates (``jax.checkpoint``; saves memory, costs time).
 
   Returns:
     ``(disp [B, X, Y, Z, 3] voxels, sub-fields)``.
   """
   subfields = model(fixed, moving, extra, reg_weight)
   shape = tuple(fixed.shape[1:4])
-  return _decompose.combine_batch(subfields, method, shape, steps), subfields
+  combine = _decompose.combine_batch
+  if remat:
+    combine = jax.checkpoint(combine, static_argnums=(1, 2, 3))
+  return spatial(combine(subfields, method, shape, steps)), subfields
 
 
 def from_config(config, seed: int = 0) -> "RegistrationNet":

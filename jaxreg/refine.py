@@ -52,6 +52,7 @@ import numpy as np
 import optax
 import scipy.ndimage as ndi
 
+from jaxreg import mesh as _mesh
 from jaxreg import losses as _losses
 from jaxreg import optim as _optim
 from jaxreg import preprocess as _preprocess
@@ -287,7 +288,7 @@ def _field_on(disp: np.ndarray, source: _preprocess.Grid, target: _preprocess.Gr
 
 def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preprocess.Grid,
            options: RefineOptions = RefineOptions(), *,
-           hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> RefineResult:
+           hu_window: tuple[float, float] = (-1000.0, 1000.0), mesh=None) -> RefineResult:
   """Refine a deformable field on one pair, coarse to fine (see the module docstring).
 
   Args:
@@ -300,6 +301,8 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
     init_grid: its grid.
     options: :class:`RefineOptions`.
     hu_window: HU range scaled to [0, 1].
+    mesh: a mesh with a ``space`` axis to split every level's volumes along X
+      over (each level's X is a multiple of 16), or None for one device.
 
   Returns:
     :class:`RefineResult` on the finest level grid.
@@ -319,12 +322,13 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
     m = _preprocess.window(_preprocess.resample(moving, target, cval=lo), lo, hi
                            ).astype(np.float32)
     weights = _body_weights(fixed_hu, options.mask)
-    out, values = optimise_level(
-        jnp.asarray(base), jnp.asarray(f), jnp.asarray(m), jnp.asarray(weights), float(options.lr),
-        float(options.reg_weight), steps=int(steps), similarity=options.similarity,
-        regulariser=options.regulariser, window=int(options.window),
-        mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation),
-        control=int(control))
+    with _mesh.context(mesh):
+      out, values = optimise_level(
+          *(_mesh.put_volume(x, mesh) for x in (base, f, m, weights)), float(options.lr),
+          float(options.reg_weight), steps=int(steps), similarity=options.similarity,
+          regulariser=options.regulariser, window=int(options.window),
+          mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation),
+          control=int(control))
     values = np.asarray(values)
     if not np.all(np.isfinite(values)):
       raise InputError(f"refinement diverged at level {level} ({spacing:g} mm): non-finite "

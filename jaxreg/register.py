@@ -46,6 +46,7 @@ from nibabel.affines import apply_affine
 from jaxreg import affine as _affine
 from jaxreg import inputs as _inputs
 from jaxreg import losses as _losses
+from jaxreg import mesh as _mesh
 from jaxreg import optim as _optim
 from jaxreg import metrics as _metrics
 from jaxreg import model as _model
@@ -168,10 +169,12 @@ def check_reg_weight(config, reg_weight: float | None) -> float | None:
 
 
 def network_stage(net, config, pair: _preprocess.PreparedPair,
-                  reg_weight: float | None = None) -> np.ndarray:
+                  reg_weight: float | None = None, mesh=None) -> np.ndarray:
   """``[*pair.grid.shape, 3]`` the network's composed field, voxels of the model grid.
 
   ``reg_weight``: lambda of a conditioned network (see :func:`check_reg_weight`).
+  ``mesh``: a ``("data", "space")`` mesh (:func:`jaxreg.mesh.inference_mesh`) to split
+  the volumes along X over, or None for one device.
   """
   from flax import nnx
   lam = check_reg_weight(config, reg_weight)
@@ -182,9 +185,11 @@ def network_stage(net, config, pair: _preprocess.PreparedPair,
                for x in (pair.fixed_labels, pair.moving_labels)]
     extra = _inputs.label_channels(config, *classes)
   graphdef, state = nnx.split(net)
-  return np.asarray(_predict(graphdef, state, jnp.asarray(pair.fixed), jnp.asarray(pair.moving),
-                             extra, None if lam is None else jnp.full((1,), lam, jnp.float32),
-                             method=config.decomposition, steps=config.svf_steps))
+  with _mesh.context(mesh):
+    fixed, moving = (_mesh.put_volume(x, mesh) for x in (pair.fixed, pair.moving))
+    return np.asarray(_predict(graphdef, state, fixed, moving, extra,
+                               None if lam is None else jnp.full((1,), lam, jnp.float32),
+                               method=config.decomposition, steps=config.svf_steps))
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "window"))
@@ -223,9 +228,12 @@ def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, s
 
 def refine_stage(fixed: Volume, moving_aligned: Volume, disp: np.ndarray,
                  grid: _preprocess.Grid, options: RefineOptions, *,
-                 hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> _refine.RefineResult:
-  """The field refined coarse to fine up to the fixed resolution (:func:`jaxreg.refine.refine`)."""
-  return _refine.refine(fixed, moving_aligned, disp, grid, options, hu_window=hu_window)
+                 hu_window: tuple[float, float] = (-1000.0, 1000.0), mesh=None
+                 ) -> _refine.RefineResult:
+  """The field refined coarse to fine up to the fixed resolution (:func:`jaxreg.refine.refine`),
+  split along X over ``mesh`` when given."""
+  return _refine.refine(fixed, moving_aligned, disp, grid, options, hu_window=hu_window,
+                        mesh=mesh)
 
 
 def _fixed_world(fixed_grid: _preprocess.Grid) -> np.ndarray:
@@ -280,7 +288,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
              fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
              affine: str = "affine", refine: RefineOptions | None = RefineOptions(),
              io_steps: int = 0, io_lr: float = 0.05, io_reg_weight: float = 1.0,
-             reg_weight: float | None = None, inverse: bool = False,
+             reg_weight: float | None = None, inverse: bool = False, mesh=None,
              names: tuple[str, str] = ("fixed", "moving")) -> Registration:
   """Register ``moving`` to ``fixed`` (see the module docstring).
 
@@ -301,6 +309,9 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       ``loss.reg_weight``). Refused for other networks. The refinement has its own
       weight (``refine.reg_weight``).
     inverse: also compute the inverse map (``Registration.inverse_mm``).
+    mesh: run the network and the refinement spatially sharded: a
+      :class:`jax.sharding.Mesh` with a ``space`` axis, or ``"space=S"`` (the first S
+      local devices; :func:`jaxreg.mesh.inference_mesh`). None: one device.
     names: file names for error messages.
 
   Returns:
@@ -325,6 +336,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
   if net is None:
     net, config = weights.demo_model()
   reg_weight = check_reg_weight(config, reg_weight)
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    mesh = _mesh.inference_mesh(mesh)
   if config.model.get("label_inputs", False) and (fixed_labels is None or moving_labels is None):
     raise InputError(f"{names[1]}: this model takes organ masks as input; give both "
                      "--fixed-labels and --moving-labels")
@@ -345,7 +358,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     moving_a = aligned(moving, matrix)
     pair = timed("model_grid", to_model_grid, fixed, moving_a, config, fixed_labels=fixed_labels,
                  moving_labels=aligned(moving_labels, matrix), names=names)
-    disp = timed("network", network_stage, net, config, pair, reg_weight)
+    _mesh.check_space(pair.grid.shape, _mesh.space_size(mesh), "the model grid")
+    disp = timed("network", network_stage, net, config, pair, reg_weight, mesh)
     grid, io_losses, refine_losses = pair.grid, [], []
     if io_steps > 0:
       disp, values = timed("io", instance_optimise, disp, pair.fixed, pair.moving, steps=io_steps,
@@ -354,7 +368,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       disp, io_losses = np.asarray(disp), np.asarray(values).tolist()
     if refine is not None:
       result = timed("refine", refine_stage, fixed, moving_a, disp, grid, refine,
-                     hu_window=hu_window)
+                     hu_window=hu_window, mesh=mesh)
       disp, grid = result.disp, result.grid
       refine_losses = [[float(v[0]), float(v[-1])] for v in result.losses]
     if not np.all(np.isfinite(disp)):
@@ -376,6 +390,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       "affine": affine,
       "affine_matrix_ras": matrix.tolist(),
       "network_reg_weight": reg_weight,
+      "mesh_space": _mesh.space_size(mesh),
       "io_steps": int(io_steps),
       "io_loss_first_last": [io_losses[0], io_losses[-1]] if io_losses else None,
       "refine": None if refine is None else {

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from jaxreg import mesh as _mesh
+
 __all__ = ["sample", "warp", "warp_batch", "PADDINGS"]
 
 PADDINGS = ("constant", "border")
@@ -250,8 +252,10 @@ def warp(image: jax.Array, disp: jax.Array, *, order: int = 1,
   shape = disp.shape[:3]
   axes = [jnp.arange(n, dtype=disp.dtype) for n in shape]
   grid = jnp.meshgrid(*axes, indexing="ij")
-  xyz = [g + disp[..., i] for i, g in enumerate(grid)]
-  return _sample_xyz(image, xyz, order, padding, cval)
+  # On a spatially sharded mesh each device computes its own slab of the output from
+  # the whole moving image (a no-op otherwise; jaxreg.mesh).
+  xyz = [_mesh.spatial(g + disp[..., i], batched=False) for i, g in enumerate(grid)]
+  return _mesh.spatial(_sample_xyz(image, xyz, order, padding, cval), batched=False)
 
 
 def warp_batch(image: jax.Array, disp: jax.Array, *, order: int = 1,
@@ -274,4 +278,4 @@ def warp_batch(image: jax.Array, disp: jax.Array, *, order: int = 1,
     raise ValueError(
         f"batch sizes differ: image {np.shape(image)} vs disp {np.shape(disp)}")
   fn = functools.partial(warp, order=order, padding=padding, cval=cval)
-  return jax.vmap(fn)(image, disp)
+  return _mesh.vmap(fn, np.shape(image)[0])(image, disp)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -458,3 +459,23 @@ def test_bfloat16_compute_trains_close_to_float32_with_float32_parameters(tmp_pa
   from jaxreg.io import InputError
   with pytest.raises(InputError, match="compute_dtype must be one of float32, bfloat16"):
     config_lib.check_config(_config(**{"train.compute_dtype": "float16"}))
+
+
+def test_resuming_with_another_network_is_refused_and_loses_nothing(tmp_path):
+  workdir = tmp_path / "w"
+  training.train_and_evaluate(_config(**{"train.steps": 2, "train.devices": 1}), str(workdir),
+                              progress=False, log=lambda s: None)
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  config_text = (workdir / "config.json").read_text()
+  r = subprocess.run([sys.executable, "train.py", "--config", TEST_CONFIG, "--workdir",
+                      str(workdir), "--no-progress", "--config.model.widths=(8, 16, 16)"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "holds another network than this config" in lines[0], r.stderr
+  assert re.search(r"saved \(3, 3, 3, \d+, \d+\), here \(3, 3, 3, \d+, \d+\)", lines[0])
+  assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing moved aside
+  assert not (workdir / "corrupt_checkpoints").exists()
+  assert (workdir / "config.json").read_text() == config_text
+  step, _, _, _ = training.restore_latest(str(workdir))
+  assert step == 2

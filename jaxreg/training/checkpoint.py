@@ -70,6 +70,41 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
     return out["state"], out["loader"]
 
+  def check_compatible(self, params, what: str = "this config") -> None:
+    """Raise ``InputError`` when the latest checkpoint holds another network than ``params``.
+
+    The saved step's config rebuilds its parameter shapes (nothing is read but
+    the config), so a run resumed with a changed model is refused before
+    anything is restored, overwritten or moved aside.
+    """
+    from flax import nnx
+
+    from jaxreg.configjson import config_from_dict
+    from jaxreg.io import InputError
+    from jaxreg.training import state as _state
+    step = self.latest_step()
+    if step is None:
+      return
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      saved_params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+          lambda: _state.build_model(config_from_dict(saved["config"])))))
+    except Exception:  # an unreadable step: restore_latest_good handles it
+      return
+    mine = {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    theirs = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_leaves_with_path(saved_params)}
+    if mine != theirs:
+      names = sorted(set(mine) ^ set(theirs)) or sorted(
+          k for k in mine if mine[k] != theirs[k])
+      k = names[0]
+      raise InputError(
+          f"{os.path.dirname(self.directory)}: its checkpoint (step {step}) holds another "
+          f"network than {what} ({k.strip('[]')}: saved {theirs.get(k, 'absent')}, here "
+          f"{mine.get(k, 'absent')}); resume with the config it was trained with, or train "
+          "in a new --workdir")
+
   def restore_latest_good(self, like, log=print) -> tuple[int, object, dict | None]:
     """Restore the newest step that reads back; move unreadable newer ones aside.
 

@@ -148,6 +148,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if m.get("reg_conditioning", "film") not in _model.REG_CONDITIONS:
       problems.append(f"model.reg_conditioning must be one of "
                       f"{', '.join(_model.REG_CONDITIONS)}; got {m.reg_conditioning!r}")
+  try:
+    from jaxreg import mesh as _mesh
+    axes = _mesh.mesh_config(config.get("mesh"))
+    if axes["space"] < 1 or axes["data"] < 0:
+      problems.append(f"mesh.space must be >= 1 and mesh.data >= 0, got {axes}")
+    elif d.shape is not None:
+      _mesh.check_space(d.shape, axes["space"], "data.shape")
+  except InputError as e:
+    problems.append(str(e))
   if not problems:
     try:  # the network itself (widths, number of sub-fields vs levels, ...), without allocating
       from flax import nnx

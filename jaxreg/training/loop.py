@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
+from jaxreg import mesh as _mesh
+from jaxreg.io import InputError
 from jaxreg.training import checkpoint as _checkpoint
 from jaxreg.training import config as _config
 from jaxreg.training import sharding as _sharding
@@ -148,22 +150,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError("train.devices must be 0 (all devices) in a multi-process run")
   if n_dev > jax.device_count():
     raise ValueError(f"train.devices={n_dev} but only {jax.device_count()} device(s) exist")
-  mesh = _sharding.make_mesh(jax.devices()[:n_dev] if n_dev else None)
+  axes = _mesh.mesh_config(config.get("mesh"))
+  if axes["space"] > 1 and n_proc > 1 and axes["space"] > jax.local_device_count():
+    raise InputError(f"mesh.space={axes['space']} is more than the {jax.local_device_count()} "
+                     "devices of one process; a volume's shards must stay inside one process")
+  mesh = _sharding.make_mesh(jax.devices()[:n_dev] if n_dev else None, **axes)
   _sharding.check_batch_size(tc.batch_size, mesh)
   if tc.batch_size % n_proc:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by {n_proc} processes")
+  graphdef, template, state = _state.init_state(config)
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):  # resuming: the same network?
+    probe = _checkpoint.Checkpoints(workdir)
+    try:
+      probe.check_compatible(state.params)
+    finally:
+      probe.close()
   os.makedirs(workdir, exist_ok=True)  # only once every check has passed
   config_dict = json.loads(_config.to_json(config))
   if pid == 0:
     _config.write_config(config, os.path.join(workdir, "config.json"))
-  log(f"jaxreg train: {mesh.devices.size} device(s) in {n_proc} process(es), "
+  log(f"jaxreg train: {mesh.devices.size} device(s) in {n_proc} process(es) "
+      f"(mesh data={mesh.shape['data']} x space={mesh.shape['space']}), "
       f"{jax.devices()[0].platform}; workdir {workdir}")
 
   train_source, num_train, val_source, num_val = _sources.make_sources(config)
   loader = _data.Loader(train_source, tc.batch_size // n_proc, num_examples=num_train,
                         seed=config.seed, prefetch=config.data.prefetch,
                         workers=config.data.workers, shard=(pid, n_proc))
-  graphdef, template, state = _state.init_state(config)
   state = jax.device_put(state, _sharding.replicated(mesh))
   ckpts = _checkpoint.Checkpoints(workdir, keep_last=tc.keep_last, keep_best=tc.keep_best)
   start, state, loader_state = ckpts.restore_latest_good(state, log)
@@ -178,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     mesh, state)
   eval_fn = _step.make_eval_step(graphdef, template, config)
   rep = _sharding.replicated(mesh)
-  eval_step = jax.jit(eval_fn, in_shardings=(jax.tree.map(lambda _: rep, state.params), rep),
+  eval_step = jax.jit(_mesh.on_mesh(eval_fn, mesh),
+                      in_shardings=(jax.tree.map(lambda _: rep, state.params), rep),
                       out_shardings=rep)
   writer = _Writer(workdir, start, enabled=pid == 0)
   bar, task = _progress(progress and pid == 0, tc.steps, start)

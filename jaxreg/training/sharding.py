@@ -1,47 +1,48 @@
-"""The device mesh and how arrays are laid out on it (data parallel over ``data``)."""
+"""The training mesh and how arrays are laid out on it (:mod:`jaxreg.mesh`).
+
+The batch ``[B, X, Y, Z]`` is split over ``data`` (examples) and ``space`` (X);
+the train state is replicated.
+"""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from jaxreg import mesh as _mesh
+from jaxreg.mesh import replicated
 
 __all__ = ["make_mesh", "batch_sharding", "replicated", "check_batch_size", "global_batch"]
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis ``data`` over ``devices`` (default: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+def make_mesh(devices=None, *, data: int = 0, space: int = 1) -> Mesh:
+  """A ``("data", "space")`` mesh over ``devices`` (default: all devices of all processes,
+  all on ``data``); see :func:`jaxreg.mesh.make_mesh`."""
+  return _mesh.make_mesh(devices, data=data, space=space)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over ``data``, the rest whole."""
-  return NamedSharding(mesh, P("data"))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  """A full copy on every device (params, optimiser state, metrics)."""
-  return NamedSharding(mesh, P())
+  """Batch axis split over ``data``, the first spatial axis over ``space``, the rest whole."""
+  return _mesh.volume_sharding(mesh)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """Raise ``ValueError`` unless the global batch splits evenly over the mesh."""
-  n = mesh.devices.size
+  """Raise ``ValueError`` unless the global batch splits evenly over ``data``."""
+  n = int(mesh.shape["data"])
   if batch_size % n:
     raise ValueError(
-        f"batch size {batch_size} is not divisible by the {n} devices of the mesh; use a "
-        f"multiple of {n} (config.train.batch_size)")
+        f"batch size {batch_size} is not divisible by the {n} devices of the mesh's data "
+        f"axis; use a multiple of {n} (config.train.batch_size)")
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble the global batch from this process's examples.
 
   With one process, ``local`` is the whole batch. With several, each process
-  passes its own consecutive share and the result is one global array per key
-  (``jax.make_array_from_process_local_data``), sharded over ``data``.
+  passes its own consecutive share of examples, whole in space (each ``space``
+  group lies inside one process), and the result is one global array per key
+  (``jax.make_array_from_process_local_data``).
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxreg import fields as _fields
 from jaxreg import losses as _losses
+from jaxreg import mesh as _mesh
 from jaxreg import model as _model
 from jaxreg import warp as _warp
 from jaxreg.io import InputError
@@ -28,7 +29,7 @@ from jaxreg.training.state import TrainState, merge
 
 __all__ = ["make_loss_fn", "make_train_step", "make_eval_step", "jit_train_step",
            "jit_eval_step", "resolve_objective", "conditioned", "batch_reg_weight",
-           "draw_reg_weight"]
+           "draw_reg_weight", "remat_loss"]
 
 
 def resolve_objective(config: ml_collections.ConfigDict, similarity: Callable | None = None,
@@ -101,7 +102,14 @@ def _forward(graphdef, template, config, params, batch):
     extra = label_channels(config, batch["fixed_labels"], batch["moving_labels"])
   return _model.predict_displacement(net, batch["fixed"], batch["moving"],
                                      method=config.decomposition, steps=config.svf_steps,
-                                     extra=extra, reg_weight=batch_reg_weight(config, batch))
+                                     extra=extra, reg_weight=batch_reg_weight(config, batch),
+                                     remat=remat_loss(config))
+
+
+def remat_loss(config: ml_collections.ConfigDict) -> bool:
+  """Whether the objective outside the UNet (composition, warps, similarity, soft Dice) is
+  recomputed in the backward pass (``config.train.remat_loss``) instead of kept."""
+  return bool(config.train.get("remat_loss", False))
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
@@ -131,10 +139,21 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
   lw = config.loss
   classes = num_classes(config)
 
+  keep = jax.checkpoint if remat_loss(config) else (lambda f: f)
+
+  @keep
+  def similarity_term(fixed, moving, disp):
+    return jnp.mean(jax.vmap(sim_fn)(fixed, _warp.warp_batch(moving, disp)))
+
+  @keep
+  def dice_term(fixed_labels, moving_labels, disp):
+    fixed_p = jax.nn.one_hot(fixed_labels, classes)
+    warped_p = _warp.warp_batch(jax.nn.one_hot(moving_labels, classes), disp)
+    return jnp.mean(jax.vmap(_losses.soft_dice)(fixed_p, warped_p))
+
   def loss_fn(params, batch):
     disp, subfields = _forward(graphdef, template, config, params, batch)
-    warped = _warp.warp_batch(batch["moving"], disp)
-    sim = jnp.mean(jax.vmap(sim_fn)(batch["fixed"], warped))
+    sim = similarity_term(batch["fixed"], batch["moving"], disp)
     reg_sub_b = sum(jax.vmap(reg_fn)(u) for u in subfields) / len(subfields)  # [B]
     reg_total_b = jax.vmap(reg_fn)(disp)
     lam = batch_reg_weight(config, batch)
@@ -148,9 +167,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
              + jnp.mean(w_total * reg_total_b))
     metrics = {"similarity_loss": sim, "reg_subfields": reg_sub, "reg_total": reg_total}
     if classes and lw.dice_weight > 0 and "moving_labels" in batch:
-      fixed_p = jax.nn.one_hot(batch["fixed_labels"], classes)
-      warped_p = _warp.warp_batch(jax.nn.one_hot(batch["moving_labels"], classes), disp)
-      dice = jnp.mean(jax.vmap(_losses.soft_dice)(fixed_p, warped_p))
+      dice = dice_term(batch["fixed_labels"], batch["moving_labels"], disp)
       total = total + lw.dice_weight * (1.0 - dice)
       metrics["soft_dice"] = dice
     if lw.folding_weight > 0:
@@ -224,15 +241,19 @@ def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
 
 
 def jit_train_step(step: Callable, mesh, state: TrainState) -> Callable:
-  """``jax.jit`` with the state replicated and donated, the batch split over ``data``."""
+  """``jax.jit`` with the state replicated and donated, the batch split over ``data`` and
+  its first spatial axis over ``space``; traced with the mesh in context, so the
+  network's levels and the field stay split along X (:func:`jaxreg.mesh.spatial`)."""
   rep = _sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)
-  return jax.jit(step, in_shardings=(state_sharding, _sharding.batch_sharding(mesh)),
+  return jax.jit(_mesh.on_mesh(step, mesh),
+                 in_shardings=(state_sharding, _sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, rep), donate_argnums=0)
 
 
 def jit_eval_step(evaluate: Callable, mesh, params) -> Callable:
-  """``jax.jit`` of an eval step: params replicated, batch split over ``data``."""
+  """``jax.jit`` of an eval step: params replicated, batch split as in :func:`jit_train_step`."""
   rep = _sharding.replicated(mesh)
-  return jax.jit(evaluate, in_shardings=(jax.tree.map(lambda _: rep, params),
-                                         _sharding.batch_sharding(mesh)), out_shardings=rep)
+  return jax.jit(_mesh.on_mesh(evaluate, mesh),
+                 in_shardings=(jax.tree.map(lambda _: rep, params),
+                               _sharding.batch_sharding(mesh)), out_shardings=rep)
