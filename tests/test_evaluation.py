@@ -196,3 +196,20 @@ def test_demo_keypoints_follow_the_true_field():
   moved = (vox + pair.disp[tuple(vox.T)]) @ pair.affine[:3, :3].T + pair.affine[:3, 3]
   np.testing.assert_allclose(case.moving_points, moved, atol=1e-4)
   np.testing.assert_array_equal(case.fixed.array, pair.fixed)
+
+
+def test_mesh_evaluation_equals_one_device(tmp_path, capsys):
+  """evaluate.py --mesh space=8: the jaxreg method split over 8 fake devices scores as one."""
+  import jax
+  assert jax.device_count() == 8
+  rows = {}
+  for name, extra in (("one", []), ("split", ["--mesh", "space=8"])):
+    assert E.main(["--data", "demo", "--pairs", "1", "--methods", "jaxreg", "--out",
+                   str(tmp_path / name), *extra]) == 0
+    rows[name] = list(csv.DictReader(open(tmp_path / name / "per_pair.csv")))[0]
+  info = json.load(open(tmp_path / "split" / "summary.json"))
+  assert info["mesh_space"] == 8
+  for k in ("dice", "hd95", "tre", "sdlogj"):
+    assert float(rows["split"][k]) == pytest.approx(float(rows["one"][k]), rel=1e-4, abs=1e-5), k
+  assert E.main(["--data", "demo", "--out", str(tmp_path / "bad"), "--mesh", "data=2"]) == 2
+  assert "one registration has no batch to split" in capsys.readouterr().err
