@@ -28,6 +28,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jaxreg import mesh as _mesh
+from jaxreg import warp_ffi as _ffi
 
 __all__ = ["sample", "warp", "warp_batch", "PADDINGS"]
 
@@ -195,6 +196,15 @@ def sample(image: jax.Array, coords: jax.Array, *, order: int = 1,
   return _sample_xyz(image, [coords[..., i] for i in range(3)], order, padding, cval)
 
 
+def _use_kernel(image, xyz, order) -> bool:
+  """Whether the C++ kernel (:mod:`jaxreg.warp_ffi`) takes this call: float32
+  trilinear, or nearest on integer/bool label maps; elsewhere the JAX code."""
+  if order == 1:
+    return _ffi.use_kernel(image, *xyz)
+  return (not jnp.issubdtype(image.dtype, jnp.floating) and image.dtype.itemsize <= 8
+          and _ffi.use_kernel(*xyz))
+
+
 def _sample_xyz(image, xyz, order, padding, cval):
   """:func:`sample` with the coordinates as three arrays (no stacking: cheaper)."""
   image = jnp.asarray(image)
@@ -203,6 +213,11 @@ def _sample_xyz(image, xyz, order, padding, cval):
   if not jnp.issubdtype(xyz[0].dtype, jnp.floating):
     xyz = [c.astype(jnp.float32) for c in xyz]
   has_channels = image.ndim == 4
+  if _use_kernel(image, xyz, order):
+    vol = image if has_channels else image[..., None]
+    fn = _ffi.trilinear if order == 1 else _ffi.nearest
+    out = fn(vol, *xyz, padding, cval)
+    return out if has_channels else out[..., 0]
   vols = [image[..., k] for k in range(image.shape[3])] if has_channels else [image]
   if order == 1:
     outs = [_trilinear(v, *xyz, padding, float(cval)) for v in vols]
