@@ -34,3 +34,76 @@ def torch_warp(shape, padding: str = "zeros"):
                           align_corners=True)
 
   return warp
+
+
+def warp_paths() -> list[str]:
+  """The warp paths this machine can run: ``"ffi"`` (the C++ kernel) when it builds, ``"jax"``."""
+  import os
+
+  from jaxreg import warp_ffi
+  saved = os.environ.get("JAXREG_WARP")
+  os.environ["JAXREG_WARP"] = "auto"
+  try:
+    return (["ffi"] if warp_ffi.status()["kernel"] else []) + ["jax"]
+  finally:
+    if saved is None:
+      os.environ.pop("JAXREG_WARP")
+    else:
+      os.environ["JAXREG_WARP"] = saved
+
+
+def compiled(fn, *args, path: str):
+  """``jax.jit(fn)`` compiled for ``args`` with the warp path ``path`` (``JAXREG_WARP``
+  is read while tracing), as a no-argument callable that blocks on its result."""
+  import os
+
+  import jax
+  saved = os.environ.get("JAXREG_WARP")
+  os.environ["JAXREG_WARP"] = path
+  try:
+    exe = jax.jit(fn).lower(*args).compile()
+  finally:
+    if saved is None:
+      os.environ.pop("JAXREG_WARP")
+    else:
+      os.environ["JAXREG_WARP"] = saved
+  return lambda: jax.block_until_ready(exe(*args))
+
+
+def smooth_field(shape, amplitude: float, seed: int, spacing: int = 8):
+  """``[X, Y, Z, 3]`` float32 smooth random displacement (voxels), ``max |u| = amplitude``:
+  noise on a grid every ``spacing`` voxels, cubic-interpolated."""
+  import numpy as np
+  from scipy import ndimage
+  rng = np.random.default_rng(seed)
+  coarse = rng.normal(size=tuple(max(2, n // spacing + 1) for n in shape) + (3,))
+  zoom = [n / c for n, c in zip(shape, coarse.shape[:3])] + [1]
+  u = ndimage.zoom(coarse, zoom, order=3)[: shape[0], : shape[1], : shape[2]]
+  return (u * amplitude / np.abs(u).max()).astype(np.float32)
+
+
+def torch_lncc(window: int):
+  """torch LNCC of ``[1, 1, X, Y, Z]`` tensors with the statistics of
+  ``jaxreg.losses.local_ncc`` (over the in-volume part of each ``window**3`` box):
+  separable box sums (three 1-D ``conv3d``), divided by the in-volume counts."""
+  import torch
+  import torch.nn.functional as tf
+  r = window // 2
+  kernels = [torch.ones((1, 1) + tuple(window if k == a else 1 for k in range(3)))
+             for a in range(3)]
+  pads = [tuple(r if k == a else 0 for k in range(3)) for a in range(3)]
+
+  def box(x):
+    for kernel, pad in zip(kernels, pads):
+      x = tf.conv3d(x, kernel, padding=pad)
+    return x
+
+  def lncc(a, b):
+    n = box(torch.ones_like(a))
+    mean = lambda x: box(x) / n
+    ma, mb = mean(a), mean(b)
+    cross = mean(a * b) - ma * mb
+    var_a, var_b = mean(a * a) - ma * ma, mean(b * b) - mb * mb
+    return (cross * cross / (var_a * var_b + 1e-5)).mean()
+
+  return lncc

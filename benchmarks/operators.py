@@ -5,12 +5,15 @@ Run: ``python benchmarks/operators.py [--sizes 64 128] [--repeats 5]`` (torch fr
 on the same random data, measured in one run; the ratio is torch's time / jaxreg's.
 
 * compose ``v + u(x + v)`` with border padding (torch: ``grid_sample(border)``),
-  forward and gradient w.r.t. both fields.
+  forward and gradient w.r.t. both fields; smooth random fields, ``|u| <= 3`` voxels.
 * scaling and squaring, 7 steps (torch: the same loop on ``grid_sample``),
   forward and gradient w.r.t. the velocity.
 * LNCC, 9³ windows (jaxreg: ``losses.local_ncc``, statistics over the in-volume part of
-  each window; torch: ``avg_pool3d(count_include_pad=False)``, the same statistics),
+  each window; torch: separable box sums by ``conv3d``, the same statistics),
   forward and gradient w.r.t. the warped image.
+
+Columns: each jaxreg warp path (``ffi``: the C++ kernel of ``jaxreg.warp_ffi``; ``jax``:
+``JAXREG_WARP=jax``) beside torch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import median_seconds, torch_warp
+from _common import (compiled, median_seconds, smooth_field, torch_lncc, torch_warp,
+                     warp_paths)
 
 from jaxreg import fields, losses
 
@@ -30,25 +34,24 @@ WINDOW = 9
 STEPS = 7
 
 
-def _jax_cases(u, v, f, m):
+def _jax_cases(u, v, f, m, path):
+  """Compiled callables per operation and pass, with the warp path ``path`` (``ffi``/``jax``)."""
   compose_loss = lambda a, b: jnp.sum(fields.compose(a, b) ** 2)
   svf_loss = lambda a: jnp.sum(fields.integrate(a, STEPS) ** 2)
   lncc = lambda a, b: losses.local_ncc(a, b, window=WINDOW)
-  run = lambda fn, *a: (lambda: jax.block_until_ready(fn(*a)))
+  run = lambda fn, *a: compiled(fn, *a, path=path)
   return {
-      "compose": {"fwd": run(jax.jit(fields.compose), u, v),
-                  "fwd+bwd": run(jax.jit(jax.grad(compose_loss, argnums=(0, 1))), u, v)},
-      "scaling and squaring": {"fwd": run(jax.jit(lambda a: fields.integrate(a, STEPS)), v),
-                               "fwd+bwd": run(jax.jit(jax.grad(svf_loss)), v)},
-      "LNCC": {"fwd": run(jax.jit(lncc), f, m),
-               "fwd+bwd": run(jax.jit(jax.grad(lncc, argnums=1)), f, m)},
+      "compose": {"fwd": run(fields.compose, u, v),
+                  "fwd+bwd": run(jax.grad(compose_loss, argnums=(0, 1)), u, v)},
+      "scaling and squaring": {"fwd": run(lambda a: fields.integrate(a, STEPS), v),
+                               "fwd+bwd": run(jax.grad(svf_loss), v)},
+      "LNCC": {"fwd": run(lncc, f, m), "fwd+bwd": run(jax.grad(lncc, argnums=1), f, m)},
   }
 
 
 def _torch_cases(u_np, v_np, f_np, m_np, threads):
   try:
     import torch
-    import torch.nn.functional as tf
   except ImportError:
     return None
   torch.set_num_threads(threads)
@@ -64,13 +67,7 @@ def _torch_cases(u_np, v_np, f_np, m_np, threads):
       a = compose(a, a)
     return a
 
-  def lncc(a, b):  # [1, 1, X, Y, Z]
-    mean = lambda x: tf.avg_pool3d(x, WINDOW, stride=1, padding=WINDOW // 2,
-                                   count_include_pad=False)
-    ma, mb = mean(a), mean(b)
-    cross = mean(a * b) - ma * mb
-    var_a, var_b = mean(a * a) - ma * ma, mean(b * b) - mb * mb
-    return (cross * cross / (var_a * var_b + 1e-5)).mean()
+  lncc = torch_lncc(WINDOW)  # [1, 1, X, Y, Z]
 
   t = lambda a, grad=False: torch.from_numpy(a).clone().requires_grad_(grad)
   u, v, f, m = (torch.from_numpy(a)[None] for a in (u_np, v_np, f_np, m_np))
@@ -106,27 +103,34 @@ def main():
   parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch-threads", type=int, default=None)
+  parser.add_argument("--paths", nargs="+", default=None, choices=("ffi", "jax"),
+                      help="jaxreg warp paths (default: every one that runs here)")
   args = parser.parse_args()
   threads = args.torch_threads or os.cpu_count()
+  paths = args.paths or warp_paths()
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}")
-  print("| size | operation | pass | jaxreg (ms) | torch (ms) | torch / jaxreg |")
-  print("| --- | --- | --- | ---: | ---: | ---: |")
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}")
+  head = " | ".join(f"jaxreg {p} (ms)" for p in paths)
+  ratio = " | ".join(f"torch / {p}" for p in paths)
+  print(f"| size | operation | pass | {head} | torch (ms) | {ratio} |")
+  print("| --- | --- | --- |" + " ---: |" * (2 * len(paths) + 1))
   for n in args.sizes:
     rng = np.random.default_rng(n)
-    u, v = (rng.uniform(-3, 3, size=(n, n, n, 3)).astype(np.float32) for _ in range(2))
+    u, v = (smooth_field((n, n, n), 3.0, seed=n + k) for k in range(2))
     f, m = (rng.normal(size=(n, n, n)).astype(np.float32) for _ in range(2))
-    ours = _jax_cases(*(jnp.asarray(a) for a in (u, v, f, m)))
+    ours = {p: _jax_cases(*(jnp.asarray(a) for a in (u, v, f, m)), path=p) for p in paths}
     theirs = _torch_cases(u, v, f, m, threads)
-    for op, passes in ours.items():
-      for name, fn in passes.items():
-        a = median_seconds(fn, args.repeats)
+    for op, passes in ours[paths[0]].items():
+      for name in passes:
+        times = [median_seconds(ours[p][op][name], args.repeats) for p in paths]
+        cells = " | ".join(f"{t * 1e3:.1f}" for t in times)
         if theirs is None:
-          print(f"| {n}³ | {op} | {name} | {a * 1e3:.1f} | (no torch) | |", flush=True)
+          print(f"| {n}³ | {op} | {name} | {cells} | (no torch) |" + " |" * len(paths),
+                flush=True)
           continue
         b = median_seconds(theirs[op][name], args.repeats)
-        print(f"| {n}³ | {op} | {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f} |",
-              flush=True)
+        ratios = " | ".join(f"{b / t:.2f}" for t in times)
+        print(f"| {n}³ | {op} | {name} | {cells} | {b * 1e3:.1f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train step: jaxreg vs the same UNet + loss in PyTorch, and how jaxreg's cost grows with size.
 
 Run: ``python benchmarks/train_step.py [--sizes 64 128] [--native] [--grow 32 64 128 192x160x224]
-[--plot growth.png]``
+[--plot growth.png] [--warp-compare 48 96]``
 (``pip install -e '.[bench]'`` for the PyTorch column).
 
 Both sides: the demo network (UNet widths 16-32-32-32, stride-2 encoder,
@@ -205,10 +205,11 @@ def _plot(path, voxels, seconds, gib):
   print(f"# wrote {path}")
 
 
-def _measure(impl, size, repeats, threads):
+def _measure(impl, size, repeats, threads, warp=None):
+  env = dict(os.environ, **({"JAXREG_WARP": warp} if warp else {}))
   out = subprocess.run([sys.executable, __file__, "--child", "--impl", impl, "--size", str(size),
                         "--repeats", str(repeats), "--threads", str(threads)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
   if out.returncode:
     return None, out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
   return json.loads(out.stdout.strip().splitlines()[-1]), None
@@ -224,6 +225,9 @@ def main():
   parser.add_argument("--plot", help="write the growth as a log-log PNG here")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--warp-compare", nargs="*", default=[],
+                      help="sizes at which to time jaxreg's train step with the warp's C++ "
+                           "kernel (JAXREG_WARP=ffi) against the pure-JAX warp (=jax)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--impl", help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -262,6 +266,16 @@ def main():
       if args.plot:
         _plot(args.plot, v, s, g)
   print("# ratio = torch time / jaxreg time (> 1: jaxreg faster)")
+  if args.warp_compare:
+    print("\n| size | pass | jaxreg, warp kernel | jaxreg, pure-JAX warp | pure-JAX / kernel |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for size in args.warp_compare:
+      for mode, suffix in (("train step", ""), ("forward + warp", "+infer")):
+        res = [_measure("jax:folded" + suffix, size, args.repeats, args.threads, warp=w)[0]
+               for w in ("ffi", "jax")]
+        cells = [f"{r['seconds']:.3f} s, {r['peak_mib']:.0f} MiB" if r else "failed" for r in res]
+        ratio = f"{res[1]['seconds'] / res[0]['seconds']:.2f}x" if all(res) else "n/a"
+        print(f"| {size} | {mode} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,109 +1,132 @@
-"""Trilinear warp: jaxreg vs jax.scipy.ndimage.map_coordinates vs torch grid_sample.
+"""Trilinear warp: jaxreg's C++ kernel and pure-JAX paths vs torch grid_sample, with real cotangents.
 
-Run: ``python benchmarks/warp.py [--sizes 64 128] [--repeats 10]``. torch is
+Run: ``python benchmarks/warp.py [--sizes 96 128] [--repeats 10]``. torch is
 optional (``pip install -e '.[bench]'``). Every figure is measured in the same
-run, on the same random image and displacement (1 channel, float32, |u| <= 4
-voxels, zero padding). Reports the median wall time of ``--repeats`` calls
-after a warm-up call, and each reference's time divided by jaxreg's.
+run, on the same random image, fixed image and smooth displacement (1 channel,
+float32, ``|u| <= 4`` voxels, zero padding). Reports the median wall time of
+``--repeats`` calls after a warm-up call, and torch's time divided by each
+jaxreg path's (``> 1``: jaxreg faster).
 
-"fwd+bwd" is the gradient of ``sum(warped * w)`` with respect to the
-displacement (what a registration network's training step needs); "fwd+bwd
-(both)" adds the gradient with respect to the image.
+Passes: ``fwd`` (the warp alone), ``field`` (gradient with respect to the
+displacement, what a network's training step needs) and ``both`` (image and
+displacement). Cotangents (``loss``): ``sum(w * warped)`` with a constant
+``w`` (cheap, and unrepresentative: a real loss's cotangent depends on the
+warped image), ``mse`` ``mean((fixed - warped)^2)`` and ``lncc`` (9³ windows,
+``jaxreg.losses.local_ncc``; torch: ``avg_pool3d`` with the same statistics).
+torch builds its sampling grid inside every timed call, as a step must.
+
+Paths: ``ffi`` is the C++ kernel of ``jaxreg.warp_ffi`` (when it builds),
+``jax`` the pure-JAX warp (``JAXREG_WARP=jax``). ``JAXREG_WARP_THREADS=1``
+runs the kernel on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import median_seconds, torch_warp
+from _common import compiled, median_seconds, smooth_field, torch_lncc, torch_warp, warp_paths
 
+from jaxreg import losses
 from jaxreg import warp as W
 
+WINDOW = 9
+LOSSES = ("sum(w*warped)", "mse", "lncc")
+PASSES = ("fwd", "field", "both")
 
-def _jax_cases(img, disp, weights):
-  shape = img.shape
 
-  def warp_jaxreg(i, d):
-    return W.warp(i, d)
+# (fixed, weights, warped) -> scalar; fixed and weights are arguments, not constants
+# folded into the compiled code.
+JAX_LOSSES = {"sum(w*warped)": lambda f, w, x: jnp.sum(x * w),
+              "mse": lambda f, w, x: jnp.mean((f - x) ** 2),
+              "lncc": lambda f, w, x: -losses.local_ncc(f, x, window=WINDOW)}
 
-  def warp_map_coordinates(i, d):
-    grid = jnp.meshgrid(*[jnp.arange(n, dtype=d.dtype) for n in shape], indexing="ij")
-    coords = [g + d[..., k] for k, g in enumerate(grid)]
-    return jax.scipy.ndimage.map_coordinates(i, coords, order=1, mode="constant")
 
-  cases = {}
-  for name, fn in (("jaxreg", warp_jaxreg), ("map_coordinates", warp_map_coordinates)):
-    fwd = jax.jit(fn)
-    loss = lambda i, d, fn=fn: jnp.sum(fn(i, d) * weights)
-    bwd = jax.jit(jax.grad(loss, argnums=1))
-    both = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    cases[name] = {
-        "fwd": lambda f=fwd: f(img, disp).block_until_ready(),
-        "fwd+bwd": lambda f=bwd: f(img, disp).block_until_ready(),
-        "fwd+bwd (both)": lambda f=both: jax.block_until_ready(f(img, disp)),
-    }
+def _jax_cases(img, disp, fixed, weights, path):
+  cases = {("fwd", "-"): compiled(W.warp, img, disp, path=path)}
+  for name, loss in JAX_LOSSES.items():
+    total = lambda i, d, f, w, loss=loss: loss(f, w, W.warp(i, d))
+    for key, argnums in (("field", 1), ("both", (0, 1))):
+      cases[(key, name)] = compiled(jax.grad(total, argnums=argnums), img, disp, fixed,
+                                    weights, path=path)
   return cases
 
 
-def _torch_cases(img_np, disp_np, weights_np, threads):
+def _torch_cases(img_np, disp_np, fixed_np, weights_np, threads):
   try:
     import torch
   except ImportError:
     return None
   torch.set_num_threads(threads)
-  img = torch.from_numpy(img_np)[None, None]  # (1, 1, X, Y, Z) = (N, C, D, H, W)
-  weights = torch.from_numpy(weights_np)[None, None]
+  as_t = lambda a: torch.from_numpy(a)[None, None]
+  img, fixed, weights = as_t(img_np), as_t(fixed_np), as_t(weights_np)
   warp = torch_warp(img_np.shape)
-  warped = lambda i, d: warp(i, d[None])
+  lncc = torch_lncc(WINDOW)
+  loss_fns = {"sum(w*warped)": lambda w: (w * weights).sum(),
+              "mse": lambda w: ((fixed - w) ** 2).mean(),
+              "lncc": lambda w: -lncc(fixed, w)}
 
   def fwd():
     with torch.no_grad():
-      warped(img, torch.from_numpy(disp_np))
+      warp(img, torch.from_numpy(disp_np)[None])
 
-  def bwd(image_grad):
-    i = img.clone().requires_grad_(image_grad)
-    d = torch.from_numpy(disp_np).clone().requires_grad_(True)
-    (warped(i, d) * weights).sum().backward()
+  def bwd(loss, image_grad):
+    def call():
+      i = img.clone().requires_grad_(image_grad)
+      d = torch.from_numpy(disp_np).clone()[None].requires_grad_(True)
+      loss(warp(i, d)).backward()
+    return call
 
-  return {"fwd": fwd, "fwd+bwd": lambda: bwd(False), "fwd+bwd (both)": lambda: bwd(True)}
+  cases = {("fwd", "-"): fwd}
+  for name, loss in loss_fns.items():
+    cases[("field", name)] = bwd(loss, False)
+    cases[("both", name)] = bwd(loss, True)
+  return cases
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch intra-op threads (default: all cores, as JAX)")
+  parser.add_argument("--paths", nargs="+", default=None, choices=("ffi", "jax"),
+                      help="jaxreg warp paths (default: every one that runs here)")
   args = parser.parse_args()
-  import os
   threads = args.torch_threads or os.cpu_count()
+  paths = args.paths or warp_paths()
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}")
-  rows = []
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}, "
+        f"kernel threads {os.environ.get('JAXREG_WARP_THREADS') or 'all'}")
+  head = " | ".join(f"jaxreg {p} (ms)" for p in paths)
+  ratio = " | ".join(f"torch / {p}" for p in paths)
+  print(f"| size | pass | loss | {head} | torch (ms) | {ratio} |")
+  print("| --- | --- | --- |" + " ---: |" * (2 * len(paths) + 1))
   for n in args.sizes:
     rng = np.random.default_rng(n)
-    img = rng.normal(size=(n, n, n)).astype(np.float32)
-    disp = rng.uniform(-4, 4, size=(n, n, n, 3)).astype(np.float32)
-    weights = rng.normal(size=(n, n, n)).astype(np.float32)
-    impls = _jax_cases(jnp.asarray(img), jnp.asarray(disp), jnp.asarray(weights))
-    torch_cases = _torch_cases(img, disp, weights, threads)
-    if torch_cases is None:
-      print("# torch not installed: grid_sample column skipped (pip install -e '.[bench]')")
-    else:
-      impls["torch grid_sample"] = torch_cases
-    for mode in ("fwd", "fwd+bwd", "fwd+bwd (both)"):
-      times = {name: median_seconds(c[mode], args.repeats) for name, c in impls.items()}
-      ours = times["jaxreg"]
-      ratios = "  ".join(f"{name} {t * 1e3:7.1f} ms ({t / ours:4.1f}x)"
-                         for name, t in times.items() if name != "jaxreg")
-      rows.append(f"{n}^3 {mode:15s} jaxreg {ours * 1e3:7.1f} ms | {ratios}")
-      print(rows[-1], flush=True)
-  print("# ratio = reference time / jaxreg time (> 1: jaxreg faster)")
+    shape = (n, n, n)
+    img = rng.normal(size=shape).astype(np.float32)
+    fixed = rng.normal(size=shape).astype(np.float32)
+    weights = rng.normal(size=shape).astype(np.float32)
+    disp = smooth_field(shape, 4.0, seed=n)
+    arrays = [jnp.asarray(a) for a in (img, disp, fixed, weights)]
+    ours = {p: _jax_cases(*arrays, path=p) for p in paths}
+    theirs = _torch_cases(img, disp, fixed, weights, threads)
+    for key in ours[paths[0]]:
+      times = [median_seconds(ours[p][key], args.repeats) for p in paths]
+      cells = " | ".join(f"{t * 1e3:.1f}" for t in times)
+      if theirs is None:
+        print(f"| {n}³ | {key[0]} | {key[1]} | {cells} | (no torch) |" + " |" * len(paths),
+              flush=True)
+        continue
+      b = median_seconds(theirs[key], args.repeats)
+      ratios = " | ".join(f"{b / t:.2f}" for t in times)
+      print(f"| {n}³ | {key[0]} | {key[1]} | {cells} | {b * 1e3:.1f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  from jaxreg import warp_ffi
+  try:
+    warp_ffi.check_environment()
+  except (ValueError, warp_ffi.KernelError) as e:
+    print(f"jaxreg: error: {e}", file=sys.stderr)
+    return 2
   if argv[:1] == ["train"]:  # its own flags, including --config.FIELD=VALUE overrides
     from jaxreg.training.main import main as train_main
     return train_main(argv[1:], prog="jaxreg train")

@@ -6,6 +6,11 @@ array is floored separately, the 8 trilinear corners become int32 indices into
 the flattened volume, and each channel is gathered as a scalar array (gathering
 rows of a channels-last ``[N, C]`` array is ~20x slower on XLA:CPU).
 
+On CPU, float32 trilinear warps and nearest-neighbour warps of label maps run
+a multithreaded C++ kernel instead (:mod:`jaxreg.warp_ffi`, built on first use;
+``JAXREG_WARP=jax`` forces this module's code, which runs anywhere). Both give
+the same values and gradients to float32 rounding.
+
 Border rule (``padding``):
 
 * ``"constant"``: every corner outside the volume contributes ``cval``
@@ -193,16 +198,31 @@ def sample(image: jax.Array, coords: jax.Array, *, order: int = 1,
   if np.ndim(coords) < 1 or np.shape(coords)[-1] != 3:
     raise ValueError(f"coords must be [..., 3] voxel coordinates, got shape {np.shape(coords)}")
   coords = jnp.asarray(coords)
+  out = _kernel(image, coords, order, padding, cval, on_grid=False)
+  if out is not None:
+    return out
   return _sample_xyz(image, [coords[..., i] for i in range(3)], order, padding, cval)
 
 
-def _use_kernel(image, xyz, order) -> bool:
-  """Whether the C++ kernel (:mod:`jaxreg.warp_ffi`) takes this call: float32
-  trilinear, or nearest on integer/bool label maps; elsewhere the JAX code."""
+def _kernel(image, points, order, padding, cval, on_grid: bool):
+  """The C++ kernel's result (:mod:`jaxreg.warp_ffi`), or None where it does not
+  apply: it takes float32 trilinear sampling, and nearest on integer/bool label
+  maps, with float32 ``points [..., 3]`` (coordinates, or with ``on_grid``
+  displacements on the grid ``points.shape[:3]``)."""
+  image = jnp.asarray(image)
   if order == 1:
-    return _ffi.use_kernel(image, *xyz)
-  return (not jnp.issubdtype(image.dtype, jnp.floating) and image.dtype.itemsize <= 8
-          and _ffi.use_kernel(*xyz))
+    if not _ffi.use_kernel(image, points):
+      return None
+  elif jnp.issubdtype(image.dtype, jnp.floating) or not _ffi.use_kernel(points):
+    return None
+  vol = image if image.ndim == 4 else image[..., None]
+  if order == 0:
+    out = _ffi.nearest(vol, points, padding, cval, on_grid=on_grid)
+  elif on_grid:
+    out = _ffi.warp(vol, points, padding, cval)
+  else:
+    out = _ffi.sample(vol, points, padding, cval)
+  return out if image.ndim == 4 else out[..., 0]
 
 
 def _sample_xyz(image, xyz, order, padding, cval):
@@ -213,11 +233,6 @@ def _sample_xyz(image, xyz, order, padding, cval):
   if not jnp.issubdtype(xyz[0].dtype, jnp.floating):
     xyz = [c.astype(jnp.float32) for c in xyz]
   has_channels = image.ndim == 4
-  if _use_kernel(image, xyz, order):
-    vol = image if has_channels else image[..., None]
-    fn = _ffi.trilinear if order == 1 else _ffi.nearest
-    out = fn(vol, *xyz, padding, cval)
-    return out if has_channels else out[..., 0]
   vols = [image[..., k] for k in range(image.shape[3])] if has_channels else [image]
   if order == 1:
     outs = [_trilinear(v, *xyz, padding, float(cval)) for v in vols]
@@ -264,6 +279,9 @@ def warp(image: jax.Array, disp: jax.Array, *, order: int = 1,
   _check_options(order, padding)
   if not jnp.issubdtype(disp.dtype, jnp.floating):
     disp = disp.astype(jnp.float32)
+  out = _kernel(image, disp, order, padding, cval, on_grid=True)
+  if out is not None:
+    return out
   shape = disp.shape[:3]
   axes = [jnp.arange(n, dtype=disp.dtype) for n in shape]
   grid = jnp.meshgrid(*axes, indexing="ij")

@@ -24,7 +24,7 @@ machine without a compiler gets one informational line on stderr and the
 pure-JAX warp. ``JAXREG_WARP_THREADS=n`` caps the kernel's threads (default:
 the pool's size).
 
-Differentiation: :func:`trilinear` has a JVP rule whose image part is a linear
+Differentiation: :func:`sample` and :func:`warp` have a JVP rule whose image part is a linear
 primitive with the splat as its transpose, so forward mode, reverse mode,
 ``vmap`` and ``jax.checkpoint`` all work; the derivative of the image
 gradient with respect to the coordinates (a second-order term) is not
@@ -52,14 +52,16 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["SOURCE", "MODES", "mode", "build", "available", "use_kernel", "status",
-           "trilinear", "nearest"]
+__all__ = ["SOURCE", "MODES", "KernelError", "mode", "build", "available", "check_environment",
+           "use_kernel", "status",
+           "sample", "warp", "nearest"]
 
 SOURCE = Path(__file__).parent / "csrc" / "warp_kernel.cc"
 MODES = ("auto", "ffi", "jax")
 _CACHE = os.path.join("~", ".cache", "jaxreg", "kernels")
 _TARGETS = {"jaxreg_trilinear": "JaxregTrilinear",
             "jaxreg_trilinear_grad": "JaxregTrilinearGrad",
+            "jaxreg_trilinear_vjp": "JaxregTrilinearVjp",
             "jaxreg_splat": "JaxregSplat",
             "jaxreg_nearest": "JaxregNearest"}
 _PADDING = {"constant": 0, "border": 1}
@@ -167,6 +169,18 @@ def available() -> bool:
   return ok
 
 
+def check_environment() -> None:
+  """Fail early on a bad ``$JAXREG_WARP``, or a forced kernel that cannot be built
+  (the CLI calls this first; in ``auto`` mode nothing is built here).
+
+  Raises:
+    ValueError: ``$JAXREG_WARP`` is not one of :data:`MODES`.
+    KernelError: ``JAXREG_WARP=ffi`` and the kernel cannot be built.
+  """
+  if mode() == "ffi":
+    available()
+
+
 def _multi_device_mesh() -> bool:
   m = jax.sharding.get_abstract_mesh()
   return not m.empty and m.size > 1
@@ -198,31 +212,43 @@ def _threads() -> np.int64:
 
 
 # ------------------------------------------------------------------ raw calls
+# ``pts [N, 3]`` are voxel coordinates (``grid=None``) or, with ``grid=(gx, gy, gz)``,
+# displacements (voxels) on that output grid of N voxels: the kernel adds the grid.
 
 
-def _call(name, out, *args, **attrs):
-  return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args, threads=_threads(),
-                                                               **attrs)
+def _call(name, out, *args, grid=None, **attrs):
+  gx, gy, gz = grid or (0, 0, 0)
+  return jax.ffi.ffi_call(name, out, vmap_method="sequential")(
+      *args, grid=np.int32(grid is not None), gx=np.int64(gx), gy=np.int64(gy),
+      gz=np.int64(gz), threads=_threads(), **attrs)
 
 
-def _value(vol, x, y, z, padding, cval):
-  """``[N, C]`` samples of ``vol [X, Y, Z, C]`` at ``x, y, z [N]`` (voxels)."""
-  out = jax.ShapeDtypeStruct((x.shape[0], vol.shape[3]), jnp.float32)
-  return _call("jaxreg_trilinear", out, vol, x, y, z, padding=np.int32(_PADDING[padding]),
-               cval=np.float32(cval))
-
-
-def _value_and_derivatives(vol, x, y, z, padding, cval):
-  """The samples and their derivatives along x, y, z: four ``[N, C]`` arrays."""
-  out = jax.ShapeDtypeStruct((x.shape[0], vol.shape[3]), jnp.float32)
-  return _call("jaxreg_trilinear_grad", (out,) * 4, vol, x, y, z,
+def _value(vol, pts, padding, cval, grid):
+  """``[N, C]`` samples of ``vol [X, Y, Z, C]`` at ``pts [N, 3]``."""
+  out = jax.ShapeDtypeStruct((pts.shape[0], vol.shape[3]), jnp.float32)
+  return _call("jaxreg_trilinear", out, vol, pts, grid=grid,
                padding=np.int32(_PADDING[padding]), cval=np.float32(cval))
 
 
-def _splat(ct, x, y, z, shape, padding):
+def _value_and_derivatives(vol, pts, padding, cval, grid):
+  """The samples ``[N, C]`` and their derivatives along x, y, z, ``[N, C, 3]``."""
+  n, c = pts.shape[0], vol.shape[3]
+  out = (jax.ShapeDtypeStruct((n, c), jnp.float32), jax.ShapeDtypeStruct((n, c, 3), jnp.float32))
+  return _call("jaxreg_trilinear_grad", out, vol, pts, grid=grid,
+               padding=np.int32(_PADDING[padding]), cval=np.float32(cval))
+
+
+def _points_vjp(vol, pts, ct, padding, cval, grid):
+  """The points' gradient ``[N, 3]``: ``sum_c ct[n, c] * d sample[n, c] / d pts[n]``."""
+  out = jax.ShapeDtypeStruct((pts.shape[0], 3), jnp.float32)
+  return _call("jaxreg_trilinear_vjp", out, vol, pts, ct, grid=grid,
+               padding=np.int32(_PADDING[padding]), cval=np.float32(cval))
+
+
+def _splat(ct, pts, shape, padding, grid):
   """Adjoint of :func:`_value` in the volume: ``[X, Y, Z, C]`` from ``ct [N, C]``."""
   out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-  return _call("jaxreg_splat", out, ct, x, y, z, padding=np.int32(_PADDING[padding]))
+  return _call("jaxreg_splat", out, ct, pts, grid=grid, padding=np.int32(_PADDING[padding]))
 
 
 # -------------------------------------------- linear primitives: apply, splat
@@ -234,80 +260,137 @@ apply_p = Primitive("jaxreg_warp_apply")
 splat_p = Primitive("jaxreg_warp_splat")
 
 
-def _apply_impl(dvol, x, y, z, *, padding):
-  return _value(dvol, x, y, z, padding, 0.0)
+def _apply_impl(dvol, pts, *, padding, grid):
+  return _value(dvol, pts, padding, 0.0, grid)
 
 
-def _splat_impl(ct, x, y, z, *, shape, padding):
-  return _splat(ct, x, y, z, shape, padding)
+def _splat_impl(ct, pts, *, shape, padding, grid):
+  return _splat(ct, pts, shape, padding, grid)
 
 
 apply_p.def_impl(_apply_impl)
 splat_p.def_impl(_splat_impl)
 apply_p.def_abstract_eval(
-    lambda dvol, x, y, z, *, padding: jax.core.ShapedArray((x.shape[0], dvol.shape[3]),
-                                                           jnp.float32))
+    lambda dvol, pts, *, padding, grid: jax.core.ShapedArray((pts.shape[0], dvol.shape[3]),
+                                                             jnp.float32))
 splat_p.def_abstract_eval(
-    lambda ct, x, y, z, *, shape, padding: jax.core.ShapedArray(tuple(shape), jnp.float32))
+    lambda ct, pts, *, shape, padding, grid: jax.core.ShapedArray(tuple(shape), jnp.float32))
 mlir.register_lowering(apply_p, mlir.lower_fun(_apply_impl, multiple_results=False),
                        platform="cpu")
 mlir.register_lowering(splat_p, mlir.lower_fun(_splat_impl, multiple_results=False),
                        platform="cpu")
 
 
-def _apply_transpose(ct, dvol, x, y, z, *, padding):
-  assert ad.is_undefined_primal(dvol) and not ad.is_undefined_primal(x)
+def _apply_transpose(ct, dvol, pts, *, padding, grid):
+  assert ad.is_undefined_primal(dvol) and not ad.is_undefined_primal(pts)
   if type(ct) is ad.Zero:
-    return ad.Zero(dvol.aval), None, None, None
-  return splat_p.bind(ct, x, y, z, shape=dvol.aval.shape, padding=padding), None, None, None
+    return ad.Zero(dvol.aval), None
+  return splat_p.bind(ct, pts, shape=dvol.aval.shape, padding=padding, grid=grid), None
 
 
-def _splat_transpose(cvol, ct, x, y, z, *, shape, padding):
-  assert ad.is_undefined_primal(ct) and not ad.is_undefined_primal(x)
+def _splat_transpose(cvol, ct, pts, *, shape, padding, grid):
+  assert ad.is_undefined_primal(ct) and not ad.is_undefined_primal(pts)
   if type(cvol) is ad.Zero:
-    return ad.Zero(ct.aval), None, None, None
-  return apply_p.bind(cvol, x, y, z, padding=padding), None, None, None
+    return ad.Zero(ct.aval), None
+  return apply_p.bind(cvol, pts, padding=padding, grid=grid), None
 
 
 ad.primitive_transposes[apply_p] = _apply_transpose
 ad.primitive_transposes[splat_p] = _splat_transpose
 
 
-def _coordinate_tangent(vol, coords, tangents, padding, cval):
-  """``sum_i d sample / d coord_i * dcoord_i`` (``[N, C]``) or None when all are zero."""
-  live = [type(t) is not ad.Zero for t in tangents]
-  if not any(live):
-    return None
-  _, *derivs = _value_and_derivatives(vol, *coords, padding, cval)
-  return sum(d * t[:, None] for d, t, ok in zip(derivs, tangents, live) if ok)
+def _along(derivs, dpts):
+  """``sum_i derivs[n, c, i] * dpts[n, i]``: the sample's change, ``[N, C]``."""
+  return jnp.sum(derivs * dpts[:, None, :], axis=-1)
 
 
-def _apply_jvp(primals, tangents, *, padding):
-  dvol, x, y, z = primals
-  out = apply_p.bind(dvol, x, y, z, padding=padding)
-  tangent = None
-  if type(tangents[0]) is not ad.Zero:
-    tangent = apply_p.bind(tangents[0], x, y, z, padding=padding)
-  extra = _coordinate_tangent(dvol, (x, y, z), tangents[1:], padding, 0.0)
-  if extra is not None:
-    tangent = extra if tangent is None else tangent + extra
+def _apply_jvp(primals, tangents, *, padding, grid):
+  dvol, pts = primals
+  ddvol, dpts = tangents
+  if type(dpts) is ad.Zero:
+    out = apply_p.bind(dvol, pts, padding=padding, grid=grid)
+    tangent = None
+  else:
+    out, derivs = _value_and_derivatives(dvol, pts, padding, 0.0, grid)
+    tangent = _along(derivs, dpts)
+  if type(ddvol) is not ad.Zero:
+    image_part = apply_p.bind(ddvol, pts, padding=padding, grid=grid)
+    tangent = image_part if tangent is None else tangent + image_part
   return out, ad.Zero.from_primal_value(out) if tangent is None else tangent
 
 
-def _splat_jvp(primals, tangents, *, shape, padding):
-  ct, x, y, z = primals
-  if any(type(t) is not ad.Zero for t in tangents[1:]):
+def _splat_jvp(primals, tangents, *, shape, padding, grid):
+  ct, pts = primals
+  if type(tangents[1]) is not ad.Zero:
     raise NotImplementedError(
         "jaxreg's warp kernel: the derivative of the image gradient with respect to the "
         "coordinates (second order) is not implemented; set JAXREG_WARP=jax")
-  out = splat_p.bind(ct, x, y, z, shape=shape, padding=padding)
+  out = splat_p.bind(ct, pts, shape=shape, padding=padding, grid=grid)
   if type(tangents[0]) is ad.Zero:
     return out, ad.Zero.from_primal_value(out)
-  return out, splat_p.bind(tangents[0], x, y, z, shape=shape, padding=padding)
+  return out, splat_p.bind(tangents[0], pts, shape=shape, padding=padding, grid=grid)
 
 
 ad.primitive_jvps[apply_p] = _apply_jvp
 ad.primitive_jvps[splat_p] = _splat_jvp
+
+# ``moves(dpts) = sum_i d sample / d pts_i * dpts_i`` ([N, C]) is linear in dpts
+# (vol, pts fixed); its transpose ``moves_t(ct)`` is the points' gradient
+# ([N, 3]) computed by one kernel from vol, pts and ct, so reverse mode stores
+# no derivative arrays and the forward pass samples only the values.
+moves_p = Primitive("jaxreg_warp_moves")
+moves_t_p = Primitive("jaxreg_warp_moves_t")
+
+
+def _moves_impl(dpts, vol, pts, *, padding, cval, grid):
+  return _along(_value_and_derivatives(vol, pts, padding, cval, grid)[1], dpts)
+
+
+def _moves_t_impl(ct, vol, pts, *, padding, cval, grid):
+  return _points_vjp(vol, pts, ct, padding, cval, grid)
+
+
+moves_p.def_impl(_moves_impl)
+moves_t_p.def_impl(_moves_t_impl)
+moves_p.def_abstract_eval(
+    lambda dpts, vol, pts, **_: jax.core.ShapedArray((pts.shape[0], vol.shape[3]), jnp.float32))
+moves_t_p.def_abstract_eval(
+    lambda ct, vol, pts, **_: jax.core.ShapedArray((pts.shape[0], 3), jnp.float32))
+mlir.register_lowering(moves_p, mlir.lower_fun(_moves_impl, multiple_results=False),
+                       platform="cpu")
+mlir.register_lowering(moves_t_p, mlir.lower_fun(_moves_t_impl, multiple_results=False),
+                       platform="cpu")
+
+
+def _moves_transpose(ct, dpts, vol, pts, **params):
+  assert ad.is_undefined_primal(dpts)
+  if ad.is_undefined_primal(vol) or ad.is_undefined_primal(pts):
+    raise NotImplementedError("jaxreg's warp kernel: a second-order derivative through the "
+                              "warp is not implemented; set JAXREG_WARP=jax")
+  if type(ct) is ad.Zero:
+    return ad.Zero(dpts.aval), None, None
+  return moves_t_p.bind(ct, vol, pts, **params), None, None
+
+
+def _moves_t_transpose(cpts, ct, vol, pts, **params):
+  assert ad.is_undefined_primal(ct)
+  if ad.is_undefined_primal(vol) or ad.is_undefined_primal(pts):
+    raise NotImplementedError("jaxreg's warp kernel: a second-order derivative through the "
+                              "warp is not implemented; set JAXREG_WARP=jax")
+  if type(cpts) is ad.Zero:
+    return ad.Zero(ct.aval), None, None
+  return moves_p.bind(cpts, vol, pts, **params), None, None
+
+
+def _second_order(*_, **__):
+  raise NotImplementedError("jaxreg's warp kernel: a second-order derivative through the "
+                            "warp is not implemented; set JAXREG_WARP=jax")
+
+
+ad.primitive_transposes[moves_p] = _moves_transpose
+ad.primitive_transposes[moves_t_p] = _moves_t_transpose
+ad.primitive_jvps[moves_p] = _second_order
+ad.primitive_jvps[moves_t_p] = _second_order
 
 
 def _at_front(x, d, size):
@@ -318,73 +401,83 @@ def _at_front(x, d, size):
 
 def _batch(prim, args, dims, **params):
   """Batching: a batched volume (or cotangent) alone folds the batch into channels;
-  batched coordinates loop over the batch (each call is multithreaded)."""
-  first, *coords = args
-  fd, *cds = dims
+  batched points loop over the batch (each call is multithreaded)."""
+  (first, pts), (fd, pd) = args, dims
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  if all(d is None for d in cds):
+  if pd is None:
     moved = jnp.moveaxis(first, fd, -1)  # [..., C, B]
     c = moved.shape[-2]
     folded = moved.reshape(moved.shape[:-2] + (c * size,))
     if prim is splat_p:
       params = dict(params, shape=tuple(params["shape"][:3]) + (c * size,))
-    out = prim.bind(folded, *coords, **params)
+    out = prim.bind(folded, pts, **params)
     return out.reshape(out.shape[:-1] + (c, size)), out.ndim
-  stacked = [_at_front(a, d, size) for a, d in zip(args, dims)]
-  out = jax.lax.map(lambda a: prim.bind(*a, **params), tuple(stacked))
-  return out, 0
+  return _batch_loop(prim, args, dims, **params)
 
 
 batching.primitive_batchers[apply_p] = functools.partial(_batch, apply_p)
 batching.primitive_batchers[splat_p] = functools.partial(_batch, splat_p)
 
 
+def _batch_loop(prim, args, dims, **params):
+  """Batching by a loop over the batch (each call is multithreaded)."""
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  stacked = [_at_front(a, d, size) for a, d in zip(args, dims)]
+  return jax.lax.map(lambda a: prim.bind(*a, **params), tuple(stacked)), 0
+
+
+batching.primitive_batchers[moves_p] = functools.partial(_batch_loop, moves_p)
+batching.primitive_batchers[moves_t_p] = functools.partial(_batch_loop, moves_t_p)
+
+
 # ------------------------------------------------------------------ public ops
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def _trilinear(vol, x, y, z, padding, cval):
-  return _value(vol, x, y, z, padding, cval)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _trilinear(vol, pts, padding, cval, grid):
+  return _value(vol, pts, padding, cval, grid)
 
 
 @functools.partial(_trilinear.defjvp, symbolic_zeros=True)
-def _trilinear_jvp(padding, cval, primals, tangents):
-  vol, x, y, z = primals
-  dvol, *dcoords = tangents
-  live = [not isinstance(t, SymbolicZero) for t in dcoords]
-  if any(live):
-    out, *derivs = _value_and_derivatives(vol, x, y, z, padding, cval)
-    tangent = sum(d * t[:, None] for d, t, ok in zip(derivs, dcoords, live) if ok)
-  else:
-    out, tangent = _value(vol, x, y, z, padding, cval), None
+def _trilinear_jvp(padding, cval, grid, primals, tangents):
+  vol, pts = primals
+  dvol, dpts = tangents
+  out, tangent = _value(vol, pts, padding, cval, grid), None
+  if not isinstance(dpts, SymbolicZero):
+    tangent = moves_p.bind(dpts, vol, pts, padding=padding, cval=float(cval), grid=grid)
   if not isinstance(dvol, SymbolicZero):
-    image_part = apply_p.bind(dvol, x, y, z, padding=padding)
+    image_part = apply_p.bind(dvol, pts, padding=padding, grid=grid)
     tangent = image_part if tangent is None else tangent + image_part
   return out, jnp.zeros_like(out) if tangent is None else tangent
 
 
-def trilinear(vol: jax.Array, x: jax.Array, y: jax.Array, z: jax.Array, padding: str,
-              cval: float) -> jax.Array:
-  """Trilinear samples of ``vol [X, Y, Z, C]`` (float32) at coordinate arrays x, y, z.
+def sample(vol: jax.Array, coords: jax.Array, padding: str, cval: float) -> jax.Array:
+  """Trilinear samples of ``vol [X, Y, Z, C]`` (float32) at ``coords [..., 3]``.
 
-  ``x, y, z`` share one shape ``S`` (voxels of ``vol``, array axis order); the
-  result is ``S + (C,)``, equal to :func:`jaxreg.warp.sample` to float32 rounding.
+  ``coords`` are voxel coordinates of ``vol`` (array axis order); the result
+  is ``[..., C]``, equal to :func:`jaxreg.warp.sample` to float32 rounding.
   """
-  shape = x.shape
-  flat = [c.reshape(-1) for c in (x, y, z)]
-  out = _trilinear(vol, *flat, padding, float(cval))
-  return out.reshape(shape + (vol.shape[3],))
+  out = _trilinear(vol, coords.reshape(-1, 3), padding, float(cval), None)
+  return out.reshape(coords.shape[:-1] + (vol.shape[3],))
 
 
-def nearest(vol: jax.Array, x: jax.Array, y: jax.Array, z: jax.Array, padding: str,
-            cval) -> jax.Array:
+def warp(vol: jax.Array, disp: jax.Array, padding: str, cval: float) -> jax.Array:
+  """``out(x) = vol(x + disp(x))``: ``vol [X, Y, Z, C]`` and ``disp [X, Y, Z, 3]``
+  (voxels, array axis order), float32; returns ``[X, Y, Z, C]``."""
+  grid = tuple(int(n) for n in disp.shape[:3])
+  out = _trilinear(vol, disp.reshape(-1, 3), padding, float(cval), grid)
+  return out.reshape(grid + (vol.shape[3],))
+
+
+def nearest(vol: jax.Array, pts: jax.Array, padding: str, cval, *, on_grid: bool) -> jax.Array:
   """Nearest-neighbour samples (round half up) of ``vol [X, Y, Z, C]``, dtype kept.
 
-  Not differentiable: meant for label maps. Shapes as :func:`trilinear`.
+  ``pts [..., 3]``: voxel coordinates, or with ``on_grid`` displacements (voxels)
+  on the grid ``pts.shape[:3]`` (a warp). Not differentiable: for label maps.
+  Returns ``pts.shape[:-1] + (C,)``.
   """
-  shape = x.shape
-  flat = [c.reshape(-1) for c in (x, y, z)]
-  out = jax.ShapeDtypeStruct((flat[0].shape[0], vol.shape[3]), vol.dtype)
-  res = _call("jaxreg_nearest", out, vol, *flat, padding=np.int32(_PADDING[padding]),
-              cval=np.float64(cval))
-  return res.reshape(shape + (vol.shape[3],))
+  grid = tuple(int(n) for n in pts.shape[:3]) if on_grid else None
+  out = jax.ShapeDtypeStruct((int(np.prod(pts.shape[:-1])), vol.shape[3]), vol.dtype)
+  res = _call("jaxreg_nearest", out, vol, pts.reshape(-1, 3), grid=grid,
+              padding=np.int32(_PADDING[padding]), cval=np.float64(cval))
+  return res.reshape(pts.shape[:-1] + (vol.shape[3],))

@@ -233,3 +233,20 @@ def test_a_failing_compiler_is_reported_and_the_jax_path_runs(tmp_path):
   assert "sum 120.0" in done.stdout
   assert "c++ failed (exit 1): fatal error: xla/ffi/api/ffi.h" in done.stderr
   assert [p.name for p in (tmp_path / "kernels").iterdir()] == []  # no half-written library
+
+
+def test_cli_bad_warp_settings_are_one_line_exit_2(tmp_path):
+  env = dict(os.environ, JAXREG_WARP="fast")
+  done = subprocess.run([sys.executable, "-m", "jaxreg.cli", "register", "--help"], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "jaxreg: error: JAXREG_WARP must be one of auto, ffi, jax, got 'fast'"]
+  env = dict(os.environ, JAXREG_WARP="ffi", PATH=os.path.dirname(sys.executable), CXX="",
+             JAXREG_KERNEL_CACHE=str(tmp_path / "kernels"))
+  done = subprocess.run([sys.executable, "-m", "jaxreg.cli", "register", "--help"], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "jaxreg: error: JAXREG_WARP=ffi but the warp kernel cannot be built: no C++ compiler "
+      "found ($CXX, c++, g++ or clang++)"]

@@ -2,16 +2,18 @@
 // registered with jax.ffi by jaxreg/warp_ffi.py.
 //
 // Every kernel samples a channels-last volume `vol` [X, Y, Z, C] at N points
-// given as three coordinate arrays x, y, z [N] (voxel coordinates in array
-// axis order). The border rules are those of jaxreg.warp:
+// pts [N, 3]: voxel coordinates in array axis order, or (attribute grid = 1)
+// displacements in voxels on an output grid gx x gy x gz, the pull-back
+// warp's points. The border rules are those of jaxreg.warp:
 //   padding 0 "constant": a corner outside the volume contributes cval;
 //   padding 1 "border":   corner indices are clamped (the edge extends).
-// The formulas mirror jaxreg/warp.py term by term (same weights, same order of
-// summation), so both paths agree to float32 rounding.
+// The formulas are those of jaxreg/warp.py (interior points as nested linear
+// interpolations), so both paths agree to float32 rounding.
 //
 // Kernels:
 //   jaxreg_trilinear       out[N, C]
-//   jaxreg_trilinear_grad  out[N, C] and d out / d x, y, z  (three [N, C])
+//   jaxreg_trilinear_grad  out[N, C] and d out / d (x, y, z)  [N, C, 3]
+//   jaxreg_trilinear_vjp   the points' gradient [N, 3] from a cotangent ct[N, C]
 //   jaxreg_splat           the adjoint in the volume: dvol[X, Y, Z, C] from ct[N, C]
 //   jaxreg_nearest         out[N, C] for 1, 2, 4 or 8 byte elements
 // Work is split over XLA's intra-op thread pool (ffi::ThreadPool), at most
@@ -85,11 +87,6 @@ struct Geometry {
   int64_t nx, ny, nz, nc, n;
 };
 
-Geometry GeometryOf(ffi::Buffer<ffi::F32>& vol, ffi::Buffer<ffi::F32>& x) {
-  auto d = vol.dimensions();
-  return Geometry{d[0], d[1], d[2], d[3], static_cast<int64_t>(x.element_count())};
-}
-
 constexpr int64_t kPointsPerChunk = 16384;
 
 int64_t Chunks(int64_t n) { return (n + kPointsPerChunk - 1) / kPointsPerChunk; }
@@ -135,25 +132,12 @@ struct Point {
   bool in[8];
   float tx, ty, tz;
   bool live[3];
-  bool interior;  // all 8 corners inside, no clipping: the common case
 };
 
+// False for a NaN coordinate. Used for points near or beyond the border.
 inline bool MakePoint(const Geometry& g, float x, float y, float z, bool constant, Point* p) {
   if (std::isnan(x) || std::isnan(y) || std::isnan(z)) return false;
   const int64_t sz = g.nc, sy = g.nz * g.nc, sx = g.ny * g.nz * g.nc;
-  if (x >= 0.0f && x < g.nx - 1 && y >= 0.0f && y < g.ny - 1 && z >= 0.0f && z < g.nz - 1) {
-    const int64_t i = static_cast<int64_t>(x), j = static_cast<int64_t>(y),
-                  k = static_cast<int64_t>(z);
-    const int64_t o = i * sx + j * sy + k * sz;
-    const int64_t d[8] = {0, sz, sy, sy + sz, sx, sx + sz, sx + sy, sx + sy + sz};
-    for (int c = 0; c < 8; ++c) p->off[c] = o + d[c];
-    p->tx = x - static_cast<float>(i);
-    p->ty = y - static_cast<float>(j);
-    p->tz = z - static_cast<float>(k);
-    p->live[0] = p->live[1] = p->live[2] = true;
-    p->interior = true;
-    return true;
-  }
   const Axis ax = AxisOf(x, g.nx, constant), ay = AxisOf(y, g.ny, constant),
              az = AxisOf(z, g.nz, constant);
   const int64_t xi[2] = {ax.i0 * sx, ax.i1 * sx}, yi[2] = {ay.i0 * sy, ay.i1 * sy},
@@ -171,7 +155,6 @@ inline bool MakePoint(const Geometry& g, float x, float y, float z, bool constan
   p->live[0] = ax.live;
   p->live[1] = ay.live;
   p->live[2] = az.live;
-  p->interior = false;
   return true;
 }
 
@@ -183,11 +166,7 @@ template <bool kDerivs>
 inline void Sample(const Point& p, const float* vol, int64_t c, float cval, float* value,
                    float* dx, float* dy, float* dz) {
   float v[8];
-  if (p.interior) {
-    for (int k = 0; k < 8; ++k) v[k] = vol[p.off[k] + c];
-  } else {
-    for (int k = 0; k < 8; ++k) v[k] = p.in[k] ? vol[p.off[k] + c] : cval;
-  }
+  for (int k = 0; k < 8; ++k) v[k] = p.in[k] ? vol[p.off[k] + c] : cval;
   const float wx[2] = {1.0f - p.tx, p.tx}, wy[2] = {1.0f - p.ty, p.ty},
               wz[2] = {1.0f - p.tz, p.tz};
   float o = 0.0f;
@@ -197,7 +176,7 @@ inline void Sample(const Point& p, const float* vol, int64_t c, float cval, floa
       for (int e = 0; e < 2; ++e) {
         const int k = 4 * a + 2 * b + e;
         const float w = wxy * wz[e];
-        if (p.interior || p.in[k] || w != 0.0f) o += w * v[k];
+        if (p.in[k] || w != 0.0f) o += w * v[k];
       }
     }
   *value = o;
@@ -214,6 +193,40 @@ inline void Sample(const Point& p, const float* vol, int64_t c, float cval, floa
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) d += wx[a] * wy[b] * (v[4 * a + 2 * b + 1] - v[4 * a + 2 * b]);
   *dz = p.live[2] ? d : 0.0f;
+}
+
+// ---------------------------------------------------------------- points
+
+// The N sample points come as pts [N, 3]: voxel coordinates (grid == 0), or
+// displacements on an output grid of gx x gy x gz = N voxels (grid == 1), the
+// point of output voxel (i, j, k) being (i, j, k) + pts[n] (a pull-back warp:
+// no coordinate arrays are built).
+struct Points {
+  const float* pts;
+  bool grid;
+  int64_t gy, gz;
+};
+
+// Calls f(n, x, y, z) for n in [begin, end).
+template <typename F>
+inline void ForPoints(const Points& P, int64_t begin, int64_t end, F&& f) {
+  if (!P.grid) {
+    for (int64_t n = begin; n < end; ++n)
+      f(n, P.pts[3 * n], P.pts[3 * n + 1], P.pts[3 * n + 2]);
+    return;
+  }
+  int64_t i = begin / (P.gy * P.gz), j = (begin / P.gz) % P.gy, k = begin % P.gz;
+  for (int64_t n = begin; n < end; ++n) {
+    f(n, static_cast<float>(i) + P.pts[3 * n], static_cast<float>(j) + P.pts[3 * n + 1],
+      static_cast<float>(k) + P.pts[3 * n + 2]);
+    if (++k == P.gz) {
+      k = 0;
+      if (++j == P.gy) {
+        j = 0;
+        ++i;
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------- trilinear
@@ -241,84 +254,151 @@ inline void InteriorSample(const float* b, int64_t sx, int64_t sy, int64_t sz, f
   }
 }
 
+// One point: values o[C] and, with kDerivs, derivatives d[C, 3] (d/dx, d/dy, d/dz).
 template <bool kDerivs>
-void SampleRange(const Geometry& g, const float* vol, const float* xs, const float* ys,
-                 const float* zs, bool constant, float cval, float* out, float* dx, float* dy,
-                 float* dz, int64_t begin, int64_t end) {
+inline void SamplePoint(const Geometry& g, const float* vol, bool constant, float cval, float x,
+                        float y, float z, float* o, float* d) {
   const int64_t C = g.nc, sz = C, sy = g.nz * C, sx = g.ny * g.nz * C;
-  const float hx = static_cast<float>(g.nx - 1), hy = static_cast<float>(g.ny - 1),
-              hz = static_cast<float>(g.nz - 1);
-  for (int64_t i = begin; i < end; ++i) {
-    const float x = xs[i], y = ys[i], z = zs[i];
-    if (x >= 0.0f && x < hx && y >= 0.0f && y < hy && z >= 0.0f && z < hz) {
-      const int64_t ix = static_cast<int64_t>(x), iy = static_cast<int64_t>(y),
-                    iz = static_cast<int64_t>(z);
-      const float tx = x - static_cast<float>(ix), ty = y - static_cast<float>(iy),
-                  tz = z - static_cast<float>(iz);
-      const float* b = vol + ix * sx + iy * sy + iz * sz;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t j = i * C + c;
-        if (kDerivs) {
-          InteriorSample<true>(b + c, sx, sy, sz, tx, ty, tz, out + j, dx + j, dy + j, dz + j);
-        } else {
-          InteriorSample<false>(b + c, sx, sy, sz, tx, ty, tz, out + j, nullptr, nullptr,
-                                nullptr);
-        }
-      }
-      continue;
-    }
-    Point p;
-    if (!MakePoint(g, x, y, z, constant, &p)) {
-      for (int64_t c = 0; c < C; ++c) {
-        out[i * C + c] = NAN;
-        if (kDerivs) dx[i * C + c] = dy[i * C + c] = dz[i * C + c] = NAN;
-      }
-      continue;
-    }
+  if (x >= 0.0f && x < static_cast<float>(g.nx - 1) && y >= 0.0f &&
+      y < static_cast<float>(g.ny - 1) && z >= 0.0f && z < static_cast<float>(g.nz - 1)) {
+    const int64_t ix = static_cast<int64_t>(x), iy = static_cast<int64_t>(y),
+                  iz = static_cast<int64_t>(z);
+    const float tx = x - static_cast<float>(ix), ty = y - static_cast<float>(iy),
+                tz = z - static_cast<float>(iz);
+    const float* b = vol + ix * sx + iy * sy + iz * sz;
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t j = i * C + c;
       if (kDerivs) {
-        Sample<true>(p, vol, c, cval, out + j, dx + j, dy + j, dz + j);
+        InteriorSample<true>(b + c, sx, sy, sz, tx, ty, tz, o + c, d + 3 * c, d + 3 * c + 1,
+                             d + 3 * c + 2);
       } else {
-        Sample<false>(p, vol, c, cval, out + j, nullptr, nullptr, nullptr);
+        InteriorSample<false>(b + c, sx, sy, sz, tx, ty, tz, o + c, nullptr, nullptr, nullptr);
       }
+    }
+    return;
+  }
+  Point p;
+  if (!MakePoint(g, x, y, z, constant, &p)) {
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = NAN;
+      if (kDerivs) d[3 * c] = d[3 * c + 1] = d[3 * c + 2] = NAN;
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (kDerivs) {
+      Sample<true>(p, vol, c, cval, o + c, d + 3 * c, d + 3 * c + 1, d + 3 * c + 2);
+    } else {
+      Sample<false>(p, vol, c, cval, o + c, nullptr, nullptr, nullptr);
     }
   }
 }
 
-ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z,
-                         ffi::ResultBuffer<ffi::F32> out, int32_t padding, float cval,
-                         int64_t threads) {
-  if (vol.dimensions().size() != 4) return ffi::Error::InvalidArgument("vol must be [X, Y, Z, C]");
-  const Geometry g = GeometryOf(vol, x);
-  const float *v = vol.typed_data(), *xs = x.typed_data(), *ys = y.typed_data(),
-              *zs = z.typed_data();
+// Values out[N, C] and, with kDerivs, derivatives deriv[N, C, 3].
+template <bool kDerivs>
+void SampleRange(const Geometry& g, const float* vol, const Points& P, bool constant, float cval,
+                 float* out, float* deriv, int64_t begin, int64_t end) {
+  const int64_t C = g.nc;
+  ForPoints(P, begin, end, [&](int64_t i, float x, float y, float z) {
+    SamplePoint<kDerivs>(g, vol, constant, cval, x, y, z, out + i * C,
+                         kDerivs ? deriv + 3 * i * C : nullptr);
+  });
+}
+
+// The points' gradient grad[N, 3] = sum over c of ct[n, c] * d out[n, c] / d (x, y, z).
+void VjpRange(const Geometry& g, const float* vol, const Points& P, bool constant, float cval,
+              const float* ct, float* grad, int64_t begin, int64_t end) {
+  const int64_t C = g.nc;
+  float value[16], d[48];
+  std::vector<float> big_value, big_d;
+  float *vp = value, *dp = d;
+  if (C > 16) {
+    big_value.resize(C);
+    big_d.resize(3 * C);
+    vp = big_value.data();
+    dp = big_d.data();
+  }
+  ForPoints(P, begin, end, [&](int64_t i, float x, float y, float z) {
+    SamplePoint<true>(g, vol, constant, cval, x, y, z, vp, dp);
+    float gx = 0.0f, gy = 0.0f, gz = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float t = ct[i * C + c];
+      gx += t * dp[3 * c];
+      gy += t * dp[3 * c + 1];
+      gz += t * dp[3 * c + 2];
+    }
+    grad[3 * i] = gx;
+    grad[3 * i + 1] = gy;
+    grad[3 * i + 2] = gz;
+  });
+}
+
+Points PointsOf(ffi::Buffer<ffi::F32>& pts, int32_t grid, int64_t gy, int64_t gz) {
+  return Points{pts.typed_data(), grid != 0, gy, gz};
+}
+
+ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& pts, int32_t grid, int64_t gx, int64_t gy,
+                       int64_t gz, size_t vol_rank) {
+  if (vol_rank != 4) return ffi::Error::InvalidArgument("the volume must be [X, Y, Z, C]");
+  auto d = pts.dimensions();
+  if (d.size() != 2 || d[1] != 3) return ffi::Error::InvalidArgument("pts must be [N, 3]");
+  if (grid != 0 && gx * gy * gz != d[0])
+    return ffi::Error::InvalidArgument("the output grid does not hold N points");
+  return ffi::Error::Success();
+}
+
+ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
+                         ffi::Buffer<ffi::F32> pts, ffi::ResultBuffer<ffi::F32> out,
+                         int32_t padding, float cval, int32_t grid, int64_t gx, int64_t gy,
+                         int64_t gz, int64_t threads) {
+  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, vol.dimensions().size());
+  if (bad.failure()) return bad;
+  auto d = vol.dimensions();
+  const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
+  const Points P = PointsOf(pts, grid, gy, gz);
+  const float* v = vol.typed_data();
   float* o = out->typed_data();
   const float fill = padding == 0 ? cval : 0.0f;
   ParallelChunks(pool, Workers(pool, threads), Chunks(g.n), [&](int64_t c) {
     const int64_t b = c * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
-    SampleRange<false>(g, v, xs, ys, zs, padding == 0, fill, o, nullptr, nullptr, nullptr, b, e);
+    SampleRange<false>(g, v, P, padding == 0, fill, o, nullptr, b, e);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error TrilinearGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
-                             ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
-                             ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out,
-                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dy,
-                             ffi::ResultBuffer<ffi::F32> dz, int32_t padding, float cval,
-                             int64_t threads) {
-  if (vol.dimensions().size() != 4) return ffi::Error::InvalidArgument("vol must be [X, Y, Z, C]");
-  const Geometry g = GeometryOf(vol, x);
-  const float *v = vol.typed_data(), *xs = x.typed_data(), *ys = y.typed_data(),
-              *zs = z.typed_data();
-  float *o = out->typed_data(), *ox = dx->typed_data(), *oy = dy->typed_data(),
-        *oz = dz->typed_data();
+                             ffi::Buffer<ffi::F32> pts, ffi::ResultBuffer<ffi::F32> out,
+                             ffi::ResultBuffer<ffi::F32> deriv, int32_t padding, float cval,
+                             int32_t grid, int64_t gx, int64_t gy, int64_t gz, int64_t threads) {
+  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, vol.dimensions().size());
+  if (bad.failure()) return bad;
+  auto d = vol.dimensions();
+  const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
+  const Points P = PointsOf(pts, grid, gy, gz);
+  const float* v = vol.typed_data();
+  float *o = out->typed_data(), *dv = deriv->typed_data();
   const float fill = padding == 0 ? cval : 0.0f;
   ParallelChunks(pool, Workers(pool, threads), Chunks(g.n), [&](int64_t c) {
     const int64_t b = c * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
-    SampleRange<true>(g, v, xs, ys, zs, padding == 0, fill, o, ox, oy, oz, b, e);
+    SampleRange<true>(g, v, P, padding == 0, fill, o, dv, b, e);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error TrilinearVjpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
+                            ffi::Buffer<ffi::F32> pts, ffi::Buffer<ffi::F32> ct,
+                            ffi::ResultBuffer<ffi::F32> grad, int32_t padding, float cval,
+                            int32_t grid, int64_t gx, int64_t gy, int64_t gz, int64_t threads) {
+  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, vol.dimensions().size());
+  if (bad.failure()) return bad;
+  auto d = vol.dimensions();
+  const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
+  const Points P = PointsOf(pts, grid, gy, gz);
+  const float *v = vol.typed_data(), *t = ct.typed_data();
+  float* o = grad->typed_data();
+  const float fill = padding == 0 ? cval : 0.0f;
+  ParallelChunks(pool, Workers(pool, threads), Chunks(g.n), [&](int64_t c) {
+    const int64_t b = c * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
+    VjpRange(g, v, P, padding == 0, fill, t, o, b, e);
   });
   return ffi::Error::Success();
 }
@@ -329,15 +409,16 @@ ffi::Error TrilinearGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
 // corners inside the volume. Points are cut into one contiguous chunk per
 // worker; a chunk accumulates into its own buffer over the X slabs [lo, hi]
 // its corners reach, then the buffers are summed slab by slab in parallel.
-ffi::Error SplatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::F32> x,
-                     ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z,
-                     ffi::ResultBuffer<ffi::F32> dvol, int32_t padding, int64_t threads) {
+ffi::Error SplatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::F32> pts,
+                     ffi::ResultBuffer<ffi::F32> dvol, int32_t padding, int32_t grid, int64_t gx,
+                     int64_t gy, int64_t gz, int64_t threads) {
   auto dims = dvol->dimensions();
-  if (dims.size() != 4) return ffi::Error::InvalidArgument("dvol must be [X, Y, Z, C]");
-  const Geometry g{dims[0], dims[1], dims[2], dims[3], static_cast<int64_t>(x.element_count())};
+  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, dims.size());
+  if (bad.failure()) return bad;
+  const Geometry g{dims[0], dims[1], dims[2], dims[3], pts.dimensions()[0]};
+  const Points P = PointsOf(pts, grid, gy, gz);
   const bool constant = padding == 0;
-  const float *cts = ct.typed_data(), *xs = x.typed_data(), *ys = y.typed_data(),
-              *zs = z.typed_data();
+  const float* cts = ct.typed_data();
   float* out = dvol->typed_data();
   const int64_t C = g.nc, slab = g.ny * g.nz * C;
   const int64_t workers = Workers(pool, threads);
@@ -348,20 +429,45 @@ ffi::Error SplatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer
   ParallelChunks(pool, workers, nchunks, [&](int64_t k) {
     const int64_t b = k * per, e = std::min(g.n, b + per);
     int64_t xmin = g.nx - 1, xmax = 0;
-    for (int64_t i = b; i < e; ++i) {
-      if (std::isnan(xs[i])) continue;
-      const Axis ax = AxisOf(xs[i], g.nx, constant);
+    ForPoints(P, b, e, [&](int64_t, float x, float, float) {
+      if (std::isnan(x)) return;
+      const Axis ax = AxisOf(x, g.nx, constant);
       xmin = std::min(xmin, ax.i0);
       xmax = std::max(xmax, ax.i1);
-    }
+    });
     if (xmin > xmax) return;
     lo[k] = xmin;
     hi[k] = xmax;
     acc[k].assign(static_cast<size_t>((xmax - xmin + 1) * slab), 0.0f);
     float* base = acc[k].data() - xmin * slab;
-    for (int64_t i = b; i < e; ++i) {
+    const int64_t sz = C, sy = g.nz * C, sx = g.ny * g.nz * C;
+    const float hx = static_cast<float>(g.nx - 1), hy = static_cast<float>(g.ny - 1),
+                hz = static_cast<float>(g.nz - 1);
+    ForPoints(P, b, e, [&](int64_t i, float x, float y, float z) {
+      const float* t = cts + i * C;
+      if (x >= 0.0f && x < hx && y >= 0.0f && y < hy && z >= 0.0f && z < hz) {
+        const int64_t ix = static_cast<int64_t>(x), iy = static_cast<int64_t>(y),
+                      iz = static_cast<int64_t>(z);
+        const float tx = x - static_cast<float>(ix), ty = y - static_cast<float>(iy),
+                    tz = z - static_cast<float>(iz);
+        float* d = base + ix * sx + iy * sy + iz * sz;
+        const float w00 = (1.0f - tx) * (1.0f - ty), w01 = (1.0f - tx) * ty;
+        const float w10 = tx * (1.0f - ty), w11 = tx * ty;
+        for (int64_t c = 0; c < C; ++c) {
+          const float a1 = t[c] * tz, a0 = t[c] - a1;
+          d[c] += w00 * a0;
+          d[c + sz] += w00 * a1;
+          d[c + sy] += w01 * a0;
+          d[c + sy + sz] += w01 * a1;
+          d[c + sx] += w10 * a0;
+          d[c + sx + sz] += w10 * a1;
+          d[c + sx + sy] += w11 * a0;
+          d[c + sx + sy + sz] += w11 * a1;
+        }
+        return;
+      }
       Point p;
-      if (!MakePoint(g, xs[i], ys[i], zs[i], constant, &p)) continue;
+      if (!MakePoint(g, x, y, z, constant, &p)) return;
       const float wx[2] = {1.0f - p.tx, p.tx}, wy[2] = {1.0f - p.ty, p.ty},
                   wz[2] = {1.0f - p.tz, p.tz};
       float w[8];
@@ -369,14 +475,13 @@ ffi::Error SplatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer
         for (int bb = 0; bb < 2; ++bb)
           for (int ee = 0; ee < 2; ++ee) {
             const int q = 4 * a + 2 * bb + ee;
-            w[q] = (p.interior || p.in[q]) ? wx[a] * wy[bb] * wz[ee] : 0.0f;
+            w[q] = p.in[q] ? wx[a] * wy[bb] * wz[ee] : 0.0f;
           }
-      const float* t = cts + i * C;
       for (int64_t c = 0; c < C; ++c) {
         const float tc = t[c];
         for (int q = 0; q < 8; ++q) base[p.off[q] + c] += w[q] * tc;
       }
-    }
+    });
   });
   ParallelChunks(pool, workers, g.nx, [&](int64_t xslab) {
     float* o = out + xslab * slab;
@@ -394,15 +499,14 @@ ffi::Error SplatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer
 
 template <typename T>
 void NearestTyped(ffi::ThreadPool& pool, int64_t workers, const Geometry& g, const T* vol,
-                  const float* xs, const float* ys, const float* zs, bool constant, T cval,
-                  T* out) {
+                  const Points& P, bool constant, T cval, T* out) {
   const int64_t C = g.nc;
+  const int64_t n3[3] = {g.nx, g.ny, g.nz};
   ParallelChunks(pool, workers, Chunks(g.n), [&](int64_t chunk) {
     const int64_t b = chunk * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
-    for (int64_t p = b; p < e; ++p) {
+    ForPoints(P, b, e, [&](int64_t p, float x, float y, float z) {
       // floor(c + 0.5): round half up, as jaxreg.warp._nearest (and scipy).
-      const float c3[3] = {xs[p], ys[p], zs[p]};
-      const int64_t n3[3] = {g.nx, g.ny, g.nz};
+      const float c3[3] = {x, y, z};
       int64_t idx[3];
       bool inside = true;
       for (int k = 0; k < 3; ++k) {
@@ -419,28 +523,28 @@ void NearestTyped(ffi::ThreadPool& pool, int64_t workers, const Geometry& g, con
         const T* v = vol + ((idx[0] * g.ny + idx[1]) * g.nz + idx[2]) * C;
         for (int64_t c = 0; c < C; ++c) o[c] = v[c];
       }
-    }
+    });
   });
 }
 
-ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::AnyBuffer vol, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z,
+ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::AnyBuffer vol, ffi::Buffer<ffi::F32> pts,
                        ffi::Result<ffi::AnyBuffer> out, int32_t padding, double cval,
-                       int64_t threads) {
+                       int32_t grid, int64_t gx, int64_t gy, int64_t gz, int64_t threads) {
   auto d = vol.dimensions();
-  if (d.size() != 4) return ffi::Error::InvalidArgument("vol must be [X, Y, Z, C]");
+  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, d.size());
+  if (bad.failure()) return bad;
   if (vol.element_type() != out->element_type())
     return ffi::Error::InvalidArgument("vol and out dtypes differ");
-  const Geometry g{d[0], d[1], d[2], d[3], static_cast<int64_t>(x.element_count())};
+  const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
+  const Points P = PointsOf(pts, grid, gy, gz);
   const int64_t w = Workers(pool, threads);
   const bool constant = padding == 0;
-  const float *xs = x.typed_data(), *ys = y.typed_data(), *zs = z.typed_data();
   void* o = out->untyped_data();
   const void* v = vol.untyped_data();
-#define JAXREG_NEAREST(DT, T)                                                          \
-  case ffi::DataType::DT:                                                            \
-    NearestTyped<T>(pool, w, g, static_cast<const T*>(v), xs, ys, zs, constant,      \
-                    static_cast<T>(cval), static_cast<T*>(o));                       \
+#define JAXREG_NEAREST(DT, T)                                                        \
+  case ffi::DataType::DT:                                                          \
+    NearestTyped<T>(pool, w, g, static_cast<const T*>(v), P, constant,             \
+                    static_cast<T>(cval), static_cast<T*>(o));                     \
     return ffi::Error::Success();
   switch (vol.element_type()) {
     JAXREG_NEAREST(PRED, bool)
@@ -462,52 +566,60 @@ ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::AnyBuffer vol, ffi::Buffer<ffi
 
 }  // namespace
 
+#define JAXREG_POINT_ATTRS          \
+  Attr<int32_t>("grid")             \
+      .Attr<int64_t>("gx")          \
+      .Attr<int64_t>("gy")          \
+      .Attr<int64_t>("gz")          \
+      .Attr<int64_t>("threads")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregTrilinear, TrilinearImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("padding")
                                   .Attr<float>("cval")
-                                  .Attr<int64_t>("threads"));
+                                  .JAXREG_POINT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregTrilinearGrad, TrilinearGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("padding")
                                   .Attr<float>("cval")
-                                  .Attr<int64_t>("threads"));
+                                  .JAXREG_POINT_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregTrilinearVjp, TrilinearVjpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("padding")
+                                  .Attr<float>("cval")
+                                  .JAXREG_POINT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregSplat, SplatImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("padding")
-                                  .Attr<int64_t>("threads"));
+                                  .JAXREG_POINT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregNearest, NearestImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("padding")
                                   .Attr<double>("cval")
-                                  .Attr<int64_t>("threads"));
+                                  .JAXREG_POINT_ATTRS);
