@@ -322,9 +322,7 @@ def _apply_jvp(primals, tangents, *, padding, grid):
 def _splat_jvp(primals, tangents, *, shape, padding, grid):
   ct, pts = primals
   if type(tangents[1]) is not ad.Zero:
-    raise NotImplementedError(
-        "jaxreg's warp kernel: the derivative of the image gradient with respect to the "
-        "coordinates (second order) is not implemented; set JAXREG_WARP=jax")
+    _second_order()
   out = splat_p.bind(ct, pts, shape=shape, padding=padding, grid=grid)
   if type(tangents[0]) is ad.Zero:
     return out, ad.Zero.from_primal_value(out)
@@ -362,33 +360,26 @@ mlir.register_lowering(moves_t_p, mlir.lower_fun(_moves_t_impl, multiple_results
                        platform="cpu")
 
 
-def _moves_transpose(ct, dpts, vol, pts, **params):
-  assert ad.is_undefined_primal(dpts)
-  if ad.is_undefined_primal(vol) or ad.is_undefined_primal(pts):
-    raise NotImplementedError("jaxreg's warp kernel: a second-order derivative through the "
-                              "warp is not implemented; set JAXREG_WARP=jax")
-  if type(ct) is ad.Zero:
-    return ad.Zero(dpts.aval), None, None
-  return moves_t_p.bind(ct, vol, pts, **params), None, None
-
-
-def _moves_t_transpose(cpts, ct, vol, pts, **params):
-  assert ad.is_undefined_primal(ct)
-  if ad.is_undefined_primal(vol) or ad.is_undefined_primal(pts):
-    raise NotImplementedError("jaxreg's warp kernel: a second-order derivative through the "
-                              "warp is not implemented; set JAXREG_WARP=jax")
-  if type(cpts) is ad.Zero:
-    return ad.Zero(ct.aval), None, None
-  return moves_p.bind(cpts, vol, pts, **params), None, None
-
-
 def _second_order(*_, **__):
   raise NotImplementedError("jaxreg's warp kernel: a second-order derivative through the "
                             "warp is not implemented; set JAXREG_WARP=jax")
 
 
-ad.primitive_transposes[moves_p] = _moves_transpose
-ad.primitive_transposes[moves_t_p] = _moves_t_transpose
+def _transposes_to(other):
+  """The transpose rule of ``moves`` (to ``moves_t``) or of ``moves_t`` (to ``moves``):
+  linear in the first argument; ``vol`` and ``pts`` must be known."""
+  def rule(ct, lin, vol, pts, **params):
+    assert ad.is_undefined_primal(lin)
+    if ad.is_undefined_primal(vol) or ad.is_undefined_primal(pts):
+      _second_order()
+    if type(ct) is ad.Zero:
+      return ad.Zero(lin.aval), None, None
+    return other().bind(ct, vol, pts, **params), None, None
+  return rule
+
+
+ad.primitive_transposes[moves_p] = _transposes_to(lambda: moves_t_p)
+ad.primitive_transposes[moves_t_p] = _transposes_to(lambda: moves_p)
 ad.primitive_jvps[moves_p] = _second_order
 ad.primitive_jvps[moves_t_p] = _second_order
 
@@ -442,7 +433,9 @@ def _trilinear(vol, pts, padding, cval, grid):
 def _trilinear_jvp(padding, cval, grid, primals, tangents):
   vol, pts = primals
   dvol, dpts = tangents
-  out, tangent = _value(vol, pts, padding, cval, grid), None
+  # _trilinear, not the raw call: a second derivative then meets this rule
+  # again (and the linear parts' own rules), not an undifferentiable ffi_call.
+  out, tangent = _trilinear(vol, pts, padding, cval, grid), None
   if not isinstance(dpts, SymbolicZero):
     tangent = moves_p.bind(dpts, vol, pts, padding=padding, cval=float(cval), grid=grid)
   if not isinstance(dvol, SymbolicZero):

@@ -250,3 +250,13 @@ def test_cli_bad_warp_settings_are_one_line_exit_2(tmp_path):
   assert done.stderr.strip().splitlines() == [
       "jaxreg: error: JAXREG_WARP=ffi but the warp kernel cannot be built: no C++ compiler "
       "found ($CXX, c++, g++ or clang++)"]
+
+
+def test_second_order_through_the_kernel_is_a_clear_error(path):
+  path("ffi")
+  img, disp, fixed = _case(12)
+  loss = lambda d: jnp.mean((fixed - W.warp(img, d)) ** 2)
+  with pytest.raises(NotImplementedError, match="second-order .* set JAXREG_WARP=jax"):
+    jax.jit(jax.grad(lambda d: jnp.sum(jax.grad(loss)(d))))(disp)
+  path("jax")  # the pure-JAX warp has second derivatives (trilinear: piecewise, finite)
+  assert np.isfinite(np.asarray(jax.jit(jax.grad(lambda d: jnp.sum(jax.grad(loss)(d))))(disp))).all()
