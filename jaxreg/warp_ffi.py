@@ -307,15 +307,9 @@ def _along(derivs, dpts):
 def _apply_jvp(primals, tangents, *, padding, grid):
   dvol, pts = primals
   ddvol, dpts = tangents
-  if type(dpts) is ad.Zero:
-    out = apply_p.bind(dvol, pts, padding=padding, grid=grid)
-    tangent = None
-  else:
-    out, derivs = _value_and_derivatives(dvol, pts, padding, 0.0, grid)
-    tangent = _along(derivs, dpts)
-  if type(ddvol) is not ad.Zero:
-    image_part = apply_p.bind(ddvol, pts, padding=padding, grid=grid)
-    tangent = image_part if tangent is None else tangent + image_part
+  zero = lambda t: None if type(t) is ad.Zero else t
+  out = apply_p.bind(dvol, pts, padding=padding, grid=grid)
+  tangent = _tangent(dvol, pts, zero(ddvol), zero(dpts), padding, 0.0, grid)
   return out, ad.Zero.from_primal_value(out) if tangent is None else tangent
 
 
@@ -429,18 +423,25 @@ def _trilinear(vol, pts, padding, cval, grid):
   return _value(vol, pts, padding, cval, grid)
 
 
+def _tangent(vol, pts, dvol, dpts, padding, cval, grid):
+  """The sample's change ``[N, C]`` for tangents ``dvol`` and ``dpts`` (None: zero):
+  the two linear parts, image and points; None when both are zero."""
+  parts = []
+  if dpts is not None:
+    parts.append(moves_p.bind(dpts, vol, pts, padding=padding, cval=float(cval), grid=grid))
+  if dvol is not None:
+    parts.append(apply_p.bind(dvol, pts, padding=padding, grid=grid))
+  return sum(parts[1:], parts[0]) if parts else None
+
+
 @functools.partial(_trilinear.defjvp, symbolic_zeros=True)
 def _trilinear_jvp(padding, cval, grid, primals, tangents):
   vol, pts = primals
-  dvol, dpts = tangents
+  zero = lambda t: None if isinstance(t, SymbolicZero) else t
   # _trilinear, not the raw call: a second derivative then meets this rule
   # again (and the linear parts' own rules), not an undifferentiable ffi_call.
-  out, tangent = _trilinear(vol, pts, padding, cval, grid), None
-  if not isinstance(dpts, SymbolicZero):
-    tangent = moves_p.bind(dpts, vol, pts, padding=padding, cval=float(cval), grid=grid)
-  if not isinstance(dvol, SymbolicZero):
-    image_part = apply_p.bind(dvol, pts, padding=padding, grid=grid)
-    tangent = image_part if tangent is None else tangent + image_part
+  out = _trilinear(vol, pts, padding, cval, grid)
+  tangent = _tangent(vol, pts, *map(zero, tangents), padding, cval, grid)
   return out, jnp.zeros_like(out) if tangent is None else tangent
 
 

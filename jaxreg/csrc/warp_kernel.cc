@@ -346,61 +346,61 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& pts, int32_t grid, int64_t gx, int
   return ffi::Error::Success();
 }
 
-ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
-                         ffi::Buffer<ffi::F32> pts, ffi::ResultBuffer<ffi::F32> out,
-                         int32_t padding, float cval, int32_t grid, int64_t gx, int64_t gy,
-                         int64_t gz, int64_t threads) {
+// Checks the shapes, then runs range(g, P, constant, fill, begin, end) over
+// chunks of the points on the pool: the body of the three trilinear kernels.
+template <typename Range>
+ffi::Error OverPoints(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& vol,
+                      ffi::Buffer<ffi::F32>& pts, int32_t padding, float cval, int32_t grid,
+                      int64_t gx, int64_t gy, int64_t gz, int64_t threads, Range&& range) {
   ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, vol.dimensions().size());
   if (bad.failure()) return bad;
   auto d = vol.dimensions();
   const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
   const Points P = PointsOf(pts, grid, gy, gz);
-  const float* v = vol.typed_data();
-  float* o = out->typed_data();
-  const float fill = padding == 0 ? cval : 0.0f;
+  const bool constant = padding == 0;
+  const float fill = constant ? cval : 0.0f;
   ParallelChunks(pool, Workers(pool, threads), Chunks(g.n), [&](int64_t c) {
     const int64_t b = c * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
-    SampleRange<false>(g, v, P, padding == 0, fill, o, nullptr, b, e);
+    range(g, P, constant, fill, b, e);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
+                         ffi::Buffer<ffi::F32> pts, ffi::ResultBuffer<ffi::F32> out,
+                         int32_t padding, float cval, int32_t grid, int64_t gx, int64_t gy,
+                         int64_t gz, int64_t threads) {
+  const float* v = vol.typed_data();
+  float* o = out->typed_data();
+  return OverPoints(pool, vol, pts, padding, cval, grid, gx, gy, gz, threads,
+                    [&](const Geometry& g, const Points& P, bool constant, float fill,
+                        int64_t b, int64_t e) {
+                      SampleRange<false>(g, v, P, constant, fill, o, nullptr, b, e);
+                    });
 }
 
 ffi::Error TrilinearGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
                              ffi::Buffer<ffi::F32> pts, ffi::ResultBuffer<ffi::F32> out,
                              ffi::ResultBuffer<ffi::F32> deriv, int32_t padding, float cval,
                              int32_t grid, int64_t gx, int64_t gy, int64_t gz, int64_t threads) {
-  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, vol.dimensions().size());
-  if (bad.failure()) return bad;
-  auto d = vol.dimensions();
-  const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
-  const Points P = PointsOf(pts, grid, gy, gz);
   const float* v = vol.typed_data();
   float *o = out->typed_data(), *dv = deriv->typed_data();
-  const float fill = padding == 0 ? cval : 0.0f;
-  ParallelChunks(pool, Workers(pool, threads), Chunks(g.n), [&](int64_t c) {
-    const int64_t b = c * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
-    SampleRange<true>(g, v, P, padding == 0, fill, o, dv, b, e);
-  });
-  return ffi::Error::Success();
+  return OverPoints(pool, vol, pts, padding, cval, grid, gx, gy, gz, threads,
+                    [&](const Geometry& g, const Points& P, bool constant, float fill,
+                        int64_t b, int64_t e) {
+                      SampleRange<true>(g, v, P, constant, fill, o, dv, b, e);
+                    });
 }
 
 ffi::Error TrilinearVjpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
                             ffi::Buffer<ffi::F32> pts, ffi::Buffer<ffi::F32> ct,
                             ffi::ResultBuffer<ffi::F32> grad, int32_t padding, float cval,
                             int32_t grid, int64_t gx, int64_t gy, int64_t gz, int64_t threads) {
-  ffi::Error bad = CheckShapes(pts, grid, gx, gy, gz, vol.dimensions().size());
-  if (bad.failure()) return bad;
-  auto d = vol.dimensions();
-  const Geometry g{d[0], d[1], d[2], d[3], pts.dimensions()[0]};
-  const Points P = PointsOf(pts, grid, gy, gz);
   const float *v = vol.typed_data(), *t = ct.typed_data();
   float* o = grad->typed_data();
-  const float fill = padding == 0 ? cval : 0.0f;
-  ParallelChunks(pool, Workers(pool, threads), Chunks(g.n), [&](int64_t c) {
-    const int64_t b = c * kPointsPerChunk, e = std::min(g.n, b + kPointsPerChunk);
-    VjpRange(g, v, P, padding == 0, fill, t, o, b, e);
-  });
-  return ffi::Error::Success();
+  return OverPoints(pool, vol, pts, padding, cval, grid, gx, gy, gz, threads,
+                    [&](const Geometry& g, const Points& P, bool constant, float fill,
+                        int64_t b, int64_t e) { VjpRange(g, v, P, constant, fill, t, o, b, e); });
 }
 
 // ---------------------------------------------------------------- splat
