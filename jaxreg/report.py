@@ -19,7 +19,8 @@ from jaxreg import grid as _grid
 from jaxreg import io as _io
 from jaxreg import metrics as _metrics
 
-__all__ = ["to_ras", "plane_slices", "checkerboard", "save_report", "save_box_plot"]
+__all__ = ["to_ras", "plane_slices", "checkerboard", "label_edges", "save_report",
+           "save_box_plot"]
 
 PLANES = ("axial", "coronal", "sagittal")
 _IN_PLANE = {"axial": (0, 1), "coronal": (0, 2), "sagittal": (1, 2)}  # RAS axes shown
@@ -73,6 +74,21 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
   rows = (np.arange(a.shape[0]) * tiles // a.shape[0])[:, None]
   cols = (np.arange(a.shape[1]) * tiles // a.shape[1])[None, :]
   return np.where((rows + cols) % 2 == 0, a, b)
+
+
+def label_edges(labels: np.ndarray) -> np.ndarray:
+  """``[rows, cols]`` bool: the pixels of a 2-D label image whose label is non-zero and
+  differs from one of its 4 neighbours (the image border counts as background).
+
+  One outline image for every label at once: drawn as a single RGBA layer it
+  replaces one matplotlib contour per label (122 contours took 1-2 s of a
+  report with the 89 TotalSegmentator labels).
+  """
+  lab = np.pad(np.asarray(labels), 1)
+  centre = lab[1:-1, 1:-1]
+  differs = ((centre != lab[:-2, 1:-1]) | (centre != lab[2:, 1:-1])
+             | (centre != lab[1:-1, :-2]) | (centre != lab[1:-1, 2:]))
+  return differs & (centre != 0)
 
 
 def _pyplot():
@@ -152,9 +168,9 @@ def save_report(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.nda
         ax.imshow(panels["warped"], cmap="gray", vmin=lo, vmax=hi, aspect=aspect,
                   interpolation="nearest")
         lab = views["labels"][plane][0]
-        for value in np.unique(lab[lab > 0]):
-          ax.contour(lab == value, levels=[0.5], colors=[colours(int(value) % 20)],
-                     linewidths=0.7)
+        outline = colours(np.asarray(lab, np.int64) % 20)  # [rows, cols, 4] RGBA
+        outline[..., 3] = label_edges(lab)
+        ax.imshow(outline, aspect=aspect, interpolation="nearest")
       elif name == "deformation grid":
         ax.imshow(panels["warped"], cmap="gray", vmin=lo, vmax=hi, aspect=aspect, alpha=0.5)
         p = views["phi"][plane][0]

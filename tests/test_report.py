@@ -77,3 +77,22 @@ def test_save_report_and_box_plot_write_pngs(tmp_path):
     R.save_report(str(path), fixed, fixed, fixed[:-1], disp, LAS)
   with pytest.raises(ValueError, match="fixed_labels"):
     R.save_report(str(path), fixed, fixed, fixed, disp, LAS, fixed_labels=labels[:-1])
+
+
+def test_label_edges_outline_each_label_against_a_per_pixel_loop():
+  rng = np.random.default_rng(4)
+  lab = np.zeros((9, 11), np.int32)
+  lab[2:6, 1:5] = 3
+  lab[4:8, 4:10] = 7
+  lab[0, 0] = 2  # touches the border
+  lab = np.where(rng.random(lab.shape) < 0.1, 5, lab)
+  want = np.zeros(lab.shape, bool)
+  for i, j in np.ndindex(*lab.shape):
+    if lab[i, j] == 0:
+      continue
+    for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+      a, b = i + di, j + dj
+      other = lab[a, b] if 0 <= a < lab.shape[0] and 0 <= b < lab.shape[1] else 0
+      want[i, j] |= other != lab[i, j]
+  np.testing.assert_array_equal(R.label_edges(lab), want)
+  assert R.label_edges(np.zeros((4, 4), np.int32)).sum() == 0
