@@ -12,6 +12,7 @@ both label maps, Dice/HD95 from :func:`jaxreg.register.score`) and
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 
@@ -49,7 +50,7 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
   metrics = dict(result.metrics)
   if fixed_labels is not None and moving_labels is not None:
     metrics.update(_register.score(result, fixed_labels, moving_labels, label_ids=label_ids))
-  with _io.atomic_dir(folder) as tmp:
+  with _io.atomic_dir(folder) as tmp, concurrent.futures.ThreadPoolExecutor(2) as pool:
     out = lambda name: os.path.join(tmp, name)
     to_vox = lambda mm: (mm @ np.linalg.inv(result.affine[:3, :3]).T).astype(np.float32)
     if fmt == "nifti":
@@ -60,16 +61,22 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
       from jaxreg import itkio
       save = itkio.write
       save_field = lambda path, mm, vox=None: itkio.write_displacement(path, mm, result.affine)
-    save(out("warped" + ext), result.warped.astype(np.float32), result.affine)
+    # The volumes are written by two threads (zlib compresses without the GIL) while the
+    # report is drawn here; any error is raised below, before the folder appears.
+    writes = [pool.submit(save, out("warped" + ext), result.warped.astype(np.float32),
+                          result.affine)]
     if result.warped_labels is not None:
-      save(out("warped_labels" + ext), result.warped_labels.astype(np.int16), result.affine)
-    save_field(out("displacement" + ext), result.displacement_mm, result.displacement_voxel)
-    _io.save_displacement(out("displacement_voxel.nii.gz"), result.displacement_voxel,
-                          result.affine, convention="voxel")
+      writes.append(pool.submit(save, out("warped_labels" + ext),
+                                result.warped_labels.astype(np.int16), result.affine))
+    writes.append(pool.submit(save_field, out("displacement" + ext), result.displacement_mm,
+                              result.displacement_voxel))
+    writes.append(pool.submit(_io.save_displacement, out("displacement_voxel.nii.gz"),
+                              result.displacement_voxel, result.affine, convention="voxel"))
+    if result.inverse_mm is not None:
+      writes.append(pool.submit(save_field, out("inverse_displacement" + ext),
+                                result.inverse_mm))
     if metrics.get("affine", "none") != "none":
       _affine.save_itk(out("affine.txt"), result.affine_matrix)
-    if result.inverse_mm is not None:
-      save_field(out("inverse_displacement" + ext), result.inverse_mm)
     with open(out("metrics.json"), "w", encoding="utf-8") as f:
       json.dump(metrics, f, indent=2, default=float)
     before = _preprocess.resample(moving, _preprocess.Grid.of(fixed), cval=-1024.0,
@@ -77,4 +84,6 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
     report.save_report(out("report.png"), fixed.array, before, result.warped,
                        result.displacement_voxel, result.affine, title=title,
                        fixed_labels=None if fixed_labels is None else fixed_labels.array)
+    for w in writes:
+      w.result()
   return metrics
