@@ -110,7 +110,8 @@ def _refine_options(args):
   given = {"levels_mm": numbers(args.levels, float, "--levels") if args.levels else None,
            "steps": numbers(args.level_steps, int, "--level-steps") if args.level_steps else None,
            "similarity": args.similarity, "regulariser": args.regulariser,
-           "reg_weight": args.refine_reg_weight, "lr": args.refine_lr}
+           "reg_weight": args.refine_reg_weight, "lr": args.refine_lr,
+           "smooth": args.refine_smooth}
   options = RefineOptions(**{k: v for k, v in given.items() if v is not None},
                           mask=not args.no_mask)
   if args.levels and not args.level_steps and np.ndim(options.steps):
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regulariser weight (default per similarity: lncc 1, mind 0.1, mse 0.003)")
   ref.add_argument("--refine-lr", type=float,
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
+  ref.add_argument("--refine-smooth", type=int,
+                   help="passes of a 3x3x3 box mean over each level's control increment "
+                   "(default: RefineOptions; 0: none)")
   ref.add_argument("--no-mask", action="store_true",
                    help="compare the images everywhere, not only over the fixed body")
   reg.add_argument("--output-format", choices=("nifti", "nrrd", "mha"), default="nifti",

@@ -12,7 +12,11 @@ At each level:
 * the field so far (``base``, in voxels of the level) is kept, and an
   increment on a **control grid** (every 2nd voxel of the level, linearly
   upsampled, :func:`upsample2`; ``control=1``: a dense increment) is
-  optimised with Adam in one jitted ``lax.scan``: ``u = base + upsample2(c)``;
+  optimised with Adam in one jitted ``lax.scan``: ``u = base + upsample2(smooth3(c))``,
+  where :func:`smooth3` is ``smooth`` passes of a 3³ box mean (ConvexAdam's
+  smoothing parametrisation: the optimiser sees only smooth fields, so the
+  similarity's gradient is spread over a neighbourhood instead of a tent per
+  control point);
 * the loss is ``similarity(fixed, warp(moving, u)) + reg_weight * regulariser(u)``,
   the similarity averaged over the fixed image's body (HU above -500, grown by
   two voxels) when ``mask=True``:
@@ -60,7 +64,7 @@ from jaxreg import warp as _warp
 from jaxreg.io import InputError, Volume
 
 __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "level_grids",
-           "upsample2", "refine", "optimise_level", "body_grid", "DEFAULT_REG_WEIGHTS"]
+           "upsample2", "smooth3", "refine", "optimise_level", "body_grid", "DEFAULT_REG_WEIGHTS"]
 
 SIMILARITIES = ("lncc", "mind", "mse")
 # The regulariser weight when none is given, per similarity: their values differ in scale
@@ -90,6 +94,8 @@ class RefineOptions:
     mask: average the similarity over the fixed image's body only.
     control: control-grid stride in level voxels at each level (2: every 2nd
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
+    smooth: passes of a 3x3x3 box mean applied to the control increment
+      before upsampling (0: none; see :func:`smooth3`).
   """
   levels_mm: tuple[float, ...] | None = None
   steps: tuple[int, ...] | int = (60, 10)
@@ -102,6 +108,7 @@ class RefineOptions:
   mind_dilation: int = 2
   mask: bool = True
   control: tuple[int, ...] | int = 2
+  smooth: int = 0
 
   def checked(self, fixed_spacing) -> "RefineOptions":
     """These options with ``levels_mm`` and ``steps`` resolved; raises InputError if bad."""
@@ -142,6 +149,8 @@ class RefineOptions:
     if len(control) != len(levels) or any(c not in (1, 2) for c in control):
       raise InputError(f"refinement control strides must be 1 or 2, one per level "
                        f"({len(levels)} levels), got {self.control}")
+    if self.smooth < 0:
+      raise InputError(f"refinement smooth must be >= 0 passes, got {self.smooth}")
     return dataclasses.replace(self, levels_mm=tuple(float(s) for s in levels), steps=steps,
                                reg_weight=float(reg_weight), control=control)
 
@@ -217,15 +226,33 @@ def upsample2(c: jax.Array) -> jax.Array:
   return c
 
 
+def smooth3(c: jax.Array, passes: int) -> jax.Array:
+  """``passes`` 3x3x3 box means of a ``[X, Y, Z, 3]`` field, each over the in-volume voxels
+  of its box (a constant field is unchanged; units are those of ``c``).
+
+  The smoothing parametrisation of the control increment (ConvexAdam's repeated
+  average pooling; the refinement optimises ``c`` but warps with ``smooth3(c)``).
+  """
+  if passes == 0:
+    return c
+  counts = _losses.box_counts(c.shape[:3], 3, c.dtype)[..., None]
+  box = jax.vmap(lambda a: _losses.box_sum(a, 3), in_axes=-1, out_axes=-1)
+  for _ in range(passes):
+    c = box(c) / counts
+  return c
+
+
 def _weighted_mean(x, weights):
   return jnp.sum(weights * x) / (jnp.sum(weights) + 1e-6)
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "similarity", "regulariser", "window",
-                                             "mind_radius", "mind_dilation", "control"))
+                                             "mind_radius", "mind_dilation", "control",
+                                             "smooth"))
 def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
                    similarity: str = "lncc", regulariser: str = "diffusion", window: int = 5,
-                   mind_radius: int = 1, mind_dilation: int = 2, control: int = 2):
+                   mind_radius: int = 1, mind_dilation: int = 2, control: int = 2,
+                   smooth: int = 0):
   """Adam on a control-grid increment of ``base`` at one level (see the module docstring).
 
   Args:
@@ -257,7 +284,10 @@ def optimise_level(base, fixed, moving, weights, lr, reg_weight, *, steps: int,
       return -_weighted_mean(lncc, weights)
     return _weighted_mean((fixed - warped) ** 2, weights)
 
-  expand = upsample2 if control == 2 else (lambda c: c)
+  up = upsample2 if control == 2 else (lambda c: c)
+
+  def expand(c):
+    return up(smooth3(c, smooth))
 
   def loss(c):
     u = base + expand(c)
@@ -328,7 +358,7 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
           float(options.reg_weight), steps=int(steps), similarity=options.similarity,
           regulariser=options.regulariser, window=int(options.window),
           mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation),
-          control=int(control))
+          control=int(control), smooth=int(options.smooth))
     values = np.asarray(values)
     if not np.all(np.isfinite(values)):
       raise InputError(f"refinement diverged at level {level} ({spacing:g} mm): non-finite "

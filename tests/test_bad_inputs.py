@@ -139,6 +139,8 @@ CASES = {
                               "regulariser must be one of diffusion, bending", None),
     "--levels not coarse to fine": (lambda d: {"--levels": "2,4"},
                                     "refinement levels must be spacings >= 0.5 mm", None),
+    "negative --refine-smooth": (lambda d: {"--refine-smooth": "-1"},
+                                 "refinement smooth must be >= 0 passes", None),
     "--levels not numbers": (lambda d: {"--levels": "4,x"},
                              "--levels: expected comma-separated numbers", None),
     "--level-steps of another length": (lambda d: {"--levels": "4,2", "--level-steps": "9,9,9"},

@@ -1,5 +1,5 @@
-"""jaxreg.refine: the control-grid upsampling against scipy, recovery of a known deformation
-with each similarity, the level grids, and bad options."""
+"""jaxreg.refine: the control-grid upsampling against scipy, its smoothing against numpy,
+recovery of a known deformation with each similarity, the level grids, and bad options."""
 
 import dataclasses
 
@@ -22,6 +22,24 @@ def test_upsample2_is_scipy_linear_zoom_with_cell_centred_grids():
   for k in range(3):
     want = ndi.zoom(c[..., k].astype(np.float64), 2, order=1, grid_mode=True, mode="nearest")
     np.testing.assert_allclose(ours[..., k], want, atol=1e-6)
+
+
+def test_smooth3_is_repeated_edge_normalised_3_cubed_mean():
+  """Against a numpy loop over each voxel's in-volume 3x3x3 neighbours (not scipy's filters,
+  whose edge modes do not renormalise)."""
+  rng = np.random.default_rng(3)
+  c = rng.normal(size=(5, 4, 6, 3)).astype(np.float32)
+  want = c.astype(np.float64)
+  for _ in range(2):
+    out = np.empty_like(want)
+    for i, j, k in np.ndindex(*c.shape[:3]):
+      box = want[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(k - 1, 0):k + 2]
+      out[i, j, k] = box.reshape(-1, 3).mean(0)
+    want = out
+  np.testing.assert_allclose(np.asarray(refine.smooth3(c, 2)), want, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(refine.smooth3(c, 0)), c)
+  const = np.full((5, 4, 6, 3), 1.5, np.float32)
+  np.testing.assert_allclose(np.asarray(refine.smooth3(const, 3)), const, rtol=1e-6)
 
 
 def _phantom():
@@ -110,6 +128,7 @@ def test_level_grids_cover_the_body_box_in_multiples_of_16(pair):
     ({"lr": float("nan")}, "lr must be positive"),
     ({"window": 4}, "window must be a positive odd"),
     ({"control": 3}, "control strides must be 1 or 2"),
+    ({"smooth": -1}, "smooth must be >= 0"),
 ])
 def test_bad_options_raise_input_error(change, match):
   with pytest.raises(InputError, match=match):
