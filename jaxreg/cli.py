@@ -111,12 +111,16 @@ def _refine_options(args):
            "steps": numbers(args.level_steps, int, "--level-steps") if args.level_steps else None,
            "similarity": args.similarity, "regulariser": args.regulariser,
            "reg_weight": args.refine_reg_weight, "lr": args.refine_lr,
-           "smooth": args.refine_smooth}
+           "smooth": (numbers(args.refine_smooth, int, "--refine-smooth")
+                      if args.refine_smooth else None)}
   options = RefineOptions(**{k: v for k, v in given.items() if v is not None},
                           mask=not args.no_mask)
   if args.levels and not args.level_steps and np.ndim(options.steps):
     if len(options.steps) != len(given["levels_mm"]):  # the default steps do not fit: same for all
       options = dataclasses.replace(options, steps=options.steps[-1])
+  if args.levels and not args.refine_smooth and np.ndim(options.smooth):
+    if len(options.smooth) != len(given["levels_mm"]):  # likewise the default smoothing
+      options = dataclasses.replace(options, smooth=options.smooth[-1])
   return options
 
 
@@ -221,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
   ref.add_argument("--level-steps", help="Adam steps per level, e.g. 60,30 (one number: "
                    "the same at every level)")
   ref.add_argument("--refine-reg-weight", type=float,
-                   help="regulariser weight (default per similarity: lncc 1, mind 0.1, mse 0.003)")
+                   help="regulariser weight (default per similarity: lncc 0.1, mind 0.1, mse 0.003)")
   ref.add_argument("--refine-lr", type=float,
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
-  ref.add_argument("--refine-smooth", type=int,
-                   help="passes of a 3x3x3 box mean over each level's control increment "
-                   "(default: RefineOptions; 0: none)")
+  ref.add_argument("--refine-smooth",
+                   help="passes of a 3x3x3 box mean over each level's control increment, one "
+                   "number for all levels or one per level, e.g. 2,1 (default: RefineOptions; "
+                   "0: none)")
   ref.add_argument("--no-mask", action="store_true",
                    help="compare the images everywhere, not only over the fixed body")
   reg.add_argument("--output-format", choices=("nifti", "nrrd", "mha"), default="nifti",

@@ -68,8 +68,10 @@ __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "lev
 
 SIMILARITIES = ("lncc", "mind", "mse")
 # The regulariser weight when none is given, per similarity: their values differ in scale
-# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01).
-DEFAULT_REG_WEIGHTS = {"lncc": 1.0, "mind": 0.1, "mse": 0.003}
+# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). LNCC's 0.1
+# goes with the default smooth=2 (the smoothing carries most of the regularisation; the
+# sweep in benchmarks/refine_sweep.py and the README); MIND's and MSE's were set without it.
+DEFAULT_REG_WEIGHTS = {"lncc": 0.1, "mind": 0.1, "mse": 0.003}
 REGULARISERS = ("diffusion", "bending")
 _DIVISOR = 16  # level grids: multiples of 16 voxels (even, for the control grid; shape buckets)
 
@@ -95,7 +97,8 @@ class RefineOptions:
     control: control-grid stride in level voxels at each level (2: every 2nd
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
     smooth: passes of a 3x3x3 box mean applied to the control increment
-      before upsampling (0: none; see :func:`smooth3`).
+      before upsampling (0: none; see :func:`smooth3`), one per level or one for all. The default 2 with LNCC's
+      weight 0.1 came from the sweep in ``benchmarks/refine_sweep.py``.
   """
   levels_mm: tuple[float, ...] | None = None
   steps: tuple[int, ...] | int = (60, 10)
@@ -108,7 +111,7 @@ class RefineOptions:
   mind_dilation: int = 2
   mask: bool = True
   control: tuple[int, ...] | int = 2
-  smooth: int = 0
+  smooth: tuple[int, ...] | int = 2
 
   def checked(self, fixed_spacing) -> "RefineOptions":
     """These options with ``levels_mm`` and ``steps`` resolved; raises InputError if bad."""
@@ -149,10 +152,14 @@ class RefineOptions:
     if len(control) != len(levels) or any(c not in (1, 2) for c in control):
       raise InputError(f"refinement control strides must be 1 or 2, one per level "
                        f"({len(levels)} levels), got {self.control}")
-    if self.smooth < 0:
-      raise InputError(f"refinement smooth must be >= 0 passes, got {self.smooth}")
+    smooth = self.smooth
+    smooth = ((int(smooth),) * len(levels) if np.ndim(smooth) == 0
+              else tuple(int(p) for p in smooth))
+    if len(smooth) != len(levels) or min(smooth) < 0:
+      raise InputError(f"refinement smooth must be >= 0 passes, one per level "
+                       f"({len(levels)} levels), got {self.smooth}")
     return dataclasses.replace(self, levels_mm=tuple(float(s) for s in levels), steps=steps,
-                               reg_weight=float(reg_weight), control=control)
+                               reg_weight=float(reg_weight), control=control, smooth=smooth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,8 +351,8 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
   lo, hi = hu_window
   disp, grid, losses = np.asarray(init, np.float32), init_grid, []
   grids = level_grids(fixed, options.levels_mm)
-  for level, (spacing, steps, control, target) in enumerate(
-      zip(options.levels_mm, options.steps, options.control, grids)):
+  for level, (spacing, steps, control, smooth, target) in enumerate(
+      zip(options.levels_mm, options.steps, options.control, options.smooth, grids)):
     base = _field_on(disp, grid, target)
     fixed_hu = _preprocess.resample(fixed, target, cval=lo)
     f = _preprocess.window(fixed_hu, lo, hi).astype(np.float32)
@@ -358,7 +365,7 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preproce
           float(options.reg_weight), steps=int(steps), similarity=options.similarity,
           regulariser=options.regulariser, window=int(options.window),
           mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation),
-          control=int(control), smooth=int(options.smooth))
+          control=int(control), smooth=int(smooth))
     values = np.asarray(values)
     if not np.all(np.isfinite(values)):
       raise InputError(f"refinement diverged at level {level} ({spacing:g} mm): non-finite "

@@ -141,6 +141,8 @@ CASES = {
                                     "refinement levels must be spacings >= 0.5 mm", None),
     "negative --refine-smooth": (lambda d: {"--refine-smooth": "-1"},
                                  "refinement smooth must be >= 0 passes", None),
+    "--refine-smooth not numbers": (lambda d: {"--refine-smooth": "2,x"},
+                                    "--refine-smooth: expected comma-separated numbers", None),
     "--levels not numbers": (lambda d: {"--levels": "4,x"},
                              "--levels: expected comma-separated numbers", None),
     "--level-steps of another length": (lambda d: {"--levels": "4,2", "--level-steps": "9,9,9"},

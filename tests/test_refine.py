@@ -129,6 +129,7 @@ def test_level_grids_cover_the_body_box_in_multiples_of_16(pair):
     ({"window": 4}, "window must be a positive odd"),
     ({"control": 3}, "control strides must be 1 or 2"),
     ({"smooth": -1}, "smooth must be >= 0"),
+    ({"smooth": (2, 1, 1)}, "smooth must be >= 0 passes, one per level"),
 ])
 def test_bad_options_raise_input_error(change, match):
   with pytest.raises(InputError, match=match):
