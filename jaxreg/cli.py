@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
   ref.add_argument("--level-steps", help="Adam steps per level, e.g. 60,30 (one number: "
                    "the same at every level)")
   ref.add_argument("--refine-reg-weight", type=float,
-                   help="regulariser weight (default per similarity: lncc 0.1, mind 0.1, mse 0.003)")
+                   help="regulariser weight (default per similarity: lncc 1, mind 0.1, mse 0.003)")
   ref.add_argument("--refine-lr", type=float,
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
   ref.add_argument("--refine-smooth",

@@ -68,10 +68,9 @@ __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "lev
 
 SIMILARITIES = ("lncc", "mind", "mse")
 # The regulariser weight when none is given, per similarity: their values differ in scale
-# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). LNCC's 0.1
-# goes with the default smooth=2 (the smoothing carries most of the regularisation; the
-# sweep in benchmarks/refine_sweep.py and the README); MIND's and MSE's were set without it.
-DEFAULT_REG_WEIGHTS = {"lncc": 0.1, "mind": 0.1, "mse": 0.003}
+# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). The sweep's
+# better-scoring smooth=2 with LNCC 0.1 is not the default yet: see the README's sweep.
+DEFAULT_REG_WEIGHTS = {"lncc": 1.0, "mind": 0.1, "mse": 0.003}
 REGULARISERS = ("diffusion", "bending")
 _DIVISOR = 16  # level grids: multiples of 16 voxels (even, for the control grid; shape buckets)
 
@@ -97,8 +96,8 @@ class RefineOptions:
     control: control-grid stride in level voxels at each level (2: every 2nd
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
     smooth: passes of a 3x3x3 box mean applied to the control increment
-      before upsampling (0: none; see :func:`smooth3`), one per level or one for all. The default 2 with LNCC's
-      weight 0.1 came from the sweep in ``benchmarks/refine_sweep.py``.
+      before upsampling (0: none; see :func:`smooth3`), one per level or one for all. 2 with ``reg_weight=0.1``
+      scored best in ``benchmarks/refine_sweep.py`` (not the default yet).
   """
   levels_mm: tuple[float, ...] | None = None
   steps: tuple[int, ...] | int = (60, 10)
@@ -111,7 +110,7 @@ class RefineOptions:
   mind_dilation: int = 2
   mask: bool = True
   control: tuple[int, ...] | int = 2
-  smooth: tuple[int, ...] | int = 2
+  smooth: tuple[int, ...] | int = 0
 
   def checked(self, fixed_spacing) -> "RefineOptions":
     """These options with ``levels_mm`` and ``steps`` resolved; raises InputError if bad."""
