@@ -96,8 +96,9 @@ class RefineOptions:
     control: control-grid stride in level voxels at each level (2: every 2nd
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
     smooth: passes of a 3x3x3 box mean applied to the control increment
-      before upsampling (0: none; see :func:`smooth3`), one per level or one for all. 2 with ``reg_weight=0.1``
-      scored best in ``benchmarks/refine_sweep.py`` (not the default yet).
+      before upsampling (0: none; see :func:`smooth3`), one per level or one for
+      all. 2 with ``reg_weight=0.1`` scored best in ``benchmarks/refine_sweep.py``
+      (not the default yet).
   """
   levels_mm: tuple[float, ...] | None = None
   steps: tuple[int, ...] | int = (60, 10)
@@ -145,20 +146,21 @@ class RefineOptions:
     if self.mind_radius < 0 or self.mind_dilation < 1:
       raise InputError(f"MIND needs radius >= 0 and dilation >= 1, got {self.mind_radius}, "
                        f"{self.mind_dilation}")
-    control = self.control
-    control = ((int(control),) * len(levels) if np.ndim(control) == 0
-               else tuple(int(c) for c in control))
+    control = _per_level(self.control, len(levels))
     if len(control) != len(levels) or any(c not in (1, 2) for c in control):
       raise InputError(f"refinement control strides must be 1 or 2, one per level "
                        f"({len(levels)} levels), got {self.control}")
-    smooth = self.smooth
-    smooth = ((int(smooth),) * len(levels) if np.ndim(smooth) == 0
-              else tuple(int(p) for p in smooth))
+    smooth = _per_level(self.smooth, len(levels))
     if len(smooth) != len(levels) or min(smooth) < 0:
       raise InputError(f"refinement smooth must be >= 0 passes, one per level "
                        f"({len(levels)} levels), got {self.smooth}")
     return dataclasses.replace(self, levels_mm=tuple(float(s) for s in levels), steps=steps,
                                reg_weight=float(reg_weight), control=control, smooth=smooth)
+
+
+def _per_level(value, levels: int) -> tuple[int, ...]:
+  """One int for all levels, or a sequence given per level, as a tuple of ints."""
+  return (int(value),) * levels if np.ndim(value) == 0 else tuple(int(v) for v in value)
 
 
 @dataclasses.dataclass(frozen=True)
