@@ -31,7 +31,7 @@ from jaxreg.refine import RefineOptions  # noqa: E402
 # the smoothing sweep), so each row is the configuration that was measured.
 _OLD = dict(smooth=0, reg_weight=1.0)
 CONFIGS = {
-    "lncc 60,10 smooth 0 reg 1 (default)": RefineOptions(steps=(60, 10), **_OLD),
+    "lncc 60,10 smooth 0 reg 1 (old default)": RefineOptions(steps=(60, 10), **_OLD),
     "lncc 40,5": RefineOptions(steps=(40, 5), **_OLD),
     "lncc 60,20": RefineOptions(steps=(60, 20), **_OLD),
     "lncc 5 mm only, 60": RefineOptions(levels_mm=(5.0,), steps=(60,), **_OLD),
@@ -48,7 +48,7 @@ CONFIGS = {
     "lncc smooth 2 reg 1": RefineOptions(smooth=2, reg_weight=1.0),
     "lncc smooth 1 reg 0.3": RefineOptions(smooth=1, reg_weight=0.3),
     "lncc smooth 3 reg 1": RefineOptions(smooth=3, reg_weight=1.0),
-    "lncc smooth 2 reg 0.3": RefineOptions(smooth=2, reg_weight=0.3),
+    "lncc smooth 2 reg 0.3 (default)": RefineOptions(),
     "lncc smooth 2 reg 0.1": RefineOptions(smooth=2, reg_weight=0.1),
     "lncc smooth 2 reg 0": RefineOptions(smooth=2, reg_weight=0.0),
     "lncc smooth 3 reg 0.3": RefineOptions(smooth=3, reg_weight=0.3),

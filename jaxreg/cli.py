@@ -225,13 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
   ref.add_argument("--level-steps", help="Adam steps per level, e.g. 60,30 (one number: "
                    "the same at every level)")
   ref.add_argument("--refine-reg-weight", type=float,
-                   help="regulariser weight (default per similarity: lncc 1, mind 0.1, mse 0.003)")
+                   help="regulariser weight (default per similarity: lncc 0.3, mind 0.1, mse 0.003)")
   ref.add_argument("--refine-lr", type=float,
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
   ref.add_argument("--refine-smooth",
                    help="passes of a 3x3x3 box mean over each level's control increment, one "
-                   "number for all levels or one per level, e.g. 2,1 (default: RefineOptions; "
-                   "0: none)")
+                   "number for all levels or one per level, e.g. 2,1 (default 2; 0: none)")
   ref.add_argument("--no-mask", action="store_true",
                    help="compare the images everywhere, not only over the fixed body")
   reg.add_argument("--output-format", choices=("nifti", "nrrd", "mha"), default="nifti",

@@ -68,9 +68,10 @@ __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "lev
 
 SIMILARITIES = ("lncc", "mind", "mse")
 # The regulariser weight when none is given, per similarity: their values differ in scale
-# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). The sweep's
-# better-scoring smooth=2 with LNCC 0.1 is not the default yet: see the README's sweep.
-DEFAULT_REG_WEIGHTS = {"lncc": 1.0, "mind": 0.1, "mse": 0.003}
+# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). LNCC's 0.3
+# goes with the default smooth=2 (benchmarks/refine_sweep.py; the README's sweep: 0.1 scored
+# a little better but gave a CLI pair's inverse a 12-voxel fixed-point residual).
+DEFAULT_REG_WEIGHTS = {"lncc": 0.3, "mind": 0.1, "mse": 0.003}
 REGULARISERS = ("diffusion", "bending")
 _DIVISOR = 16  # level grids: multiples of 16 voxels (even, for the control grid; shape buckets)
 
@@ -97,8 +98,8 @@ class RefineOptions:
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
     smooth: passes of a 3x3x3 box mean applied to the control increment
       before upsampling (0: none; see :func:`smooth3`), one per level or one for
-      all. 2 with ``reg_weight=0.1`` scored best in ``benchmarks/refine_sweep.py``
-      (not the default yet).
+      all. The default 2 with LNCC ``reg_weight=0.3`` was chosen by
+      ``benchmarks/refine_sweep.py``.
   """
   levels_mm: tuple[float, ...] | None = None
   steps: tuple[int, ...] | int = (60, 10)
@@ -111,7 +112,7 @@ class RefineOptions:
   mind_dilation: int = 2
   mask: bool = True
   control: tuple[int, ...] | int = 2
-  smooth: tuple[int, ...] | int = 0
+  smooth: tuple[int, ...] | int = 2
 
   def checked(self, fixed_spacing) -> "RefineOptions":
     """These options with ``levels_mm`` and ``steps`` resolved; raises InputError if bad."""
@@ -127,10 +128,7 @@ class RefineOptions:
         or any(b >= a for a, b in zip(levels, levels[1:]))):
       raise InputError(f"refinement levels must be spacings >= 0.5 mm from coarse to fine "
                        f"(strictly decreasing), got {levels}")
-    steps = self.steps
-    steps = (int(steps),) * len(levels) if np.ndim(steps) == 0 else tuple(int(s) for s in steps)
-    if len(steps) == 1 and len(levels) > 1:
-      steps = steps * len(levels)
+    steps = _per_level(self.steps, len(levels))
     if len(steps) != len(levels) or min(steps) < 1:
       raise InputError(f"refinement steps must be one positive number per level "
                        f"({len(levels)} levels), got {tuple(steps)}")
@@ -159,8 +157,9 @@ class RefineOptions:
 
 
 def _per_level(value, levels: int) -> tuple[int, ...]:
-  """One int for all levels, or a sequence given per level, as a tuple of ints."""
-  return (int(value),) * levels if np.ndim(value) == 0 else tuple(int(v) for v in value)
+  """One int (or a one-element sequence) for all levels, or one per level, as ints."""
+  values = (value,) if np.ndim(value) == 0 else tuple(value)
+  return tuple(int(v) for v in (values * levels if len(values) == 1 else values))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,6 +101,20 @@ def test_default_levels_follow_the_fixed_spacing_with_a_2_mm_floor():
   assert RefineOptions(steps=40).checked([3.0] * 3).steps == (40, 40)
 
 
+@pytest.mark.parametrize("flags, steps, smooth", [
+    ([], (60, 10), (2, 2)),
+    (["--refine-smooth", "2"], (60, 10), (2, 2)),          # one number: every level
+    (["--refine-smooth", "2,1", "--level-steps", "30"], (30, 30), (2, 1)),
+    (["--levels", "8,4,2"], (10, 10, 10), (2, 2, 2)),      # defaults that do not fit: the last
+])
+def test_register_flags_give_one_value_per_level(flags, steps, smooth):
+  from jaxreg import cli
+  args = cli.build_parser().parse_args(["register", "--fixed", "f", "--moving", "m",
+                                        "--out", "o", *flags])
+  options = cli._refine_options(args).checked([2.0] * 3)
+  assert options.steps == steps and options.smooth == smooth
+
+
 def test_level_grids_cover_the_body_box_in_multiples_of_16(pair):
   fixed, _, _ = pair
   body = refine.body_grid(fixed)
