@@ -57,6 +57,14 @@ CONFIGS = {
     "lncc smooth 2,1 reg 0.1": RefineOptions(smooth=(2, 1), reg_weight=0.1),
     "lncc smooth 2,0 reg 0.1": RefineOptions(smooth=(2, 0), reg_weight=0.1),
     "lncc smooth 3,1 reg 0.1": RefineOptions(smooth=(3, 1), reg_weight=0.1),
+    # Towards demons on breathing / local TRE: a dense (control stride 1), smoothed finest level
+    # represents sharper gradients (2 passes at 2.5 mm: sigma ~2.9 mm, about demons' 1.5 voxels).
+    "lncc smooth 2 reg 0.3 control 2,1": RefineOptions(control=(2, 1)),
+    "lncc smooth 2 reg 0.3 60,30": RefineOptions(steps=(60, 30)),
+    "lncc smooth 2 reg 0.3 control 2,1 60,30": RefineOptions(control=(2, 1), steps=(60, 30)),
+    # Demons' own force is an SSD: the same-contrast families may prefer it once smoothed.
+    "mse smooth 2 reg 0.003": RefineOptions(similarity="mse"),
+    "mse smooth 2 reg 0.001": RefineOptions(similarity="mse", reg_weight=0.001),
     # The anchor, measured in the same run (jaxreg.demons; its total seconds in the last column).
     "demons (reference)": None,
 }
