@@ -30,6 +30,7 @@ from jaxreg.refine import RefineOptions  # noqa: E402
 # The rows before the smoothing ones pin smooth=0, reg_weight=1 (the defaults until
 # the smoothing sweep), so each row is the configuration that was measured.
 _OLD = dict(smooth=0, reg_weight=1.0)
+_NEW = dict(smooth=2, reg_weight=0.3)  # the defaults since, pinned likewise
 CONFIGS = {
     "lncc 60,10 smooth 0 reg 1 (old default)": RefineOptions(steps=(60, 10), **_OLD),
     "lncc 40,5": RefineOptions(steps=(40, 5), **_OLD),
@@ -48,7 +49,7 @@ CONFIGS = {
     "lncc smooth 2 reg 1": RefineOptions(smooth=2, reg_weight=1.0),
     "lncc smooth 1 reg 0.3": RefineOptions(smooth=1, reg_weight=0.3),
     "lncc smooth 3 reg 1": RefineOptions(smooth=3, reg_weight=1.0),
-    "lncc smooth 2 reg 0.3 (default)": RefineOptions(),
+    "lncc smooth 2 reg 0.3 (default)": RefineOptions(**_NEW),
     "lncc smooth 2 reg 0.1": RefineOptions(smooth=2, reg_weight=0.1),
     "lncc smooth 2 reg 0": RefineOptions(smooth=2, reg_weight=0.0),
     "lncc smooth 3 reg 0.3": RefineOptions(smooth=3, reg_weight=0.3),
@@ -59,12 +60,12 @@ CONFIGS = {
     "lncc smooth 3,1 reg 0.1": RefineOptions(smooth=(3, 1), reg_weight=0.1),
     # Towards demons on breathing / local TRE: a dense (control stride 1), smoothed finest level
     # represents sharper gradients (2 passes at 2.5 mm: sigma ~2.9 mm, about demons' 1.5 voxels).
-    "lncc smooth 2 reg 0.3 control 2,1": RefineOptions(control=(2, 1)),
-    "lncc smooth 2 reg 0.3 60,30": RefineOptions(steps=(60, 30)),
-    "lncc smooth 2 reg 0.3 control 2,1 60,30": RefineOptions(control=(2, 1), steps=(60, 30)),
+    "lncc smooth 2 reg 0.3 control 2,1": RefineOptions(control=(2, 1), **_NEW),
+    "lncc smooth 2 reg 0.3 60,30": RefineOptions(steps=(60, 30), **_NEW),
+    "lncc smooth 2 reg 0.3 control 2,1 60,30": RefineOptions(control=(2, 1), steps=(60, 30), **_NEW),
     # Demons' own force is an SSD: the same-contrast families may prefer it once smoothed.
-    "mse smooth 2 reg 0.003": RefineOptions(similarity="mse"),
-    "mse smooth 2 reg 0.001": RefineOptions(similarity="mse", reg_weight=0.001),
+    "mse smooth 2 reg 0.003": RefineOptions(similarity="mse", smooth=2, reg_weight=0.003),
+    "mse smooth 2 reg 0.001": RefineOptions(similarity="mse", smooth=2, reg_weight=0.001),
     # The anchor, measured in the same run (jaxreg.demons; its total seconds in the last column).
     "demons (reference)": None,
 }

@@ -115,12 +115,10 @@ def _refine_options(args):
                       if args.refine_smooth else None)}
   options = RefineOptions(**{k: v for k, v in given.items() if v is not None},
                           mask=not args.no_mask)
-  if args.levels and not args.level_steps and np.ndim(options.steps):
-    if len(options.steps) != len(given["levels_mm"]):  # the default steps do not fit: same for all
-      options = dataclasses.replace(options, steps=options.steps[-1])
-  if args.levels and not args.refine_smooth and np.ndim(options.smooth):
-    if len(options.smooth) != len(given["levels_mm"]):  # likewise the default smoothing
-      options = dataclasses.replace(options, smooth=options.smooth[-1])
+  for name, flag in (("steps", args.level_steps), ("smooth", args.refine_smooth)):
+    default = getattr(options, name)  # a per-level default that does not fit --levels: its last
+    if args.levels and not flag and np.ndim(default) and len(default) != len(given["levels_mm"]):
+      options = dataclasses.replace(options, **{name: default[-1]})
   return options
 
 

@@ -113,8 +113,8 @@ def test_sigint_in_a_batch_keeps_what_finished_and_a_rerun_completes_it(pairs, t
   # signal, sent once the first pair is summarised, lands while pairs remain: with three, the
   # warm 32^3 pairs could all finish before it arrived.
   rows = (pairs / "pairs.csv").read_text().splitlines()
-  n = 12
-  (pairs / "batch.csv").write_text("\n".join([rows[0]] + rows[1:] * (n // 3)) + "\n")
+  total = 12
+  (pairs / "batch.csv").write_text("\n".join([rows[0]] + rows[1:] * (total // 3)) + "\n")
   out = tmp_path / "batch"
   args = ("register", "--pairs", pairs / "batch.csv", "--out", out, "--no-refine")
   proc = _start(*args)
@@ -125,7 +125,7 @@ def test_sigint_in_a_batch_keeps_what_finished_and_a_rerun_completes_it(pairs, t
   assert proc.returncode == 130, err
   assert "interrupted" in err.strip().splitlines()[-1]
   finished = [line.split(",")[0] for line in summary.read_text().splitlines()[1:]]
-  assert 1 <= len(finished) < n
+  assert 1 <= len(finished) < total
   folders = sorted(n for n in os.listdir(out) if n != "summary.csv")
   assert folders == finished  # only complete pairs; nothing half written, nothing hidden
   assert _hidden(tmp_path) == [] and _hidden(out) == []
@@ -133,7 +133,7 @@ def test_sigint_in_a_batch_keeps_what_finished_and_a_rerun_completes_it(pairs, t
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert again.returncode == 0, again.stderr
   statuses = [line.split(",")[3] for line in summary.read_text().splitlines()[1:]]
-  assert statuses == ["skipped"] * len(finished) + ["done"] * (n - len(finished))
+  assert statuses == ["skipped"] * len(finished) + ["done"] * (total - len(finished))
 
 
 def test_two_processes_on_one_output_folder_one_wins(pairs, tmp_path):
