@@ -43,7 +43,7 @@ from jaxreg import warp as _warp
 from jaxreg.io import Volume
 
 __all__ = ["AffineResult", "PARAM_SCALES", "matrix_from_params", "register", "displacement_mm",
-           "itk_text", "save_itk", "centre_of_mass"]
+           "itk_text", "save_itk", "centre_of_mass", "field_of_view"]
 
 # translation (mm), rotation (rad), log-scale, shear
 PARAM_SCALES = np.array([10.0] * 3 + [0.1] * 3 + [0.1] * 3 + [0.1] * 3, np.float32)
@@ -111,28 +111,51 @@ def centre_of_mass(volume: Volume, threshold_hu: float = -500.0) -> np.ndarray:
   return apply_affine(volume.affine, idx)
 
 
+def _apply(matrix, xyz):
+  """``matrix [4, 4]`` applied to points given as three coordinate arrays, elementwise
+  (:func:`jaxreg.grid.linear_map`'s form, without stacking)."""
+  return [xyz[0] * matrix[k, 0] + xyz[1] * matrix[k, 1] + xyz[2] * matrix[k, 2] + matrix[k, 3]
+          for k in range(3)]
+
+
+def field_of_view(world, volume_shape, world_to_voxel):
+  """Soft mask of a volume's field of view at world points (mm) ``[..., 3]`` or three arrays.
+
+  The trilinear sample of an all-ones volume with zero padding, ``prod_k clip(v_k + 1, 0, 1)
+  clip(n_k - v_k, 0, 1)`` with ``v = world_to_voxel (world)`` the points in the volume's own
+  voxels (array axis order): 1 inside, ramping to 0 over one voxel past its edge. Computed in
+  closed form (numpy or jax arrays), with no resampled mask to gather from.
+  """
+  xyz = world if isinstance(world, (list, tuple)) else [world[..., k] for k in range(3)]
+  v = _apply(world_to_voxel, xyz)
+  xp = jnp if isinstance(v[0], jax.Array) else np
+  w = [xp.clip(v[k] + 1.0, 0.0, 1.0) * xp.clip(volume_shape[k] - v[k], 0.0, 1.0)
+       for k in range(3)]
+  return w[0] * w[1] * w[2]
+
+
 def _level(volume: Volume, spacing: float, hu_window):
   """The image windowed to [0, 1] on its RAS grid at ``spacing`` (shape padded to a multiple
-  of 16 with zeros), the grid, and a mask of the voxels inside its field of view."""
+  of 16 with zeros) and the grid."""
   grid = _preprocess.model_grid(volume, spacing=spacing, divisor=16)
   lo, hi = hu_window
   image = _preprocess.window(_preprocess.resample(volume, grid, cval=lo), lo, hi)
-  inside = _preprocess.resample(Volume(np.ones(volume.shape, np.float32), volume.affine), grid,
-                                cval=0.0, antialias=False)
-  return image.astype(np.float32), inside.astype(np.float32), grid
+  return image.astype(np.float32), grid
 
 
-def _samples(image, inside, grid, count: int, seed: int):
+def _grid_world(grid) -> np.ndarray:
+  return apply_affine(grid.affine, np.moveaxis(np.indices(grid.shape), 0, -1)).astype(np.float32)
+
+
+def _samples(image, inside, world, count: int, seed: int):
   """``count`` random voxels of the fixed level inside its field of view (the same ones at
   every step, as elastix's random sampler with a fixed seed): values, weights, world mm."""
   flat = np.flatnonzero(inside.reshape(-1) > 0.5)
   if flat.size == 0:
     flat = np.arange(inside.size)
   rng = np.random.default_rng(seed)
-  pick = rng.choice(flat, size=count, replace=flat.size < count)
-  vox = np.stack(np.unravel_index(pick, image.shape), -1)
-  return (image.reshape(-1)[pick], inside.reshape(-1)[pick],
-          apply_affine(grid.affine, vox).astype(np.float32))
+  pick = np.sort(rng.choice(flat, size=count, replace=flat.size < count))  # memory order: cache-friendly gathers
+  return image.reshape(-1)[pick], inside.reshape(-1)[pick], world.reshape(-1, 3)[pick]
 
 
 def _weighted_ncc(a, b, w, eps=1e-8):
@@ -144,18 +167,18 @@ def _weighted_ncc(a, b, w, eps=1e-8):
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "similarity"))
-def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, moving_inside,
-              moving_inv, steps, lr, similarity):
+def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, moving_inv,
+              moving_shape, moving_world_to_voxel, steps, lr, similarity):
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
   scales = jnp.asarray(PARAM_SCALES)
 
   def loss(th):
     m = matrix_from_params(th * mask * scales, centre)
-    q = fixed_world @ m[:3, :3].T + m[:3, 3]
-    coords = q @ moving_inv[:3, :3].T + moving_inv[:3, 3]
+    q = _apply(m, fixed_world)
+    coords = jnp.stack(_apply(moving_inv, q), -1)
     warped = _warp.sample(moving, coords, padding="constant", cval=0.0)
     # compare only where the moving image has data (a soft mask: differentiable at its edge)
-    inside = fixed_inside * _warp.sample(moving_inside, coords, padding="constant", cval=0.0)
+    inside = fixed_inside * field_of_view(q, moving_shape, moving_world_to_voxel)
     if similarity == "ncc":
       return -_weighted_ncc(fixed, warped, inside)
     return jnp.sum(inside * (fixed - warped) ** 2) / (jnp.sum(inside) + 1e-6)
@@ -211,18 +234,21 @@ def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity
   mask = jnp.asarray(np.arange(12) < MODELS[model], jnp.float32)
   theta = jnp.asarray(theta)
   losses = []
+  moving_world_to_voxel = jnp.asarray(np.linalg.inv(moving.affine), jnp.float32)
+  fixed_world_to_voxel = np.linalg.inv(fixed.affine).astype(np.float32)
   for level, (spacing, n) in enumerate(zip(levels, steps)):
-    f, f_inside, fgrid = _level(fixed, float(spacing), hu_window)
-    m, m_inside, mgrid = _level(moving, float(spacing), hu_window)
+    f, fgrid = _level(fixed, float(spacing), hu_window)
+    m, mgrid = _level(moving, float(spacing), hu_window)
+    world = _grid_world(fgrid)
+    f_inside = field_of_view(world, fixed.shape, fixed_world_to_voxel)
     if samples:
-      f, f_inside, world = _samples(f, f_inside, fgrid, int(samples), seed + level)
-    else:
-      world = apply_affine(fgrid.affine, np.moveaxis(np.indices(fgrid.shape), 0, -1))
+      f, f_inside, world = _samples(f, f_inside, world, int(samples), seed + level)
     theta, values = _optimise(theta, mask, jnp.asarray(centre), jnp.asarray(f),
-                              jnp.asarray(f_inside), jnp.asarray(world, jnp.float32),
-                              jnp.asarray(m), jnp.asarray(m_inside),
-                              jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32), int(n),
-                              float(lr), similarity)
+                              jnp.asarray(f_inside),
+                              [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
+                              jnp.asarray(m), jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
+                              jnp.asarray(moving.shape, jnp.float32), moving_world_to_voxel,
+                              int(n), float(lr), similarity)
     losses.append(np.asarray(values))
   params = np.asarray(theta * mask) * PARAM_SCALES
   matrix = np.asarray(matrix_from_params(params, centre), np.float64)

@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "identity_grid",
+    "linear_map",
     "check_affine",
     "voxel_to_world",
     "world_to_voxel",
@@ -102,6 +103,20 @@ def _check_vectors(x, name: str) -> None:
     raise ValueError(f"{name} must have a trailing axis of size 3, got shape {np.shape(x)}")
 
 
+def linear_map(x: jax.Array, lin: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+  """``[..., 3]`` -> ``[..., 3]``: ``lin @ x (+ offset)`` at every point, in x's units.
+
+  Written as three elementwise sums: XLA:CPU runs the ``[N, 3] @ [3, 3]`` dot (and its
+  transpose, in a gradient) about 5x slower (98 vs 20 ms on a 144^3 grid, 2 cores).
+  """
+  x, lin = jnp.asarray(x), jnp.asarray(lin)
+  rows = [x[..., 0] * lin[k, 0] + x[..., 1] * lin[k, 1] + x[..., 2] * lin[k, 2]
+          for k in range(3)]
+  if offset is not None:
+    rows = [r + offset[k] for k, r in enumerate(rows)]
+  return jnp.stack(rows, axis=-1)
+
+
 def voxel_to_world(points_vox: jax.Array, affine: jax.Array) -> jax.Array:
   """Map voxel coordinates to world coordinates (mm).
 
@@ -115,7 +130,7 @@ def voxel_to_world(points_vox: jax.Array, affine: jax.Array) -> jax.Array:
   _check_vectors(points_vox, "points_vox")
   check_affine(affine)
   affine = jnp.asarray(affine, dtype=jnp.result_type(points_vox, jnp.float32))
-  return points_vox @ affine[:3, :3].T + affine[:3, 3]
+  return linear_map(points_vox, affine[:3, :3], affine[:3, 3])
 
 
 def world_to_voxel(points_mm: jax.Array, affine: jax.Array) -> jax.Array:
@@ -132,7 +147,7 @@ def world_to_voxel(points_mm: jax.Array, affine: jax.Array) -> jax.Array:
   check_affine(affine)
   affine = jnp.asarray(affine, dtype=jnp.result_type(points_mm, jnp.float32))
   inv = jnp.linalg.inv(affine)
-  return points_mm @ inv[:3, :3].T + inv[:3, 3]
+  return linear_map(points_mm, inv[:3, :3], inv[:3, 3])
 
 
 def disp_voxel_to_mm(disp: jax.Array, affine: jax.Array) -> jax.Array:
@@ -149,7 +164,7 @@ def disp_voxel_to_mm(disp: jax.Array, affine: jax.Array) -> jax.Array:
   _check_vectors(disp, "disp")
   check_affine(affine)
   affine = jnp.asarray(affine, dtype=jnp.result_type(disp, jnp.float32))
-  return disp @ affine[:3, :3].T
+  return linear_map(disp, affine[:3, :3])
 
 
 def disp_mm_to_voxel(disp_mm: jax.Array, affine: jax.Array) -> jax.Array:
@@ -167,7 +182,7 @@ def disp_mm_to_voxel(disp_mm: jax.Array, affine: jax.Array) -> jax.Array:
   _check_vectors(disp_mm, "disp_mm")
   check_affine(affine)
   affine = jnp.asarray(affine, dtype=jnp.result_type(disp_mm, jnp.float32))
-  return disp_mm @ jnp.linalg.inv(affine[:3, :3]).T
+  return linear_map(disp_mm, jnp.linalg.inv(affine[:3, :3]))
 
 
 def spacing(affine) -> np.ndarray:
@@ -196,4 +211,4 @@ def affine_displacement(matrix: jax.Array, shape: Sequence[int]) -> jax.Array:
     raise ValueError(f"matrix must have shape (4, 4) or (3, 4), got {np.shape(matrix)}")
   grid = identity_grid(shape)
   matrix = jnp.asarray(matrix, dtype=grid.dtype)
-  return grid @ matrix[:3, :3].T + matrix[:3, 3] - grid
+  return linear_map(grid, matrix[:3, :3], matrix[:3, 3]) - grid

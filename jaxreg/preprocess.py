@@ -142,9 +142,9 @@ def _pad_to(array, shape, padding: str, cval: float) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("shape", "order", "padding", "cval"))
 def _sample_affine(array, matrix, disp, lin, *, shape, order, padding, cval):
   """Samples of ``array`` at ``matrix @ x (+ lin @ disp(x))`` for the voxels ``x`` of ``shape``."""
-  coords = _grid.identity_grid(shape) @ matrix[:3, :3].T + matrix[:3, 3]
+  coords = _grid.linear_map(_grid.identity_grid(shape), matrix[:3, :3], matrix[:3, 3])
   if disp is not None:
-    coords = coords + disp @ lin.T
+    coords = coords + _grid.linear_map(disp, lin)
   return _warp.sample(array, coords, order=order, padding=padding, cval=cval)
 
 

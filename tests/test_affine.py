@@ -39,6 +39,27 @@ def test_weighted_ncc_with_unit_weights_is_global_ncc():
                              losses.global_ncc(a, a + b), rtol=1e-5)
 
 
+def test_field_of_view_is_the_trilinear_sample_of_ones_with_zero_padding():
+  # reference: scipy's order-1 map_coordinates of an all-ones volume padded with zeros, at
+  # world points of an oblique, anisotropic grid, some inside, some across the edges
+  import jax.numpy as jnp
+  import scipy.ndimage as ndi
+  rng = np.random.default_rng(3)
+  shape = (7, 9, 6)
+  affine = np.array([[0.0, 2.0, 0.3, -5.0], [1.5, 0.0, 0.0, 4.0], [0.0, 0.2, 3.0, 1.0],
+                     [0, 0, 0, 1]])
+  vox = rng.uniform(-2.5, np.array(shape) + 1.5, size=(500, 3))
+  world = vox @ affine[:3, :3].T + affine[:3, 3]
+  padded = np.pad(np.ones(shape), 3)  # zeros around, so order 1 near the edge is exact
+  ref = ndi.map_coordinates(padded, (vox + 3).T, order=1, mode="constant", cval=0.0)
+  inv = np.linalg.inv(affine)
+  np.testing.assert_allclose(AF.field_of_view(world, shape, inv), ref, atol=1e-9)
+  got = AF.field_of_view(jnp.asarray(world, jnp.float32), jnp.asarray(shape, jnp.float32),
+                         jnp.asarray(inv, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5)
+  assert 0 < (ref == 1).mean() < 1 and (ref == 0).any() and ((ref > 0) & (ref < 1)).any()
+
+
 @pytest.fixture(scope="module")
 def ct_and_moved():
   ct = data.demo().ct

@@ -47,6 +47,15 @@ def test_displacement_mm_is_difference_of_world_points_and_round_trips():
   np.testing.assert_allclose(np.asarray(G.disp_mm_to_voxel(mm32, a)), disp, atol=1e-5)
 
 
+def test_linear_map_matches_a_numpy_matrix_product():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 5, 6, 3)).astype(np.float32)
+  lin, off = rng.normal(size=(3, 3)), rng.normal(size=3)
+  np.testing.assert_allclose(np.asarray(G.linear_map(x, lin, off)), x @ lin.T + off,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(G.linear_map(x, lin)), x @ lin.T, rtol=1e-5, atol=1e-5)
+
+
 def test_spacing_is_column_norms():
   np.testing.assert_allclose(G.spacing(_oblique_affine()), [0.7, 0.8, 2.5], rtol=1e-12)
 
