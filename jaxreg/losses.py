@@ -41,6 +41,7 @@ __all__ = [
     "global_ncc",
     "mse",
     "diffusion",
+    "diffusion_gradient",
     "bending_energy",
     "soft_dice",
     "folding",
@@ -188,11 +189,49 @@ def mse(fixed: jax.Array, warped: jax.Array) -> jax.Array:
   return jnp.mean((_f32(fixed) - _f32(warped)) ** 2)
 
 
+def _shifted(x: jax.Array, axis: int, step: int) -> jax.Array:
+  """``x`` moved by one voxel along ``axis`` (``x[i - 1]`` for step -1, ``x[i + 1]`` for +1),
+  the edge value repeated."""
+  n = x.shape[axis]
+  if step < 0:
+    parts = [jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)]
+  else:
+    parts = [jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)]
+  return jnp.concatenate(parts, axis=axis)
+
+
+def diffusion_gradient(disp: jax.Array) -> jax.Array:
+  """``[X, Y, Z, 3]`` the gradient of :func:`diffusion` in closed form (units of ``disp``).
+
+  ``(2/3) sum_j (2 u(x) - u(x - e_j) - u(x + e_j)) / (n_j - 1) / (N / n_j)``: a
+  discrete Laplacian with the edge value repeated outside (the adjoint of the
+  forward differences), ``N`` voxels, ``n_j`` along axis ``j``. One pass of
+  shifted copies, ~5x cheaper on XLA:CPU than the automatic gradient's slices.
+  """
+  _fields.check_field(disp)
+  size = np.prod(disp.shape[:3])
+  out = jnp.zeros_like(disp)
+  for j in range(3):
+    n = disp.shape[j]
+    if n < 2:
+      continue
+    scale = float(2.0 / (3.0 * size * (n - 1) / n))
+    out = out + scale * (2.0 * disp - _shifted(disp, j, -1) - _shifted(disp, j, 1))
+  return out
+
+
+@jax.custom_jvp
 def diffusion(disp: jax.Array) -> jax.Array:
   """Diffusion regulariser (a loss): mean squared forward difference, averaged over axes.
 
   ``(1/3) sum_j mean_x sum_i (u_i(x + e_j) - u_i(x))**2`` with ``disp`` in
   voxels, so a field ``u(x) = A x`` scores ``(1/3) sum_ij A_ij**2``.
+
+  Derivatives use :func:`diffusion_gradient` ``g`` (closed form, a custom JVP),
+  and under differentiation the value is computed as ``<u, g> / 2`` (the same
+  number for this quadratic form, to float32 rounding): the squared differences'
+  own reduction cost XLA:CPU ~100 ms at 144x128x144x3 inside the refinement's
+  loop, the gradient and one dot ~20 ms (a level step 330 -> 200 ms).
 
   Args:
     disp: ``[X, Y, Z, 3]`` displacement in voxels.
@@ -200,6 +239,15 @@ def diffusion(disp: jax.Array) -> jax.Array:
   _fields.check_field(disp)
   terms = [jnp.mean(jnp.sum(jnp.diff(disp, axis=j) ** 2, axis=-1)) for j in range(3)]
   return sum(terms) / 3.0
+
+
+@diffusion.defjvp
+def _diffusion_jvp(primals, tangents):
+  (disp,), (t,) = primals, tangents
+  g = diffusion_gradient(disp)
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  value = 0.5 * jnp.vdot(f32(disp), f32(g))
+  return value.astype(disp.dtype), jnp.vdot(f32(g), f32(t)).astype(disp.dtype)
 
 
 def bending_energy(disp: jax.Array) -> jax.Array:

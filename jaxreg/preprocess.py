@@ -38,6 +38,7 @@ __all__ = [
     "window",
     "prepare_pair",
     "field_to_world",
+    "map_field",
     "field_at_points",
     "resample_moving",
 ]
@@ -273,7 +274,37 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
   return PreparedPair(images[0], images[1], labels[0], labels[1], grid, Grid.of(fixed))
 
 
-def field_to_world(disp_model: jax.Array, grid: Grid, target: Grid) -> np.ndarray:
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _sample_field(disp, to_source, out_lin, out_affine, *, shape):
+  """``out_lin @ disp(to_source @ x) + out_affine @ [x, 1]`` at the voxels ``x`` of ``shape``
+  (``disp`` trilinear, its edge repeated outside), one fused pass in float32."""
+  x = _grid.identity_grid(shape)
+  coords = _grid.linear_map(x, to_source[:3, :3], to_source[:3, 3])
+  u = _warp.sample(disp, coords, order=1, padding="border")
+  return _grid.linear_map(u, out_lin) + _grid.linear_map(x, out_affine[:3, :3], out_affine[:3, 3])
+
+
+def map_field(disp: np.ndarray, grid: Grid, target: Grid, out_lin: np.ndarray,
+              out_affine: np.ndarray | None = None) -> np.ndarray:
+  """``[*target.shape, 3]`` float32: ``out_lin @ u(y(x)) + out_affine @ [x, 1]`` at target voxels x.
+
+  ``u`` is ``disp`` (``[*grid.shape, 3]``, any units) read trilinearly at the
+  point ``y(x)`` of ``grid`` that target voxel ``x`` covers (edge repeated), on
+  bucket-padded shapes (one compilation for pairs of similar size). The
+  building block of :func:`field_to_world` and of moving fields between grids.
+  """
+  if tuple(np.shape(disp)) != tuple(grid.shape) + (3,):
+    raise ValueError(f"disp must be {tuple(grid.shape) + (3,)}, got {np.shape(disp)}")
+  out_affine = np.zeros((4, 4)) if out_affine is None else np.asarray(out_affine)
+  padded = _pad_to(np.asarray(disp, np.float32), bucket_shape(grid.shape), "border", 0.0)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  out = _sample_field(jnp.asarray(padded), f32(_voxel_map(grid.affine, target)), f32(out_lin),
+                      f32(out_affine), shape=bucket_shape(target.shape))
+  return np.asarray(out)[tuple(slice(0, n) for n in target.shape)]
+
+
+def field_to_world(disp_model: jax.Array, grid: Grid, target: Grid, *,
+                   then: np.ndarray | None = None) -> np.ndarray:
   """Express a model-grid displacement on another grid, in world millimetres.
 
   Args:
@@ -281,17 +312,26 @@ def field_to_world(disp_model: jax.Array, grid: Grid, target: Grid) -> np.ndarra
       (pull-back: fixed point ``x`` reads the moving image at ``x + u(x)``).
     grid: the model grid.
     target: the grid to express it on (normally the original fixed grid).
+    then: optional ``[4, 4]`` world map ``M`` (mm) applied after the field: the
+      result is then the displacement of ``p -> M (p + d(p))`` (e.g. the affine
+      stage's map after the deformable field).
 
   Returns:
     ``[*target.shape, 3]`` float32 displacement vectors in world mm (RAS+):
-    the fixed point ``p`` corresponds to the moving point ``p + d(p)``.
-    Outside the model grid the edge displacement is repeated.
+    the fixed point ``p`` corresponds to the moving point ``p + d(p)`` (or
+    ``M (p + d(p))``). Outside the model grid the edge displacement is repeated.
   """
   if tuple(np.shape(disp_model)) != tuple(grid.shape) + (3,):
     raise ValueError(f"disp_model must be {tuple(grid.shape) + (3,)}, got {np.shape(disp_model)}")
-  u = _sample_bucketed(np.asarray(disp_model, np.float32), _voxel_map(grid.affine, target),
-                       target.shape, order=1, padding="border", cval=0.0)
-  return np.asarray(u @ grid.affine[:3, :3].T.astype(np.float32), dtype=np.float32)
+  if then is None:
+    return map_field(disp_model, grid, target, grid.affine[:3, :3])
+  # M (A_t x + t + A_g u) - (A_t x + t) = M_lin A_g u + (M_lin - I) A_t [x, 1] + M_t
+  then = np.asarray(then, np.float64)
+  less = then[:3, :3] - np.eye(3)
+  out_affine = np.zeros((4, 4))
+  out_affine[:3] = less @ target.affine[:3]
+  out_affine[:3, 3] += then[:3, 3]
+  return map_field(disp_model, grid, target, then[:3, :3] @ grid.affine[:3, :3], out_affine)
 
 
 def field_at_points(disp_model: jax.Array, grid: Grid, points_mm) -> np.ndarray:

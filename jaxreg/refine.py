@@ -219,6 +219,21 @@ def _up_axis(x: jax.Array, axis: int) -> jax.Array:
   return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
 
 
+def _down_axis(g: jax.Array, axis: int) -> jax.Array:
+  """The adjoint of :func:`_up_axis`: fine ``[..., 2n, ...]`` cotangents to coarse ``[..., n, ...]``."""
+  n = g.shape[axis] // 2
+  g = g.reshape(g.shape[:axis] + (n, 2) + g.shape[axis + 1:])
+  even = jax.lax.index_in_dim(g, 0, axis + 1, keepdims=False)
+  odd = jax.lax.index_in_dim(g, 1, axis + 1, keepdims=False)
+  take = lambda x, a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
+  # Coarse i feeds fine 2i-1 and 2i+2 with 0.25 (odd[i-1], even[i+1]); at the edges the
+  # repeated edge value sends fine 0's and 2n-1's 0.25 back to coarse 0 and n-1.
+  odd_before = jnp.concatenate([take(even, 0, 1), take(odd, 0, n - 1)], axis=axis)
+  even_after = jnp.concatenate([take(even, 1, n), take(odd, n - 1, n)], axis=axis)
+  return 0.75 * (even + odd) + 0.25 * (odd_before + even_after)
+
+
+@jax.custom_vjp
 def upsample2(c: jax.Array) -> jax.Array:
   """Linear upsampling by 2 of ``[A, B, C, ...]`` to ``[2A, 2B, 2C, ...]`` (values unchanged).
 
@@ -227,10 +242,25 @@ def upsample2(c: jax.Array) -> jax.Array:
   fine voxel ``2i`` is ``0.75 c[i] + 0.25 c[i-1]``, ``2i+1`` is
   ``0.75 c[i] + 0.25 c[i+1]``, the edge value repeated outside. Values are
   not rescaled: a control field in level voxels gives a level-voxel field.
+  Its adjoint is written out (:func:`_down_axis`): XLA:CPU ran the automatic
+  transpose of the interleaving ~2.5x slower (75 vs 30 ms at 144x128x144x3).
   """
   for axis in range(3):
     c = _up_axis(c, axis)
   return c
+
+
+def _upsample2_fwd(c):
+  return upsample2(c), None
+
+
+def _upsample2_bwd(_, g):
+  for axis in (2, 1, 0):
+    g = _down_axis(g, axis)
+  return (g,)
+
+
+upsample2.defvjp(_upsample2_fwd, _upsample2_bwd)
 
 
 def smooth3(c: jax.Array, passes: int) -> jax.Array:
@@ -319,8 +349,8 @@ def _body_weights(fixed_hu: np.ndarray, mask: bool) -> np.ndarray:
 def _field_on(disp: np.ndarray, source: _preprocess.Grid, target: _preprocess.Grid
               ) -> np.ndarray:
   """A field in voxels of ``source`` resampled onto ``target``, in voxels of ``target``."""
-  mm = _preprocess.field_to_world(disp, source, target)
-  return (mm @ np.linalg.inv(target.affine[:3, :3]).T).astype(np.float32)
+  return _preprocess.map_field(disp, source, target,
+                               np.linalg.inv(target.affine[:3, :3]) @ source.affine[:3, :3])
 
 
 def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: _preprocess.Grid,

@@ -250,9 +250,7 @@ def to_fixed_grid(disp: np.ndarray, grid: _preprocess.Grid, fixed_grid: _preproc
     fixed_grid: the fixed image's original grid.
     matrix: ``[4, 4]`` the affine stage's world map.
   """
-  world = _fixed_world(fixed_grid)
-  d_def = _preprocess.field_to_world(disp, grid, fixed_grid)
-  return (apply_affine(matrix, world + d_def) - world).astype(np.float32)
+  return _preprocess.field_to_world(disp, grid, fixed_grid, then=matrix)
 
 
 def warp_outputs(moving: Volume, moving_labels: Volume | None, disp_mm: np.ndarray,

@@ -97,6 +97,7 @@ OPS = [
        bf16_args=(0, 1)),
     Op("losses.mse", losses.mse, lambda r: (img(r), img(r)), grad_args=(0, 1), bf16_args=(0, 1)),
     Op("losses.diffusion", losses.diffusion, lambda r: (small(r),)),
+    Op("losses.diffusion_gradient", losses.diffusion_gradient, lambda r: (small(r),)),
     Op("losses.bending_energy", losses.bending_energy, lambda r: (small(r),)),
     Op("losses.soft_dice", losses.soft_dice, lambda r: (probs(r), probs(r)), grad_args=(0, 1),
        bf16_args=(0, 1)),
