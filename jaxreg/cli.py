@@ -278,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
   if args.command is None:
     parser.print_help()
     return 2
-  from jaxreg.interrupt import interruptible
+  from jaxreg import interrupt
   from jaxreg.io import InputError
-  with interruptible():
+  with interrupt.interruptible():
     try:
-      return args.func(args)
+      rc = args.func(args)
+      interrupt.check()  # a signal dropped after the last output was written
+      return rc
     except (UserError, InputError) as e:
       print(f"jaxreg {args.command}: error: {e}", file=sys.stderr)
       return 2

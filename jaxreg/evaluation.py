@@ -316,12 +316,14 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
   """Run the evaluation; user errors print one line on stderr and exit 2."""
-  from jaxreg.interrupt import interruptible
+  from jaxreg import interrupt
   args = build_parser(prog).parse_args(argv)
-  with interruptible():
+  with interrupt.interruptible():
     try:
       with _io.output_lock(args.out):
-        return _main(args)
+        rc = _main(args)
+      interrupt.check()  # a signal dropped after the last output was written
+      return rc
     except InputError as e:
       print(f"{prog}: error: {e}", file=sys.stderr)
       return 2

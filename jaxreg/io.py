@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from jaxreg import grid as _grid
+from jaxreg import interrupt
 
 __all__ = [
     "InputError",
@@ -307,6 +308,7 @@ def atomic_path(path, suffix: str = ""):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+    interrupt.check()  # a signal whose first raise was dropped still stops the commit
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -396,6 +398,7 @@ def atomic_dir(path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+    interrupt.check()  # a signal whose first raise was dropped still stops the commit
     old = None
     if os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)

@@ -95,6 +95,34 @@ def test_ctrl_c_while_writing_removes_the_partial_folder(pairs, tmp_path, capsys
   assert not (tmp_path / "out").exists() and _hidden(tmp_path) == []
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop
+def test_a_sigterm_dropped_in_a_finaliser_still_stops_the_commit(tmp_path):
+  # Python runs the handler wherever the signal lands; inside a __del__ or a gc callback (JAX
+  # registers one) its exception is printed as "Exception ignored" and dropped. The recorded
+  # signal must still stop the rename, and a later interruptible() body starts clean.
+  from jaxreg import interrupt, io
+
+  class Finaliser:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(1000):  # give the eval loop bytecodes to run the handler on
+        pass
+  out = tmp_path / "out"
+  with interrupt.interruptible():
+    with pytest.raises(interrupt.Interrupted, match="SIGTERM"):
+      with io.atomic_dir(out) as tmp:
+        (tmp_path / "reached").write_text("")
+        Finaliser()  # freed at once: the handler's raise is dropped inside __del__
+        (tmp_path / "survived").write_text("")  # so the body goes on
+        open(os.path.join(tmp, "x.txt"), "w").close()
+  assert (tmp_path / "survived").exists()  # the raise really was dropped
+  assert sorted(os.listdir(tmp_path)) == ["reached", "survived"]  # and nothing was committed
+  with interrupt.interruptible():
+    with io.atomic_dir(out) as tmp:
+      open(os.path.join(tmp, "x.txt"), "w").close()
+  assert os.listdir(out) == ["x.txt"]
+
+
 def test_sigterm_during_register_leaves_nothing(pairs, tmp_path):
   proc = _start("register", "--fixed", pairs / "f0.nii.gz", "--moving", pairs / "m0.nii.gz",
                 "--out", tmp_path / "out")
