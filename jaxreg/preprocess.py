@@ -35,6 +35,7 @@ __all__ = [
     "model_grid",
     "check_overlap",
     "resample",
+    "antialiased",
     "window",
     "prepare_pair",
     "field_to_world",
@@ -171,8 +172,10 @@ def _sample_bucketed(array, matrix, target_shape, *, order: int, padding: str, c
   return out + np.float32(shift) if shift else out
 
 
-def _antialias(array: np.ndarray, source_spacing, target_spacing) -> np.ndarray:
-  """Gaussian pre-filter before downsampling: sigma = 0.5 * (ratio - 1) source voxels."""
+def antialiased(array: np.ndarray, source_spacing, target_spacing) -> np.ndarray:
+  """Gaussian pre-filter of ``array`` (spacing ``source_spacing`` mm per axis) before
+  sampling it at ``target_spacing`` mm: sigma = 0.5 * (ratio - 1) source voxels along each
+  axis that is downsampled (ratio > 1); ``array`` itself where none is."""
   ratio = np.asarray(target_spacing) / np.asarray(source_spacing)
   sigma = np.where(ratio > 1, 0.5 * (ratio - 1), 0.0)
   if not np.any(sigma > 0.1):
@@ -197,7 +200,7 @@ def resample(volume: Volume, target: Grid, *, order: int = 1, cval: float = 0.0,
   """
   array = volume.array
   if order == 1 and antialias:
-    array = _antialias(array, volume.spacing, Grid(target.shape, target.affine).spacing)
+    array = antialiased(array, volume.spacing, Grid(target.shape, target.affine).spacing)
   return _sample_bucketed(array, _voxel_map(volume.affine, target), target.shape, order=order,
                           padding="constant", cval=cval)
 

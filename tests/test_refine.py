@@ -149,6 +149,75 @@ def test_level_grids_cover_the_body_box_in_multiples_of_16(pair):
     assert np.all(glo <= lo + 1e-6) and np.all(ghi >= hi - 1e-6)
 
 
+def test_level_grids_sit_on_the_fixed_voxels_so_the_finest_level_copies_them():
+  # A flipped, offset 2.5 mm CT whose body box pads oddly to 16: centred, the level grid
+  # would sit half a voxel off (a blur of the fixed image); on the lattice, resampling the
+  # fixed image onto the finest level must copy its voxels (read here by numpy indexing).
+  rng = np.random.default_rng(0)
+  shape = (37, 30, 27)
+  affine = np.array([[-2.5, 0, 0, 90.3], [0, 0, 2.5, -41.7], [0, -2.5, 0, 12.1], [0, 0, 0, 1]])
+  array = rng.normal(0, 100, shape).astype(np.float32)
+  fixed = Volume(array, affine)
+  region = preprocess.Grid.of(fixed)
+  for spacing, stride in ((5.0, 2), (2.5, 1)):
+    centred = preprocess.model_grid(region, spacing=spacing, divisor=16)
+    g, = refine.level_grids(region, (spacing,))
+    assert g.shape == centred.shape and np.allclose(g.affine[:3, :3], centred.affine[:3, :3])
+    moved = g.affine[:3, 3] - centred.affine[:3, 3]
+    assert np.all(np.abs(moved) < 2.5 + 1e-9)
+    index = np.linalg.inv(affine) @ g.affine  # level voxel -> fixed voxel
+    assert np.allclose(index[:3, 3], np.round(index[:3, 3]))  # the origin is a fixed voxel
+    assert np.allclose(np.abs(index[:3, :3]).sum(axis=0), stride)
+    glo, ghi = g.world_bounds()
+    flo, fhi = region.world_bounds()
+    assert np.all(glo <= flo + 1e-6) and np.all(ghi >= fhi - 1e-6)
+  copied = preprocess.resample(fixed, g, cval=-7.0)
+  ijk = np.rint(np.einsum("ab,xyzb->xyza", index[:3, :3], np.indices(g.shape).transpose(1, 2, 3, 0))
+                + index[:3, 3]).astype(int)
+  inside = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=-1)
+  want = np.full(g.shape, -7.0, np.float32)
+  want[inside] = array[tuple(ijk[inside].T)]
+  np.testing.assert_allclose(copied, want, atol=1e-3)
+  oblique = Volume(array, affine @ np.array([[0.8, -0.6, 0, 0], [0.6, 0.8, 0, 0], [0, 0, 1, 0],
+                                             [0, 0, 0, 1]]))
+  g_obl = preprocess.model_grid(oblique, spacing=2.5, divisor=16)
+  assert refine.on_lattice(g_obl, preprocess.Grid.of(oblique)) is g_obl  # no lattice to meet
+
+
+def test_a_level_samples_the_moving_image_once_through_its_map():
+  # moving_map: the moving image stays on its own (oblique, anisotropic) grid and is sampled at
+  # moving_map @ (x + u(x)); the first loss (the increment starts at 0) must be the MSE against
+  # scipy's order-1 map_coordinates there, plus the weighted diffusion (numpy) of the base
+  # along the moving axes (level voxels); with a vanishing lr the base comes back.
+  import jax.numpy as jnp
+  rng = np.random.default_rng(3)
+  level = (16, 16, 16)
+  native = ndi.gaussian_filter(rng.uniform(0, 1, (21, 18, 13)), 1.5).astype(np.float32)
+  c, s_ = np.cos(0.3), np.sin(0.3)
+  to_moving = np.array([[0.9 * c, -0.9 * s_, 0, 1.3], [0.7 * s_, 0.7 * c, 0, -0.4],
+                        [0, 0, 0.6, 2.1], [0, 0, 0, 1]], np.float32)
+  base = rng.normal(0, 0.7, level + (3,)).astype(np.float32)
+  fixed = rng.uniform(0, 1, level).astype(np.float32)
+  ones = np.ones(level, np.float32)
+  out, values = refine.optimise_level(jnp.asarray(base), jnp.asarray(fixed), jnp.asarray(native),
+                                      jnp.asarray(ones), 1e-9, 0.5, jnp.asarray(to_moving),
+                                      steps=2, similarity="mse", control=2, smooth=0)
+  np.testing.assert_allclose(out, base, atol=1e-4)  # back in level voxels
+  x = np.indices(level).transpose(1, 2, 3, 0) + base
+  points = x @ to_moving[:3, :3].T.astype(np.float64) + to_moving[:3, 3]
+  warped = ndi.map_coordinates(native.astype(np.float64), points.reshape(-1, 3).T, order=1,
+                               mode="grid-constant", cval=0.0).reshape(level)
+  rot = to_moving[:3, :3] / np.linalg.norm(to_moving[:3, :3], axis=1)[:, None]
+  v = base @ rot.T.astype(np.float64)  # the field along the moving axes, level voxels
+  diffusion = sum(np.mean(np.sum(np.diff(v, axis=j) ** 2, axis=-1)) for j in range(3)) / 3
+  want = np.mean((fixed - warped) ** 2) + 0.5 * diffusion
+  assert float(values[0]) == pytest.approx(want, rel=1e-4)
+  with pytest.raises(ValueError, match="MIND-SSC"):
+    refine.optimise_level(jnp.asarray(base), jnp.asarray(fixed), jnp.asarray(native),
+                          jnp.asarray(ones), 0.1, 0.5, jnp.asarray(to_moving), steps=1,
+                          similarity="mind")
+
+
 @pytest.mark.parametrize("change, match", [
     ({"similarity": "ssd"}, "similarity must be one of lncc, mind, mse"),
     ({"regulariser": "tv"}, "regulariser must be one of"),
