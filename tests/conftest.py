@@ -2,7 +2,8 @@
 import os
 
 # Sharded code is tested against one device on 8 fake CPU devices; set before jax loads.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 
 import jax  # noqa: E402
 

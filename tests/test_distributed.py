@@ -17,8 +17,10 @@ ARGS = ["train.py", "--config", "configs/test.py", "--no-progress",
 
 
 def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONUNBUFFERED="1")
+  # XLA:CPU aborts a collective whose device threads do not all arrive within 40 s; on 2 busy
+  # cores one thread was once starved that long (CI, 2026-12-04): allow 10 minutes.
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=600", PYTHONUNBUFFERED="1")
   env.pop("JAX_PLATFORMS", None)
   return env
 
