@@ -70,7 +70,8 @@ from jaxreg import warp as _warp
 from jaxreg.io import InputError, Volume
 
 __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "level_grids",
-           "on_lattice", "upsample2", "smooth3", "refine", "optimise_level", "body_grid", "DEFAULT_REG_WEIGHTS"]
+           "on_lattice", "upsample2", "smooth3", "refine", "optimise_level", "body_grid",
+           "DEFAULT_REG_WEIGHTS"]
 
 SIMILARITIES = ("lncc", "mind", "mse")
 # The regulariser weight when none is given, per similarity: their values differ in scale
@@ -245,7 +246,7 @@ def on_lattice(grid: _preprocess.Grid, lattice: _preprocess.Grid) -> _preprocess
             if glo[a] + d <= lo[a] + 1e-6 and ghi[a] + d >= hi[a] - 1e-6]
     if not fits:
       return grid
-    shift[a] = fits[0] if abs(fits[0]) > 1e-9 * steps[a] else 0.0
+    shift[a] = fits[0]
   affine = np.array(grid.affine, np.float64)
   affine[:3, 3] = origin + shift
   return _preprocess.Grid(grid.shape, affine)
@@ -434,10 +435,8 @@ def _level_moving(moving: Volume, target: _preprocess.Grid, similarity: str, lo:
   m = np.pad(m, pad)  # 0 is the window's floor, as outside the image
   moving_map = (np.linalg.inv(np.asarray(moving.affine, np.float64)) @ target.affine
                 ).astype(np.float32)
-  if mesh is None:
-    return jnp.asarray(m), jnp.asarray(moving_map)
-  return (jax.device_put(m, _mesh.replicated(mesh)),
-          jax.device_put(moving_map, _mesh.replicated(mesh)))
+  where = None if mesh is None else _mesh.replicated(mesh)
+  return jax.device_put(m, where), jax.device_put(moving_map, where)
 
 
 def _field_on(disp: np.ndarray, source: _preprocess.Grid, target: _preprocess.Grid
