@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -544,11 +545,15 @@ class Loader:
     workers: threads that build examples.
     shard: ``(index, count)``: this process reads only batch positions
       ``b * count + index`` (multi-process data parallelism).
+    guard: a context manager (e.g. a ``threading.Lock``) held while a worker builds
+      one example, so a caller can keep the workers' JAX work off the devices while
+      it runs a step (``jaxreg.training`` does on a multi-device CPU mesh).
   """
 
   def __init__(self, source: Callable[[int], dict[str, Any]], batch_size: int, *,
                num_examples: int | None = None, seed: int = 0, shuffle: bool = True,
-               prefetch: int = 2, workers: int = 2, shard: tuple[int, int] = (0, 1)):
+               prefetch: int = 2, workers: int = 2, shard: tuple[int, int] = (0, 1),
+               guard: contextlib.AbstractContextManager | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_examples is not None and num_examples < batch_size:
@@ -565,6 +570,7 @@ class Loader:
     self._position = 0  # batches handed out by this loader
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
     self._pending: dict[int, concurrent.futures.Future] = {}
+    self._guard = contextlib.nullcontext() if guard is None else guard
 
   def state(self) -> dict[str, int]:
     """The position to save with a checkpoint (JSON-serialisable)."""
@@ -593,8 +599,12 @@ class Loader:
       return np.arange(self._num)
     return np.random.default_rng([self._seed, epoch]).permutation(self._num)
 
+  def _example(self, index: int) -> dict[str, Any]:
+    with self._guard:
+      return self._source(index)
+
   def _make(self, position: int) -> dict[str, np.ndarray]:
-    examples = [self._source(i) for i in self.indices(position)]
+    examples = [self._example(i) for i in self.indices(position)]
     keys = examples[0].keys()
     return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -192,6 +194,24 @@ def test_loader_order_is_seeded_and_restorable():
   assert [next(resumed)["x"][:, 0].tolist() for _ in range(3)] == batches[4:7]
   with pytest.raises(ValueError, match="seed"):
     D.Loader(_counting_source, 3, num_examples=10, seed=2).restore(state)
+
+
+def test_loader_builds_examples_only_while_holding_its_guard():
+  guard, built = threading.Lock(), []
+
+  def slow_source(i):
+    built.append(guard.locked())
+    time.sleep(0.05)
+    return {"x": np.array([i])}
+
+  with D.Loader(slow_source, 2, seed=0, prefetch=2, workers=2, guard=guard) as loader:
+    assert next(loader)["x"][:, 0].tolist() == [0, 1]  # batches 1 and 2 are being built
+    with guard:  # what a step does: no example may be built meanwhile
+      during = len(built)
+      time.sleep(0.4)
+      assert len(built) == during < 6
+    assert [next(loader)["x"][:, 0].tolist() for _ in range(2)] == [[2, 3], [4, 5]]
+  assert all(built)
 
 
 def test_loader_shards_partition_the_global_order():

@@ -227,6 +227,16 @@ def test_label_inputs_feed_organ_masks_to_the_network(tmp_path):
                                 str(tmp_path), progress=False, log=lambda s: None)
 
 
+def test_steps_on_a_host_mesh_and_the_loader_take_turns():
+  from jaxreg.training import loop
+  guard = loop._step_guard(sharding.make_mesh(jax.devices()))  # the 8 CPU devices
+  assert guard.acquire(blocking=False) and not guard.acquire(blocking=False)  # one lock
+  guard.release()
+  single = loop._step_guard(sharding.make_mesh(jax.devices()[:1]))
+  with single, single:  # one device: nothing to wait for
+    pass
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   quiet = dict(progress=False, log=lambda s: None)
   config = _config(**{"train.steps": 6})

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -65,7 +67,25 @@ class _Writer:
       self.tb.close()
 
 
-def _validate(eval_step, params, val_source, num_val, mesh) -> dict[str, float]:
+def _step_guard(mesh) -> contextlib.AbstractContextManager:
+  """What the loader's workers and the sharded steps hold in turn: a lock on a multi-device
+  CPU mesh, nothing elsewhere.
+
+  XLA:CPU runs the devices of a host mesh (``--xla_force_host_platform_device_count``) as
+  threads on the same cores, and a collective waits until every one of them arrives. A
+  loader worker's op-by-op JAX work (the synthetic pairs) beside a step has starved one
+  of them past XLA's collective timeout, which aborts the process (CI, 2026-12-04 and
+  2026-12-05). On one device, GPUs and TPUs the loader overlaps the steps freely.
+  """
+  devices = list(mesh.devices.flat)
+  if len(devices) > 1 and all(d.platform == "cpu" for d in devices):
+    return threading.Lock()
+  return contextlib.nullcontext()
+
+
+def _validate(eval_step, params, val_source, num_val, mesh,
+              guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+              ) -> dict[str, float]:
   """Mean loss terms and mean Dice (network and identity) over the validation pairs."""
   rep = _sharding.replicated(mesh)
   sums: dict[str, float] = {}
@@ -73,7 +93,8 @@ def _validate(eval_step, params, val_source, num_val, mesh) -> dict[str, float]:
   for i in range(num_val):
     example = val_source(i)
     batch = {k: jax.make_array_from_process_local_data(rep, v[None]) for k, v in example.items()}
-    m = jax.device_get(eval_step(params, batch))
+    with guard:
+      m = jax.device_get(eval_step(params, batch))
     for k, v in m.items():
       if k not in ("dice", "dice_identity", "present"):
         sums[k] = sums.get(k, 0.0) + float(v)
@@ -174,9 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f"{jax.devices()[0].platform}; workdir {workdir}")
 
   train_source, num_train, val_source, num_val = _sources.make_sources(config)
+  guard = _step_guard(mesh)
   loader = _data.Loader(train_source, tc.batch_size // n_proc, num_examples=num_train,
                         seed=config.seed, prefetch=config.data.prefetch,
-                        workers=config.data.workers, shard=(pid, n_proc))
+                        workers=config.data.workers, shard=(pid, n_proc), guard=guard)
   state = jax.device_put(state, _sharding.replicated(mesh))
   ckpts = _checkpoint.Checkpoints(workdir, keep_last=tc.keep_last, keep_best=tc.keep_best)
   start, state, loader_state = ckpts.restore_latest_good(state, log)
@@ -203,8 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with bar:
       for step in range(start + 1, last + 1):
         batch = _sharding.global_batch(next(loader), mesh)
-        state, metrics = train_step(state, batch)
-        loss = float(metrics["loss"])
+        with guard:
+          state, metrics = train_step(state, batch)
+          loss = float(metrics["loss"])
         if not math.isfinite(loss):
           raise _checkpoint.NonFiniteError(
               f"step {step}: training loss is {loss}; stopped without saving. Lower "
@@ -214,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           writer.write(step, "train", {k: float(v) for k, v in jax.device_get(metrics).items()})
         save = step % tc.checkpoint_every == 0 or step == last
         if save or step % tc.eval_every == 0:
-          val = _validate(eval_step, state.params, val_source, num_val, mesh)
+          val = _validate(eval_step, state.params, val_source, num_val, mesh, guard)
           writer.write(step, "val", val)
           log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())))
         if save:
