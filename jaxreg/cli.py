@@ -135,8 +135,9 @@ def _register_locked(args: argparse.Namespace) -> int:
 
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  from jaxreg import compilation, data, outputs, register, weights
+  from jaxreg import compilation, data, outputs, register, report, weights
 
+  report.import_in_background()  # report.png's matplotlib, beside reading and registering
   compilation.enable_cache(args.jax_cache)
   if args.pairs is None and (args.fixed is None or args.moving is None):
     raise UserError("give --fixed and --moving, or --pairs pairs.csv")

@@ -96,3 +96,21 @@ def test_label_edges_outline_each_label_against_a_per_pixel_loop():
       want[i, j] |= other != lab[i, j]
   np.testing.assert_array_equal(R.label_edges(lab), want)
   assert R.label_edges(np.zeros((4, 4), np.int32)).sum() == 0
+
+
+def test_reports_draw_without_pyplot_after_a_background_import(tmp_path):
+  import subprocess
+  import sys
+  code = (
+      "import sys, numpy as np\n"
+      "from jaxreg import report\n"
+      "assert 'matplotlib.figure' not in sys.modules\n"
+      "report.import_in_background().join()\n"
+      "assert 'matplotlib.figure' in sys.modules\n"
+      "a = np.linspace(-1000, 500, 12 * 10 * 8).reshape(12, 10, 8)\n"
+      f"report.save_report({str(tmp_path / 'r.png')!r}, a, a, a, np.zeros(a.shape + (3,)),"
+      " np.diag([2.0, 2.0, 3.0, 1.0]))\n"
+      "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert matplotlib.image.imread(tmp_path / "r.png").shape[0] > 100
