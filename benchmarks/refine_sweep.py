@@ -66,6 +66,21 @@ CONFIGS = {
     # Demons' own force is an SSD: the same-contrast families may prefer it once smoothed.
     "mse smooth 2 reg 0.003": RefineOptions(similarity="mse", smooth=2, reg_weight=0.003),
     "mse smooth 2 reg 0.001": RefineOptions(similarity="mse", smooth=2, reg_weight=0.001),
+    # After the moving image is sampled once on lattice-aligned levels (2026-12-05).
+    "lncc smooth 2 reg 0.3 60,20": RefineOptions(steps=(60, 20), **_NEW),
+    "lncc smooth 2,1 reg 0.3": RefineOptions(smooth=(2, 1), reg_weight=0.3),
+    "lncc smooth 2 reg 0.3 lr 0.3": RefineOptions(lr=0.3, **_NEW),
+    "lncc smooth 2 reg 0.3 10,5,2.5 mm": RefineOptions(levels_mm=(10.0, 5.0, 2.5),
+                                                       steps=(40, 60, 10), **_NEW),
+    "lncc smooth 2 reg 0.3 window 7": RefineOptions(window=7, **_NEW),
+    "lncc smooth 2 reg 0.3 window 3": RefineOptions(window=3, **_NEW),
+    "lncc smooth 2 reg 0.1 10,5,2.5 mm": RefineOptions(levels_mm=(10.0, 5.0, 2.5),
+                                                       steps=(40, 60, 10), smooth=2,
+                                                       reg_weight=0.1),
+    "lncc smooth 2 reg 0.05": RefineOptions(smooth=2, reg_weight=0.05),
+    "lncc smooth 2 reg 0.05 10,5,2.5 mm": RefineOptions(levels_mm=(10.0, 5.0, 2.5),
+                                                        steps=(40, 60, 10), smooth=2,
+                                                        reg_weight=0.05),
     # The anchor, measured in the same run (jaxreg.demons; its total seconds in the last column).
     "demons (reference)": None,
 }
