@@ -72,10 +72,12 @@ def _step_guard(mesh) -> contextlib.AbstractContextManager:
   CPU mesh, nothing elsewhere.
 
   XLA:CPU runs the devices of a host mesh (``--xla_force_host_platform_device_count``) as
-  threads on the same cores, and a collective waits until every one of them arrives. A
-  loader worker's op-by-op JAX work (the synthetic pairs) beside a step has starved one
-  of them past XLA's collective timeout, which aborts the process (CI, 2026-12-04 and
-  2026-12-05). On one device, GPUs and TPUs the loader overlaps the steps freely.
+  threads on the same cores, and a collective waits until every one of them arrives. Twice
+  in CI (2026-12-04 and 2026-12-05) XLA aborted the process during a sharded step while a
+  loader worker ran op-by-op JAX work (the synthetic pairs) beside it; starving a device
+  thread past XLA's collective timeout is the suspected cause (XLA's message was lost, and
+  the abort did not reproduce in isolation). On one device, GPUs and TPUs the loader
+  overlaps the steps freely.
   """
   devices = list(mesh.devices.flat)
   if len(devices) > 1 and all(d.platform == "cpu" for d in devices):
