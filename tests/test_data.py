@@ -3,7 +3,6 @@
 import json
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -197,21 +196,22 @@ def test_loader_order_is_seeded_and_restorable():
 
 
 def test_loader_builds_examples_only_while_holding_its_guard():
-  guard, built = threading.Lock(), []
+  guard, built, got = threading.Lock(), [], []
 
-  def slow_source(i):
+  def source(i):
     built.append(guard.locked())
-    time.sleep(0.05)
     return {"x": np.array([i])}
 
-  with D.Loader(slow_source, 2, seed=0, prefetch=2, workers=2, guard=guard) as loader:
-    assert next(loader)["x"][:, 0].tolist() == [0, 1]  # batches 1 and 2 are being built
+  with D.Loader(source, 2, seed=0, prefetch=2, workers=2, guard=guard) as loader:
     with guard:  # what a step does: no example may be built meanwhile
-      during = len(built)
-      time.sleep(0.4)
-      assert len(built) == during < 6
+      reader = threading.Thread(target=lambda: got.append(next(loader)))
+      reader.start()
+      reader.join(0.4)
+      assert reader.is_alive() and built == []  # the workers wait for the guard
+    reader.join(10)
+    assert got[0]["x"][:, 0].tolist() == [0, 1]
     assert [next(loader)["x"][:, 0].tolist() for _ in range(2)] == [[2, 3], [4, 5]]
-  assert all(built)
+  assert len(built) >= 6 and all(built)
 
 
 def test_loader_shards_partition_the_global_order():
