@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import dataclasses
 import os
 import sys
 
@@ -115,10 +114,6 @@ def _refine_options(args):
                       if args.refine_smooth else None)}
   options = RefineOptions(**{k: v for k, v in given.items() if v is not None},
                           mask=not args.no_mask)
-  for name, flag in (("steps", args.level_steps), ("smooth", args.refine_smooth)):
-    default = getattr(options, name)  # a per-level default that does not fit --levels: its last
-    if args.levels and not flag and np.ndim(default) and len(default) != len(given["levels_mm"]):
-      options = dataclasses.replace(options, **{name: default[-1]})
   return options
 
 
@@ -220,11 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lncc (default), mind (MIND-SSC: robust to contrast changes) or mse")
   ref.add_argument("--regulariser", help="diffusion (default) or bending")
   ref.add_argument("--levels", help="level spacings in mm, coarse to fine, e.g. 5,2.5 "
-                   "(default: twice the finest, then the finest = the fixed spacing or 2 mm)")
+                   "(default: 4x, 2x and 1x the finest = the fixed spacing or 2 mm)")
   ref.add_argument("--level-steps", help="Adam steps per level, e.g. 60,30 (one number: "
-                   "the same at every level)")
+                   "the same at every level; default 40 on coarse levels, 60, then 10 on the "
+                   "finest)")
   ref.add_argument("--refine-reg-weight", type=float,
-                   help="regulariser weight (default per similarity: lncc 0.3, mind 0.1, mse 0.003)")
+                   help="regulariser weight (default per similarity: lncc 0.1, mind 0.1, mse 0.003)")
   ref.add_argument("--refine-lr", type=float,
                    help="Adam learning rate, level voxels per step (default: RefineOptions)")
   ref.add_argument("--refine-smooth",

@@ -75,10 +75,10 @@ __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "lev
 
 SIMILARITIES = ("lncc", "mind", "mse")
 # The regulariser weight when none is given, per similarity: their values differ in scale
-# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). LNCC's 0.3
-# goes with the default smooth=2 (benchmarks/refine_sweep.py; the README's sweep: 0.1 scored
-# a little better but gave a CLI pair's inverse a 12-voxel fixed-point residual).
-DEFAULT_REG_WEIGHTS = {"lncc": 0.3, "mind": 0.1, "mse": 0.003}
+# (-LNCC ~ -0.5..-1, MIND SSD ~ 0.01, MSE of [0, 1] intensities ~ 0.001-0.01). LNCC's 0.1
+# goes with the default smooth=2 and three levels (benchmarks/refine_sweep.py, seeds 10 and
+# 11: mean TRE 0.76/0.63 mm with 0.3 on two levels, 0.63/0.48 with 0.1 on three).
+DEFAULT_REG_WEIGHTS = {"lncc": 0.1, "mind": 0.1, "mse": 0.003}
 REGULARISERS = ("diffusion", "bending")
 _DIVISOR = 16  # level grids: multiples of 16 voxels (even, for the control grid; shape buckets)
 
@@ -88,9 +88,12 @@ class RefineOptions:
   """How :func:`refine` works (every field is a choice a user can make).
 
   Attributes:
-    levels_mm: level spacings in mm, coarse to fine; None: twice the finest,
-      then the finest (the fixed image's smallest spacing, or 2 mm if finer).
-    steps: Adam steps per level (one per level, or one number for all).
+    levels_mm: level spacings in mm, coarse to fine; None: four times the
+      finest, twice it, then the finest (the fixed image's smallest spacing,
+      or 2 mm if finer): 10, 5, 2.5 mm for a 2.5 mm CT.
+    steps: Adam steps per level (one per level, or one number for all); None:
+      10 on the finest level, 60 on the one above, 40 on coarser ones (one
+      level: 60).
     similarity: ``"lncc"``, ``"mind"`` or ``"mse"`` (see the module docstring).
     regulariser: ``"diffusion"`` or ``"bending"``.
     reg_weight: weight of the regulariser; None: :data:`DEFAULT_REG_WEIGHTS`
@@ -105,11 +108,11 @@ class RefineOptions:
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
     smooth: passes of a 3x3x3 box mean applied to the control increment
       before upsampling (0: none; see :func:`smooth3`), one per level or one for
-      all. The default 2 with LNCC ``reg_weight=0.3`` was chosen by
-      ``benchmarks/refine_sweep.py``.
+      all. The default 2, with LNCC ``reg_weight=0.1`` and the default levels and
+      steps, was chosen by ``benchmarks/refine_sweep.py``.
   """
   levels_mm: tuple[float, ...] | None = None
-  steps: tuple[int, ...] | int = (60, 10)
+  steps: tuple[int, ...] | int | None = None
   similarity: str = "lncc"
   regulariser: str = "diffusion"
   reg_weight: float | None = None
@@ -130,12 +133,14 @@ class RefineOptions:
       raise InputError(f"regulariser must be one of {', '.join(REGULARISERS)}, got "
                        f"{self.regulariser!r}")
     finest = max(2.0, float(np.min(fixed_spacing)))
-    levels = (2 * finest, finest) if self.levels_mm is None else tuple(self.levels_mm)
+    levels = ((4 * finest, 2 * finest, finest) if self.levels_mm is None
+              else tuple(self.levels_mm))
     if (not levels or not all(np.isfinite(s) and s >= 0.5 for s in levels)
         or any(b >= a for a, b in zip(levels, levels[1:]))):
       raise InputError(f"refinement levels must be spacings >= 0.5 mm from coarse to fine "
                        f"(strictly decreasing), got {levels}")
-    steps = _per_level(self.steps, len(levels))
+    steps = (_default_steps(len(levels)) if self.steps is None
+             else _per_level(self.steps, len(levels)))
     if len(steps) != len(levels) or min(steps) < 1:
       raise InputError(f"refinement steps must be one positive number per level "
                        f"({len(levels)} levels), got {tuple(steps)}")
@@ -161,6 +166,12 @@ class RefineOptions:
                        f"({len(levels)} levels), got {self.smooth}")
     return dataclasses.replace(self, levels_mm=tuple(float(s) for s in levels), steps=steps,
                                reg_weight=float(reg_weight), control=control, smooth=smooth)
+
+
+def _default_steps(levels: int) -> tuple[int, ...]:
+  """Adam steps per level when none are given: 40 on the coarse levels, 60 on the one
+  above the finest, 10 on the finest (which mostly polishes); one level: 60."""
+  return (60,) if levels == 1 else (40,) * (levels - 2) + (60, 10)
 
 
 def _per_level(value, levels: int) -> tuple[int, ...]:

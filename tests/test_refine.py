@@ -106,7 +106,7 @@ def test_refine_recovers_a_known_smooth_deformation(pair, similarity, left):
   fixed, moving, field = pair
   zero = np.zeros(SHAPE + (3,), np.float32)
   start = np.linalg.norm(field, axis=-1)[fixed.array > -500].mean()
-  options = RefineOptions(steps=(60, 30), similarity=similarity, lr=0.3)
+  options = RefineOptions(levels_mm=(4.0, 2.0), steps=(60, 30), similarity=similarity, lr=0.3)
   result = refine.refine(fixed, moving, zero, preprocess.Grid.of(fixed), options)
   assert result.grid.spacing == pytest.approx([SPACING] * 3)  # finest level: the image's
   assert [len(v) for v in result.losses] == [60, 30]
@@ -115,16 +115,19 @@ def test_refine_recovers_a_known_smooth_deformation(pair, similarity, left):
 
 
 def test_default_levels_follow_the_fixed_spacing_with_a_2_mm_floor():
-  assert RefineOptions().checked([2.5, 2.5, 2.5]).levels_mm == (5.0, 2.5)
-  assert RefineOptions().checked([0.7, 0.7, 2.5]).levels_mm == (4.0, 2.0)
-  assert RefineOptions(steps=40).checked([3.0] * 3).steps == (40, 40)
+  assert RefineOptions().checked([2.5, 2.5, 2.5]).levels_mm == (10.0, 5.0, 2.5)
+  assert RefineOptions().checked([0.7, 0.7, 2.5]).levels_mm == (8.0, 4.0, 2.0)
+  assert RefineOptions().checked([2.5] * 3).steps == (40, 60, 10)
+  assert RefineOptions(steps=40).checked([3.0] * 3).steps == (40, 40, 40)
+  assert RefineOptions(levels_mm=(5.0,)).checked([2.5] * 3).steps == (60,)
+  assert RefineOptions(levels_mm=(16.0, 8.0, 4.0, 2.0)).checked([2.0] * 3).steps == (40, 40, 60, 10)
 
 
 @pytest.mark.parametrize("flags, steps, smooth", [
-    ([], (60, 10), (2, 2)),
-    (["--refine-smooth", "2"], (60, 10), (2, 2)),          # one number: every level
-    (["--refine-smooth", "2,1", "--level-steps", "30"], (30, 30), (2, 1)),
-    (["--levels", "8,4,2"], (10, 10, 10), (2, 2, 2)),      # defaults that do not fit: the last
+    ([], (40, 60, 10), (2, 2, 2)),
+    (["--refine-smooth", "2"], (40, 60, 10), (2, 2, 2)),    # one number: every level
+    (["--refine-smooth", "2,1", "--levels", "4,2", "--level-steps", "30"], (30, 30), (2, 1)),
+    (["--levels", "8,4"], (60, 10), (2, 2)),                # default steps for two levels
 ])
 def test_register_flags_give_one_value_per_level(flags, steps, smooth):
   from jaxreg import cli
@@ -231,7 +234,7 @@ def test_a_level_samples_the_moving_image_once_through_its_map():
     ({"window": 4}, "window must be a positive odd"),
     ({"control": 3}, "control strides must be 1 or 2"),
     ({"smooth": -1}, "smooth must be >= 0"),
-    ({"smooth": (2, 1, 1)}, "smooth must be >= 0 passes, one per level"),
+    ({"smooth": (2, 1)}, "smooth must be >= 0 passes, one per level"),
 ])
 def test_bad_options_raise_input_error(change, match):
   with pytest.raises(InputError, match=match):

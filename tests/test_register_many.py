@@ -56,8 +56,8 @@ def _summary(out):
 def test_pairs_batch_records_a_failure_and_a_rerun_skips_complete_pairs(pairs_csv, tmp_path,
                                                                          capsys):
   out = tmp_path / "batch"
-  rc = cli.main(["register", "--pairs", str(pairs_csv), "--out", str(out), "--level-steps",
-                 "20,4"])
+  rc = cli.main(["register", "--pairs", str(pairs_csv), "--out", str(out), "--levels",
+                 "4,2", "--level-steps", "20,4"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2  # a pair failed: the batch went on, and says so
   assert len(err) == 1 and "002_flat_to_fixed1" in err[0] and "constant" in err[0], err
@@ -73,8 +73,8 @@ def test_pairs_batch_records_a_failure_and_a_rerun_skips_complete_pairs(pairs_cs
     assert m["mean_dice"] == pytest.approx(float(row["mean_dice"]), abs=1e-4)
   assert not (out / rows[2]["pair"]).exists()
   before = {r["pair"]: os.path.getmtime(out / r["pair"] / "metrics.json") for r in rows[:2]}
-  rc = cli.main(["register", "--pairs", str(pairs_csv), "--out", str(out), "--level-steps",
-                 "20,4"])
+  rc = cli.main(["register", "--pairs", str(pairs_csv), "--out", str(out), "--levels",
+                 "4,2", "--level-steps", "20,4"])
   capsys.readouterr()
   again = _summary(out)
   assert [r["status"] for r in again] == ["skipped", "skipped", "failed"]
@@ -84,7 +84,7 @@ def test_pairs_batch_records_a_failure_and_a_rerun_skips_complete_pairs(pairs_cs
 def test_a_second_pair_of_another_size_compiles_little(pairs_csv):
   """Padded shape buckets: a pair of another size (same buckets) reuses the compiled code."""
   d = pairs_csv.parent
-  options = register.RefineOptions(steps=(20, 4))
+  options = register.RefineOptions(levels_mm=(4.0, 2.0), steps=(20, 4))
   register.register(io.load(d / "fixed0.nii.gz"), io.load(d / "moving0.nii.gz"),  # compiles
                     refine=options)
   second = register.register(io.load(d / "fixed1.nii.gz"), io.load(d / "moving1.nii.gz"),
