@@ -24,7 +24,8 @@ untimed pair: a warm process, as in a batch). Methods:
 ``--process`` also times ``jaxreg register`` as whole processes (imports,
 loading, compilation or cache, registration, writing) for one pair of this
 size and one small pair (80x80x70), with an empty and with a warm
-compilation cache.
+compilation cache, and warm with the exported stages off (``JAXREG_EXPORTED=off``:
+traced and lowered again, only XLA's compilation cached).
 
 Outputs: per-pair rows and the per-family table on stdout, and
 ``--out``/``per_pair.csv`` + ``tables.md``.
@@ -149,7 +150,8 @@ def _write_pair(folder: str, case, crop=None) -> list[str]:
 def process_times() -> str:
   """Whole ``jaxreg register`` processes, empty and warm compilation cache, two sizes."""
   lines = ["| pair | compilation cache | process wall (s) | registration (s) | XLA compilations "
-           "| cache hits | mean Dice (all labels) |", "| --- | --- |" + " ---: |" * 5]
+           "| cache hits | stages loaded / exported | mean Dice (all labels) |",
+           "| --- | --- |" + " ---: |" * 6]
   case = families.make_case("local", 0)
   with tempfile.TemporaryDirectory() as tmp:
     for label, crop in (("144x144x133", None), ("80x80x70", (80, 80, 70))):
@@ -157,9 +159,10 @@ def process_times() -> str:
       os.makedirs(folder)
       f, m, fl, ml = _write_pair(folder, case, crop)
       cache = os.path.join(folder, "cache")
-      for state in ("empty", "warm"):
-        out = os.path.join(folder, f"out-{state}")
-        env = dict(os.environ, JAXREG_JAX_CACHE=cache)
+      for state in ("empty", "warm, stages off", "warm"):
+        out = os.path.join(folder, f"out-{state.replace(', ', '-').replace(' ', '-')}")
+        env = dict(os.environ, JAXREG_JAX_CACHE=cache,
+                   JAXREG_EXPORTED="off" if "off" in state else "on")
         t0 = time.time()
         res = subprocess.run([sys.executable, "-m", "jaxreg.cli", "register", "--fixed", f,
                               "--moving", m, "--fixed-labels", fl, "--moving-labels", ml,
@@ -170,6 +173,7 @@ def process_times() -> str:
         met = json.load(open(os.path.join(out, "metrics.json")))
         lines.append(f"| {label} | {state} | {wall:.1f} | {met['seconds']:.1f} | "
                      f"{met['xla_compilations']} | {met['xla_cache_hits']} | "
+                     f"{met['stages_loaded']} / {met['stages_exported']} | "
                      f"{met['mean_dice']:.3f} |")
         print(lines[-1], flush=True)
   return "\n".join(lines) + "\n"

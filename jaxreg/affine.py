@@ -26,7 +26,6 @@ The learning rate decays on a cosine within each level.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 
@@ -36,6 +35,7 @@ import numpy as np
 import optax
 from nibabel.affines import apply_affine
 
+from jaxreg import exported as _exported
 from jaxreg import io as _io
 from jaxreg import optim as _optim
 from jaxreg import preprocess as _preprocess
@@ -168,7 +168,7 @@ def _weighted_ncc(a, b, w, eps=1e-8):
   return jnp.sum(w * da * db) / jnp.sqrt(jnp.sum(w * da * da) * jnp.sum(w * db * db) + eps)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "similarity"))
+@_exported.stage(static_argnames=("steps", "similarity"))
 def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, moving_inv,
               moving_shape, moving_world_to_voxel, steps, lr, similarity):
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
@@ -250,7 +250,7 @@ def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity
                               [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
                               jnp.asarray(m), jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
                               jnp.asarray(moving.shape, jnp.float32), moving_world_to_voxel,
-                              int(n), float(lr), similarity)
+                              steps=int(n), lr=float(lr), similarity=similarity)
     losses.append(np.asarray(values))
   params = np.asarray(theta * mask) * PARAM_SCALES
   matrix = np.asarray(matrix_from_params(params, centre), np.float64)

@@ -6,7 +6,8 @@
 the first compiled. :class:`CompileCounter` counts the XLA compilations (and
 persistent-cache hits among them) made while it is active, through
 :mod:`jax.monitoring`: numeric code dispatched op by op outside ``jit`` shows
-up there as many small compilations.
+up there as many small compilations. It also reports how many of
+:mod:`jaxreg.exported`'s stages were loaded from or written to disk meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import threading
 
 import jax
+
+from jaxreg import exported as _exported
 
 __all__ = ["DEFAULT_CACHE", "cache_dir", "enable_cache", "CompileCounter"]
 
@@ -61,6 +64,8 @@ class CompileCounter:
       combination: a persistent-cache hit counts here too, it is cheap).
     cache_hits: those served from the persistent cache.
     seconds: time spent in them (compiling or reading the cache).
+    stages: :func:`jaxreg.exported.status` counts (``loaded``, ``exported``,
+      ``fallback``) added while active, summed over threads.
   """
 
   _lock = threading.Lock()
@@ -71,6 +76,8 @@ class CompileCounter:
     self.compilations = 0
     self.cache_hits = 0
     self.seconds = 0.0
+    self.stages = {"loaded": 0, "exported": 0, "fallback": 0}
+    self._stages0 = None
 
   @classmethod
   def _register(cls):
@@ -96,12 +103,16 @@ class CompileCounter:
     with self._lock:
       self._register()
       self._active.append(self)
+    self._stages0 = _exported.status()
     return self
 
   def __exit__(self, *exc) -> None:
     with self._lock:
       self._active.remove(self)
+    now = _exported.status()
+    self.stages = {k: now[k] - self._stages0[k] for k in self.stages}
 
   def as_dict(self) -> dict:
     return {"xla_compilations": self.compilations, "xla_cache_hits": self.cache_hits,
-            "compile_seconds": round(self.seconds, 3)}
+            "compile_seconds": round(self.seconds, 3),
+            **{f"stages_{k}": v for k, v in self.stages.items()}}

@@ -16,7 +16,6 @@ applied to the original moving image with :func:`resample_moving`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage as ndi
 
+from jaxreg import exported as _exported
 from jaxreg import grid as _grid
 from jaxreg import warp as _warp
 from jaxreg.io import InputError, Volume
@@ -141,7 +141,7 @@ def _pad_to(array, shape, padding: str, cval: float) -> np.ndarray:
   return np.pad(array, pad, mode="edge")
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "order", "padding", "cval"))
+@_exported.stage(static_argnames=("shape", "order", "padding", "cval"))
 def _sample_affine(array, matrix, disp, lin, *, shape, order, padding, cval):
   """Samples of ``array`` at ``matrix @ x (+ lin @ disp(x))`` for the voxels ``x`` of ``shape``."""
   coords = _grid.linear_map(_grid.identity_grid(shape), matrix[:3, :3], matrix[:3, 3])
@@ -277,7 +277,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
   return PreparedPair(images[0], images[1], labels[0], labels[1], grid, Grid.of(fixed))
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
+@_exported.stage(static_argnames=("shape",))
 def _sample_field(disp, to_source, out_lin, out_affine, *, shape):
   """``out_lin @ disp(to_source @ x) + out_affine @ [x, 1]`` at the voxels ``x`` of ``shape``
   (``disp`` trilinear, its edge repeated outside), one fused pass in float32."""

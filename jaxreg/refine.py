@@ -52,7 +52,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -61,6 +60,7 @@ import numpy as np
 import optax
 import scipy.ndimage as ndi
 
+from jaxreg import exported as _exported
 from jaxreg import grid as _grid
 from jaxreg import mesh as _mesh
 from jaxreg import losses as _losses
@@ -338,9 +338,8 @@ def _weighted_mean(x, weights):
   return jnp.sum(weights * x) / (jnp.sum(weights) + 1e-6)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "similarity", "regulariser", "window",
-                                             "mind_radius", "mind_dilation", "control",
-                                             "smooth"))
+@_exported.stage(static_argnames=("steps", "similarity", "regulariser", "window",
+                                   "mind_radius", "mind_dilation", "control", "smooth"))
 def optimise_level(base, fixed, moving, weights, lr, reg_weight, moving_map=None, *,
                    steps: int, similarity: str = "lncc", regulariser: str = "diffusion",
                    window: int = 5, mind_radius: int = 1, mind_dilation: int = 2,

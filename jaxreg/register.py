@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
+import hashlib
 import os
 import resource
 import sys
@@ -44,6 +44,8 @@ import optax
 from nibabel.affines import apply_affine
 
 from jaxreg import affine as _affine
+from jaxreg import configjson as _configjson
+from jaxreg import exported as _exported
 from jaxreg import inputs as _inputs
 from jaxreg import losses as _losses
 from jaxreg import mesh as _mesh
@@ -138,10 +140,14 @@ def to_model_grid(fixed: Volume, moving: Volume, config, *, fixed_labels: Volume
       hu_window=tuple(config.data.hu_window), names=names)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method", "steps"))
-def _predict(graphdef, state, fixed, moving, extra, reg_weight, *, method, steps):
+@_exported.stage(static_argnames=("graphdef", "treedef", "model", "method", "steps"),
+                 unkeyed=("graphdef", "treedef"))
+def _predict(leaves, fixed, moving, extra, reg_weight, *, graphdef, treedef, model, method,
+             steps):
+  """The network's field; ``leaves`` of its state (``treedef``), ``model``: a hash of the
+  config that defines ``graphdef`` and ``treedef`` (the exported stage's key)."""
   from flax import nnx
-  net = nnx.merge(graphdef, state)
+  net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
   return _model.predict_displacement(net, fixed[None], moving[None], method=method,
                                      steps=steps, extra=extra, reg_weight=reg_weight)[0][0]
 
@@ -185,14 +191,17 @@ def network_stage(net, config, pair: _preprocess.PreparedPair,
                for x in (pair.fixed_labels, pair.moving_labels)]
     extra = _inputs.label_channels(config, *classes)
   graphdef, state = nnx.split(net)
+  leaves, treedef = jax.tree.flatten(state)
+  model = hashlib.sha256(_configjson.to_json(config).encode()).hexdigest()
   with _mesh.context(mesh):
     fixed, moving = (_mesh.put_volume(x, mesh) for x in (pair.fixed, pair.moving))
-    return np.asarray(_predict(graphdef, state, fixed, moving, extra,
+    return np.asarray(_predict(leaves, fixed, moving, extra,
                                None if lam is None else jnp.full((1,), lam, jnp.float32),
+                               graphdef=graphdef, treedef=treedef, model=model,
                                method=config.decomposition, steps=config.svf_steps))
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "window"))
+@_exported.stage(static_argnames=("steps", "window"))
 def _optimise(disp, fixed, moving, steps, lr, reg_weight, window):
   tx = optax.adam(lr)
 
@@ -222,8 +231,8 @@ def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, s
   """
   if steps < 1:
     return disp, jnp.zeros((0,))
-  return _optimise(jnp.asarray(disp), jnp.asarray(fixed), jnp.asarray(moving), steps,
-                   float(lr), float(reg_weight), window)
+  return _optimise(jnp.asarray(disp), jnp.asarray(fixed), jnp.asarray(moving),
+                   steps=steps, lr=float(lr), reg_weight=float(reg_weight), window=window)
 
 
 def refine_stage(fixed: Volume, moving_aligned: Volume, disp: np.ndarray,

@@ -64,6 +64,7 @@ _TARGETS = {"jaxreg_trilinear": "JaxregTrilinear",
             "jaxreg_trilinear_vjp": "JaxregTrilinearVjp",
             "jaxreg_splat": "JaxregSplat",
             "jaxreg_nearest": "JaxregNearest"}
+TARGETS = tuple(_TARGETS)  # the custom-call targets the kernel registers
 _PADDING = {"constant": 0, "border": 1}
 
 _lock = threading.Lock()

@@ -60,6 +60,8 @@ def test_register_outputs_overlay_the_fixed_image(pair_files, registered):
   losses = metrics["refine"]["loss_first_last"]  # [first, last] per level, coarse to fine
   assert len(losses) == 3 and all(last < first for first, last in losses)
   assert metrics["xla_compilations"] >= metrics["xla_cache_hits"] >= 0
+  # the persistent cache is on (conftest): every jitted stage is exported or loaded, none falls back
+  assert metrics["stages_fallback"] == 0 and metrics["stages_loaded"] + metrics["stages_exported"] >= 5
   assert set(metrics["stage_seconds"]) >= {"affine", "network", "refine", "warp"}
   # SimpleITK: moving labels (flipped grid) through displacement.nii.gz onto the fixed grid.
   ref = sitk.ReadImage(str(d / "fixed.nii.gz"))
