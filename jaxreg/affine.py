@@ -48,6 +48,7 @@ __all__ = ["AffineResult", "PARAM_SCALES", "matrix_from_params", "register", "di
 # translation (mm), rotation (rad), log-scale, shear
 PARAM_SCALES = np.array([10.0] * 3 + [0.1] * 3 + [0.1] * 3 + [0.1] * 3, np.float32)
 MODELS = {"affine": 12, "rigid": 6}
+TOL = 3e-6  # default early-stopping tolerance on the loss (see register)
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -59,7 +60,8 @@ class AffineResult:
     matrix: ``[4, 4]`` world map (RAS+ mm), fixed point ``p`` -> moving point ``M p``.
     params: ``[12]`` parameters in natural units (t mm, rotation rad, log-scale, shear).
     centre: ``[3]`` the centre ``c`` (mm).
-    losses: the loss at every step, one array per pyramid level.
+    losses: the loss at every step taken, one array per pyramid level (shorter than
+      the level's steps where it stopped early).
     seconds: wall time.
   """
   matrix: np.ndarray
@@ -170,7 +172,7 @@ def _weighted_ncc(a, b, w, eps=1e-8):
 
 @_exported.stage(static_argnames=("steps", "similarity"))
 def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, moving_inv,
-              moving_shape, moving_world_to_voxel, steps, lr, similarity):
+              moving_shape, moving_world_to_voxel, tol, patience, steps, lr, similarity):
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
   scales = jnp.asarray(PARAM_SCALES)
 
@@ -186,14 +188,14 @@ def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, mov
     return jnp.sum(inside * (fixed - warped) ** 2) / (jnp.sum(inside) + 1e-6)
 
   # parameters outside ``mask`` get exactly zero gradients (the loss reads th * mask)
-  return _optim.minimise(loss, theta, tx, steps)
+  return _optim.minimise_until(loss, theta, tx, steps, tol=tol, patience=patience)
 
 
 def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: str = "ncc",
              levels: Sequence[float] = (8.0, 4.0), steps: Sequence[int] = (200, 100),
              lr: float = 0.05, init: str = "com",
              hu_window: tuple[float, float] = (-1000.0, 1000.0), samples: int = 32768,
-             seed: int = 0) -> AffineResult:
+             seed: int = 0, tol: float | None = TOL, patience: int = 20) -> AffineResult:
   """Affine or rigid registration of ``moving`` to ``fixed`` (CT in HU, any grids).
 
   Args:
@@ -209,6 +211,9 @@ def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity
     samples: fixed voxels (random, inside its field of view, the same at every
       step of a level) on which the similarity is computed; 0: every voxel.
     seed: of that sampling.
+    tol, patience: a level stops once its loss (1 - NCC, or the MSE of [0, 1] images)
+      has not dropped by more than ``tol`` for ``patience`` steps; ``tol=None`` runs
+      every step.
 
   Returns:
     :class:`AffineResult`.
@@ -225,6 +230,8 @@ def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity
     raise ValueError(f"init must be 'com' or 'identity', got {init!r}")
   if samples < 0:
     raise ValueError(f"samples must be >= 0, got {samples}")
+  if patience < 1 or (tol is not None and not tol >= 0):
+    raise ValueError(f"patience must be >= 1 and tol >= 0 (or None), got {patience}, {tol}")
   if len(levels) != len(steps) or not levels or min(levels) <= 0 or min(steps) < 1:
     raise ValueError(f"levels (mm) and steps need equal lengths and positive values, got "
                      f"{tuple(levels)} and {tuple(steps)}")
@@ -245,13 +252,15 @@ def register(fixed: Volume, moving: Volume, *, model: str = "affine", similarity
     f_inside = field_of_view(world, fixed.shape, fixed_world_to_voxel)
     if samples:
       f, f_inside, world = _samples(f, f_inside, world, int(samples), seed + level)
-    theta, values = _optimise(theta, mask, jnp.asarray(centre), jnp.asarray(f),
+    theta, values, count = _optimise(theta, mask, jnp.asarray(centre), jnp.asarray(f),
                               jnp.asarray(f_inside),
                               [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
                               jnp.asarray(m), jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
                               jnp.asarray(moving.shape, jnp.float32), moving_world_to_voxel,
-                              steps=int(n), lr=float(lr), similarity=similarity)
-    losses.append(np.asarray(values))
+                              jnp.float32(-np.inf if tol is None else tol),
+                              jnp.int32(patience), steps=int(n), lr=float(lr),
+                              similarity=similarity)
+    losses.append(np.asarray(values)[:int(count)])
   params = np.asarray(theta * mask) * PARAM_SCALES
   matrix = np.asarray(matrix_from_params(params, centre), np.float64)
   if not np.all(np.isfinite(matrix)):

@@ -82,6 +82,12 @@ def test_recovers_a_known_affine_on_the_demo_ct_within_1_mm(ct_and_moved):
   result = AF.register(ct, moving)
   assert _mean_error_mm(ct, result.matrix, true) < 1.0
   assert all(l[-1] < l[0] for l in result.losses) and result.seconds > 0
+  # tol=None runs every step of both levels; the default stopped no worse than 0.1 mm from it
+  full = AF.register(ct, moving, tol=None)
+  assert [len(l) for l in full.losses] == [200, 100]
+  assert all(1 <= len(l) <= n for l, n in zip(result.losses, (200, 100)))
+  assert _mean_error_mm(ct, full.matrix, true) < 1.0
+  assert abs(_mean_error_mm(ct, result.matrix, true) - _mean_error_mm(ct, full.matrix, true)) < 0.1
 
 
 def test_rigid_keeps_an_orthonormal_matrix_and_recovers_a_rigid_map():
@@ -130,6 +136,7 @@ def test_itk_text_applied_by_simpleitk_matches_jaxreg(tmp_path, ct_and_moved):
 @pytest.mark.parametrize("kwargs, match", [
     ({"model": "similarity"}, "model"), ({"similarity": "mi"}, "similarity"),
     ({"levels": (8.0, 4.0), "steps": (10,)}, "equal lengths"), ({"init": "moments"}, "init"),
+    ({"patience": 0}, "patience"), ({"tol": -1.0}, "tol"),
 ])
 def test_bad_options_raise(kwargs, match):
   ct = data.demo().ct
