@@ -36,10 +36,8 @@ def minimise(loss: Callable, params, tx: optax.GradientTransformation, steps: in
     ([3.0, 3.0], (20,))
   """
   def body(carry, _):
-    p, opt = carry
-    value, grad = jax.value_and_grad(loss)(p)
-    updates, opt = tx.update(grad, opt, p)
-    return (optax.apply_updates(p, updates), opt), value
+    value, p, opt = _step(loss, tx, *carry)
+    return (p, opt), value
 
   (params, _), values = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
   return params, values
@@ -76,13 +74,20 @@ def minimise_until(loss: Callable, params, tx: optax.GradientTransformation, ste
 
   def body(carry):
     i, p, opt, values, best, since = carry
-    value, grad = jax.value_and_grad(loss)(p)
-    updates, opt = tx.update(grad, opt, p)
+    value, p, opt = _step(loss, tx, p, opt)
     better = value < best - tol
-    return (i + 1, optax.apply_updates(p, updates), opt, values.at[i].set(value),
+    return (i + 1, p, opt, values.at[i].set(value),
             jnp.where(better, value, best), jnp.where(better, 0, since + 1))
 
-  values = jnp.full((steps,), jnp.nan, jnp.float32)
-  start = (jnp.int32(0), params, tx.init(params), values, jnp.float32(jnp.inf), jnp.int32(0))
+  dtype = jax.eval_shape(loss, params).dtype
+  values = jnp.full((steps,), jnp.nan, dtype)
+  start = (jnp.int32(0), params, tx.init(params), values, jnp.array(jnp.inf, dtype), jnp.int32(0))
   count, params, _, values, _, _ = jax.lax.while_loop(cond, body, start)
   return params, values, count
+
+
+def _step(loss: Callable, tx: optax.GradientTransformation, params, opt_state):
+  """One update: ``(loss before it, params after it, optimiser state after it)``."""
+  value, grad = jax.value_and_grad(loss)(params)
+  updates, opt_state = tx.update(grad, opt_state, params)
+  return value, optax.apply_updates(params, updates), opt_state
