@@ -1,7 +1,9 @@
 """The network alone, per synthetic family, on held-out seeds: identity vs the shipped 8 mm model
-vs a trained candidate (default: runs/demo_6mm, from configs/demo_6mm.py).
+vs a trained candidate: a training run's folder (its latest checkpoint) or a model folder written
+by ``jaxreg.weights.save_weights`` / ``export_checkpoint`` (default: benchmarks/candidates/demo_6mm,
+``configs/demo_6mm.py --steps 2700`` exported).
 
-    python benchmarks/demo_model_families.py [--candidate runs/demo_6mm] [--pairs 4]
+    python benchmarks/demo_model_families.py [--candidate benchmarks/candidates/demo_6mm] [--pairs 4]
 
 Each model is scored on its own grid (8 mm 48³ / 6 mm 64³, the same field of view) by
 ``jaxreg.training.evaluate``: mean Dice over the 12 organs of the warped labels, and the folding
@@ -31,7 +33,7 @@ NEUTRAL = ["data.fine_disp_mm=0.0", "data.rigid_deg=0.0", "data.rigid_mm=0.0", "
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--candidate", default=os.path.join(ROOT, "runs", "demo_6mm"))
+  p.add_argument("--candidate", default=os.path.join(ROOT, "benchmarks", "candidates", "demo_6mm"))
   p.add_argument("--pairs", type=int, default=4)
   args = p.parse_args(argv)
   from flax import nnx
@@ -43,6 +45,13 @@ def main(argv=None) -> int:
       step = weights.export_checkpoint(args.candidate, os.path.join(tmp, "m"))
       models[f"candidate ({os.path.basename(args.candidate)}, step {step})"] = \
           weights.load_weights(os.path.join(tmp, "m"))
+  elif os.path.isfile(os.path.join(args.candidate, "params.msgpack")):
+    net, config = weights.load_weights(args.candidate)
+    models[f"candidate ({os.path.basename(args.candidate)}, step {config.train.steps})"] = \
+        (net, config)
+  else:
+    p.error(f"{args.candidate}: neither a training run (checkpoints/) nor a model folder "
+            "(params.msgpack)")
   print(f"{args.pairs} held-out pairs per family; mean Dice (12 organs) / folding % "
         "(identity Dice on that model's grid)")
   print("| family | " + " | ".join(models) + " |")
