@@ -1,9 +1,9 @@
-"""The network alone, per synthetic family, on held-out seeds: identity vs the shipped 8 mm model
-vs a trained candidate: a training run's folder (its latest checkpoint) or a model folder written
-by ``jaxreg.weights.save_weights`` / ``export_checkpoint`` (default: benchmarks/candidates/demo_6mm,
-``configs/demo_6mm.py --steps 2700`` exported).
+"""The network alone, per synthetic family, on held-out seeds: identity vs the shipped model
+(6 mm, ``configs/demo_6mm.py --steps 2700``) vs another model: a training run's folder (its latest
+checkpoint) or a model folder written by ``jaxreg.weights.save_weights`` / ``export_checkpoint``
+(default: benchmarks/candidates/demo_8mm, the previously shipped 8 mm ``configs/demo.py`` model).
 
-    python benchmarks/demo_model_families.py [--candidate benchmarks/candidates/demo_6mm] [--pairs 4]
+    python benchmarks/demo_model_families.py [--candidate benchmarks/candidates/demo_8mm] [--pairs 4]
 
 Each model is scored on its own grid (8 mm 48³ / 6 mm 64³, the same field of view) by
 ``jaxreg.training.evaluate``: mean Dice over the 12 organs of the warped labels, and the folding
@@ -33,13 +33,13 @@ NEUTRAL = ["data.fine_disp_mm=0.0", "data.rigid_deg=0.0", "data.rigid_mm=0.0", "
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--candidate", default=os.path.join(ROOT, "benchmarks", "candidates", "demo_6mm"))
+  p.add_argument("--candidate", default=os.path.join(ROOT, "benchmarks", "candidates", "demo_8mm"))
   p.add_argument("--pairs", type=int, default=4)
   args = p.parse_args(argv)
   from flax import nnx
 
   from jaxreg import training, weights
-  models = {"shipped (8 mm)": weights.demo_model()}
+  models = {"shipped (6 mm)": weights.demo_model()}
   if os.path.isdir(os.path.join(args.candidate, "checkpoints")):
     with tempfile.TemporaryDirectory() as tmp:
       step = weights.export_checkpoint(args.candidate, os.path.join(tmp, "m"))
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
       base = training.override(training.load_config(os.path.join(ROOT, "configs", "demo.py")),
                                [])
       for key in ("fine_disp_mm", "fine_spacing_mm", "rigid_deg", "rigid_mm", "crop"):
-        if key not in config.data:  # the shipped config predates these fields
+        if key not in config.data:  # the 8 mm model's config predates these fields
           with config.data.ignore_type():
             config.data[key] = base.data[key]
       cfg = training.override(config, NEUTRAL + overrides + [f"data.val_pairs={args.pairs}"])

@@ -62,7 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
                                      f"optim.warmup_steps={min(50, args.steps // 3)}"])
   print(f"jaxreg demo -> {args.out}\n"
         f"1/3 training a network from scratch for {args.steps} steps "
-        f"(configs/demo.py trains {config.train.steps}) ...")
+        f"(the shipped model, configs/demo_6mm.py, trained {config.train.steps}) ...")
   with io.atomic_dir(args.out) as tmp:
     trained = training.train_and_evaluate(short, os.path.join(tmp, "train"),
                                           progress=sys.stdout.isatty(), log=lambda s: None)
