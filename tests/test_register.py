@@ -227,9 +227,12 @@ def test_reg_weight_picks_the_trade_off_of_a_conditioned_model(pair_files, tmp_p
   assert default.metrics["network_reg_weight"] == config.loss.reg_weight
   with pytest.raises(InputError, match=r"outside the range this model was trained on \[0.1, 100\]"):
     register.register(fixed, moving, net=net, config=config, refine=None, reg_weight=1000.0)
-  # the CLI: a model without conditioning refuses --reg-weight, before writing anything
+  # the CLI: a model without conditioning (the previously shipped 8 mm one; the shipped model is
+  # conditioned) refuses --reg-weight, before writing anything
+  plain = os.path.join(root, "benchmarks", "candidates", "demo_8mm")
+  assert not weights.load_weights(plain)[1].model.get("condition_on_reg", False)
   out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
-             "--out", tmp_path / "reg", "--reg-weight", "1.0")
+             "--out", tmp_path / "reg", "--reg-weight", "1.0", "--checkpoint", plain)
   assert out.returncode == 2 and "Traceback" not in out.stderr
   line, = out.stderr.strip().splitlines()
   assert "--reg-weight needs a model trained with lambda conditioning" in line
