@@ -56,15 +56,15 @@ def main(argv=None) -> int:
         "(identity Dice on that model's grid)")
   print("| family | " + " | ".join(models) + " |")
   print("| --- |" + " --- |" * len(models))
+  base = training.load_config(os.path.join(ROOT, "configs", "demo.py"))
+  for _, config in models.values():
+    for key in ("fine_disp_mm", "fine_spacing_mm", "rigid_deg", "rigid_mm", "crop"):
+      if key not in config.data:  # the 8 mm model's config predates these fields
+        with config.data.ignore_type():
+          config.data[key] = base.data[key]
   for family, overrides in FAMILIES.items():
     cells = []
     for name, (net, config) in models.items():
-      base = training.override(training.load_config(os.path.join(ROOT, "configs", "demo.py")),
-                               [])
-      for key in ("fine_disp_mm", "fine_spacing_mm", "rigid_deg", "rigid_mm", "crop"):
-        if key not in config.data:  # the 8 mm model's config predates these fields
-          with config.data.ignore_type():
-            config.data[key] = base.data[key]
       cfg = training.override(config, NEUTRAL + overrides + [f"data.val_pairs={args.pairs}"])
       r = training.evaluate(cfg, nnx.to_pure_dict(nnx.state(net)))
       cells.append(f"{r['val_dice']:.4f} / {100 * r['val_folding_fraction']:.3f} "
