@@ -18,6 +18,22 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
+  """Median wall time of each of ``fns``, timed in turn within every repeat (after
+  ``warmup`` untimed rounds), so a drift of the machine's speed hits every one alike
+  and their ratios hold better than those of one-after-the-other medians."""
+  for _ in range(warmup):
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, out in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - t0)
+  return [statistics.median(t) for t in times]
+
+
 def torch_warp(shape, padding: str = "zeros"):
   """``warp(image [N, C, X, Y, Z], disp [N, X, Y, Z, 3] voxels)`` with torch grid_sample,
   the same pull-back (``out(x) = image(x + disp(x))``) as ``jaxreg.warp.warp``."""

@@ -4,8 +4,9 @@ Run: ``python benchmarks/warp.py [--sizes 96 128] [--repeats 10]``. torch is
 optional (``pip install -e '.[bench]'``). Every figure is measured in the same
 run, on the same random image, fixed image and smooth displacement (1 channel,
 float32, ``|u| <= 4`` voxels, zero padding). Reports the median wall time of
-``--repeats`` calls after a warm-up call, and torch's time divided by each
-jaxreg path's (``> 1``: jaxreg faster).
+``--repeats`` calls after a warm-up call, every path and torch timed in turn
+within each repeat (a drift of the machine's speed hits all alike), and torch's
+time divided by each jaxreg path's (``> 1``: jaxreg faster).
 
 Passes: ``fwd`` (the warp alone), ``field`` (gradient with respect to the
 displacement, what a network's training step needs) and ``both`` (image and
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import compiled, median_seconds, smooth_field, torch_lncc, torch_warp, warp_paths
+from _common import compiled, interleaved_medians, smooth_field, torch_lncc, torch_warp, warp_paths
 
 from jaxreg import losses
 from jaxreg import warp as W
@@ -89,6 +90,31 @@ def _torch_cases(img_np, disp_np, fixed_np, weights_np, threads):
   return cases
 
 
+def stored_vs_recomputed(sizes, repeats):
+  """The kernel's field gradient (MSE and LNCC cotangents) with the samples' derivatives
+  kept from the forward pass (``jaxreg.warp_ffi._STORED_CHANNELS = 1``, the default) and
+  recomputed in the backward pass (``0``), timed in turn in one process."""
+  from jaxreg import warp_ffi
+  print("| size | loss | derivatives kept (ms) | recomputed (ms) | recomputed / kept |")
+  print("| --- | --- | ---: | ---: | ---: |")
+  default = warp_ffi._STORED_CHANNELS
+  for n in sizes:
+    rng = np.random.default_rng(n)
+    img, fixed = (jnp.asarray(rng.normal(size=(n, n, n)).astype(np.float32)) for _ in "ab")
+    disp = jnp.asarray(smooth_field((n, n, n), 4.0, seed=n))
+    for name in ("mse", "lncc"):
+      loss = JAX_LOSSES[name]
+      fns = []
+      for stored in (1, 0):  # traced (inside compiled) with the setting in force
+        warp_ffi._STORED_CHANNELS = stored
+        fns.append(compiled(jax.grad(lambda i, d, f, loss=loss: loss(f, None, W.warp(i, d)),
+                                     argnums=1), img, disp, fixed, path="ffi"))
+      warp_ffi._STORED_CHANNELS = default
+      kept, again = interleaved_medians(fns, repeats)
+      print(f"| {n}³ | {name} | {kept * 1e3:.1f} | {again * 1e3:.1f} | {again / kept:.2f} |",
+            flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
@@ -97,7 +123,12 @@ def main():
                       help="torch intra-op threads (default: all cores, as JAX)")
   parser.add_argument("--paths", nargs="+", default=None, choices=("ffi", "jax"),
                       help="jaxreg warp paths (default: every one that runs here)")
+  parser.add_argument("--stored", action="store_true",
+                      help="only the kernel's field gradient with the derivatives kept from "
+                           "the forward pass vs recomputed (in turn, one process)")
   args = parser.parse_args()
+  if args.stored:
+    return stored_vs_recomputed(args.sizes, args.repeats)
   threads = args.torch_threads or os.cpu_count()
   paths = args.paths or warp_paths()
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -118,13 +149,13 @@ def main():
     ours = {p: _jax_cases(*arrays, path=p) for p in paths}
     theirs = _torch_cases(img, disp, fixed, weights, threads)
     for key in ours[paths[0]]:
-      times = [median_seconds(ours[p][key], args.repeats) for p in paths]
+      fns = [ours[p][key] for p in paths] + ([] if theirs is None else [theirs[key]])
+      *times, b = interleaved_medians(fns, args.repeats) + ([None] if theirs is None else [])
       cells = " | ".join(f"{t * 1e3:.1f}" for t in times)
       if theirs is None:
         print(f"| {n}³ | {key[0]} | {key[1]} | {cells} | (no torch) |" + " |" * len(paths),
               flush=True)
         continue
-      b = median_seconds(theirs[key], args.repeats)
       ratios = " | ".join(f"{b / t:.2f}" for t in times)
       print(f"| {n}³ | {key[0]} | {key[1]} | {cells} | {b * 1e3:.1f} | {ratios} |", flush=True)
 
