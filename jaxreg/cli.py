@@ -62,7 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
                                      f"optim.warmup_steps={min(50, args.steps // 3)}"])
   print(f"jaxreg demo -> {args.out}\n"
         f"1/3 training a network from scratch for {args.steps} steps "
-        f"(the shipped model, configs/demo_6mm.py, trained {config.train.steps}) ...")
+        f"(the shipped model, configs/demo_6mm.py, trained {config.train.steps} steps) ...")
   with io.atomic_dir(args.out) as tmp:
     trained = training.train_and_evaluate(short, os.path.join(tmp, "train"),
                                           progress=sys.stdout.isatty(), log=lambda s: None)
@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM series instance UID, for an image folder holding several series")
   reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",
                    help="smoothness trade-off of a lambda-conditioned model (--checkpoint), "
-                        "within the range it was trained on (default: its config's)")
+                        "within the range it was trained on (default: 20 with the refinement, "
+                        "its config's with --no-refine)")
   reg.add_argument("--io-steps", type=int, default=0,
                    help="older dense instance optimisation on the model grid (default 0: off)")
   reg.add_argument("--inverse", action="store_true",

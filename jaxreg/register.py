@@ -62,7 +62,8 @@ from jaxreg.refine import RefineOptions
 __all__ = ["Registration", "RefineOptions", "register", "score", "register_many",
            "affine_stage", "aligned", "to_model_grid", "network_stage", "refine_stage",
            "to_fixed_grid", "warp_outputs", "inverse_stage", "instance_optimise",
-           "check_images", "load_pair", "AFFINE_MODELS"]
+           "check_images", "load_pair", "default_reg_weight", "REFINE_START_REG_WEIGHT",
+           "AFFINE_MODELS"]
 
 AFFINE_MODELS = ("affine", "rigid", "none")
 
@@ -172,6 +173,26 @@ def check_reg_weight(config, reg_weight: float | None) -> float | None:
     raise InputError(f"--reg-weight {lam:g} lies outside the range this model was trained on "
                      f"[{lo:g}, {hi:g}]")
   return lam
+
+
+# lambda of a conditioned network when the refinement follows and no lambda is given: the
+# smooth end of the trade-off is the better start for the refinement (the shipped model on
+# the sweep pairs, benchmarks/network_lambda.py: mean TRE after refinement 0.73 mm at the
+# config's 0.5, 0.61 at 3, 0.55 at 20, 0.55 at 50 and 100). Clamped into the model's range.
+REFINE_START_REG_WEIGHT = 20.0
+
+
+def default_reg_weight(config, refine: RefineOptions | None) -> float | None:
+  """lambda for :func:`register` when none is given: the config's ``loss.reg_weight``
+  for the network alone, :data:`REFINE_START_REG_WEIGHT` (clamped into
+  ``config.model.reg_range``) when a refinement follows; None for a model without
+  lambda conditioning."""
+  if not config.model.get("condition_on_reg", False):
+    return None
+  if refine is None:
+    return float(config.loss.reg_weight)
+  lo, hi = (float(v) for v in config.model.reg_range)
+  return min(max(REFINE_START_REG_WEIGHT, lo), hi)
 
 
 def network_stage(net, config, pair: _preprocess.PreparedPair,
@@ -312,7 +333,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     io_steps, io_lr, io_reg_weight: the older dense instance optimisation on the
       model grid before refinement (0 steps: off).
     reg_weight: lambda, the smoothness trade-off of a network trained with lambda
-      conditioning (within its ``config.model.reg_range``; default: the config's
+      conditioning (within its ``config.model.reg_range``; default:
+      :func:`default_reg_weight`, 20 when the refinement follows, else the config's
       ``loss.reg_weight``). Refused for other networks. The refinement has its own
       weight (``refine.reg_weight``).
     inverse: also compute the inverse map (``Registration.inverse_mm``).
@@ -342,7 +364,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     refine = refine.checked(fixed.spacing)
   if net is None:
     net, config = weights.demo_model()
-  reg_weight = check_reg_weight(config, reg_weight)
+  reg_weight = check_reg_weight(config, default_reg_weight(config, refine)
+                                if reg_weight is None else reg_weight)
   if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
     mesh = _mesh.inference_mesh(mesh)
   if config.model.get("label_inputs", False) and (fixed_labels is None or moving_labels is None):

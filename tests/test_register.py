@@ -225,6 +225,14 @@ def test_reg_weight_picks_the_trade_off_of_a_conditioned_model(pair_files, tmp_p
   assert np.max(np.abs(runs[0.1].displacement_mm - runs[100.0].displacement_mm)) > 0
   default = register.register(fixed, moving, net=net, config=config, refine=None, affine="none")
   assert default.metrics["network_reg_weight"] == config.loss.reg_weight
+  # with the refinement after it, the network runs at the smooth end by default (clamped)
+  refined = register.register(fixed, moving, net=net, config=config, affine="none")
+  assert refined.metrics["network_reg_weight"] == 20.0
+  narrow = training.override(config, ["model.reg_range=(0.1,5.0)"])
+  assert register.default_reg_weight(narrow, register.RefineOptions()) == 5.0
+  assert register.default_reg_weight(narrow, None) == config.loss.reg_weight
+  assert register.default_reg_weight(weights.load_weights(
+      os.path.join(root, "benchmarks", "candidates", "demo_8mm"))[1], None) is None
   with pytest.raises(InputError, match=r"outside the range this model was trained on \[0.1, 100\]"):
     register.register(fixed, moving, net=net, config=config, refine=None, reg_weight=1000.0)
   # the CLI: a model without conditioning (the previously shipped 8 mm one; the shipped model is
