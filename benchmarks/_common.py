@@ -8,19 +8,12 @@ import time
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
   """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-  for _ in range(warmup):  # compilation, allocation
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return interleaved_medians([fn], repeats, warmup)[0]
 
 
 def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
   """Median wall time of each of ``fns``, timed in turn within every repeat (after
-  ``warmup`` untimed rounds), so a drift of the machine's speed hits every one alike
+  ``warmup`` untimed rounds: compilation, allocation), so a drift of the machine's speed hits every one alike
   and their ratios hold better than those of one-after-the-other medians."""
   for _ in range(warmup):
     for fn in fns:

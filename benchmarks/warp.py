@@ -150,12 +150,14 @@ def main():
     theirs = _torch_cases(img, disp, fixed, weights, threads)
     for key in ours[paths[0]]:
       fns = [ours[p][key] for p in paths] + ([] if theirs is None else [theirs[key]])
-      *times, b = interleaved_medians(fns, args.repeats) + ([None] if theirs is None else [])
-      cells = " | ".join(f"{t * 1e3:.1f}" for t in times)
+      times = interleaved_medians(fns, args.repeats)
       if theirs is None:
+        cells = " | ".join(f"{t * 1e3:.1f}" for t in times)
         print(f"| {n}³ | {key[0]} | {key[1]} | {cells} | (no torch) |" + " |" * len(paths),
               flush=True)
         continue
+      *times, b = times
+      cells = " | ".join(f"{t * 1e3:.1f}" for t in times)
       ratios = " | ".join(f"{b / t:.2f}" for t in times)
       print(f"| {n}³ | {key[0]} | {key[1]} | {cells} | {b * 1e3:.1f} | {ratios} |", flush=True)
 

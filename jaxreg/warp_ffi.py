@@ -429,11 +429,15 @@ def _trilinear(vol, pts, padding, cval, grid):
   return _value(vol, pts, padding, cval, grid)
 
 
-def _tangent(vol, pts, dvol, dpts, padding, cval, grid):
+def _tangent(vol, pts, dvol, dpts, padding, cval, grid, derivs=None):
   """The sample's change ``[N, C]`` for tangents ``dvol`` and ``dpts`` (None: zero):
-  the two linear parts, image and points; None when both are zero."""
+  the two linear parts, image and points; None when both are zero. ``derivs``: the
+  samples' derivatives ``[N, C, 3]`` when kept from the forward pass (else the points'
+  part is ``moves``, recomputed from the corners)."""
   parts = []
-  if dpts is not None:
+  if dpts is not None and derivs is not None:
+    parts.append(_along(derivs, dpts))
+  elif dpts is not None:
     parts.append(moves_p.bind(dpts, vol, pts, padding=padding, cval=float(cval), grid=grid))
   if dvol is not None:
     parts.append(apply_p.bind(dvol, pts, padding=padding, grid=grid))
@@ -464,14 +468,11 @@ def _trilinear_jvp(padding, cval, grid, primals, tangents):
   dvol, dpts = map(zero, tangents)
   if dpts is not None and vol.shape[3] <= _STORED_CHANNELS:
     out, derivs = _trilinear_with_derivatives(vol, pts, padding, cval, grid)
-    tangent = _along(derivs, dpts)
-    if dvol is not None:
-      tangent = tangent + apply_p.bind(dvol, pts, padding=padding, grid=grid)
-    return out, tangent
-  # _trilinear, not the raw call: a second derivative then meets this rule
-  # again (and the linear parts' own rules), not an undifferentiable ffi_call.
-  out = _trilinear(vol, pts, padding, cval, grid)
-  tangent = _tangent(vol, pts, dvol, dpts, padding, cval, grid)
+  else:
+    # _trilinear, not the raw call: a second derivative then meets this rule
+    # again (and the linear parts' own rules), not an undifferentiable ffi_call.
+    out, derivs = _trilinear(vol, pts, padding, cval, grid), None
+  tangent = _tangent(vol, pts, dvol, dpts, padding, cval, grid, derivs)
   return out, jnp.zeros_like(out) if tangent is None else tangent
 
 
