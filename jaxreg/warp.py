@@ -225,6 +225,29 @@ def _kernel(image, points, order, padding, cval, on_grid: bool):
   return out if image.ndim == 4 else out[..., 0]
 
 
+# A multi-channel image of at least this many values (channels x voxels) is sampled
+# one channel at a time under ``lax.map``, each channel's work recomputed in the
+# backward pass (``jax.checkpoint``; the C++ kernel recomputes its wide images too):
+# reverse mode then keeps no derivative arrays and only one channel's gather
+# temporaries (its padded copy, three forward differences, the corner indices) are
+# alive at a time. In the paper-scale train step (7.9 M voxels, 14-label soft Dice,
+# K = 4 compositions) sampling all channels at once needed 17.0 GiB on one device and
+# 7.1 GiB per device at space = 8; one at a time 11.1 and 1.8 (benchmarks/memory.py,
+# XLA:CPU). It costs time (shared corner indices are recomputed per channel): on 2
+# CPU cores a 14-channel warp's field gradient at 128³ took 657 ms instead of 307,
+# a composition's fwd+bwd 337 instead of 297; smaller images keep the fast form.
+_SEQUENTIAL_VALUES = 2 ** 24
+
+
+def _trilinear_channels(vols, xyz, padding, cval):
+  """Trilinear samples of each ``[X, Y, Z]`` volume in ``vols`` at coordinates ``xyz``."""
+  if len(vols) < 2 or len(vols) * vols[0].size < _SEQUENTIAL_VALUES:
+    return [_trilinear(v, *xyz, padding, cval) for v in vols]
+  one = jax.checkpoint(lambda v: _trilinear(v, *xyz, padding, cval))
+  out = jax.lax.map(one, jnp.stack(vols))
+  return [out[k] for k in range(len(vols))]
+
+
 def _sample_xyz(image, xyz, order, padding, cval):
   """:func:`sample` with the coordinates as three arrays (no stacking: cheaper)."""
   image = jnp.asarray(image)
@@ -235,7 +258,7 @@ def _sample_xyz(image, xyz, order, padding, cval):
   has_channels = image.ndim == 4
   vols = [image[..., k] for k in range(image.shape[3])] if has_channels else [image]
   if order == 1:
-    outs = [_trilinear(v, *xyz, padding, float(cval)) for v in vols]
+    outs = _trilinear_channels(vols, xyz, padding, float(cval))
   else:
     outs = _nearest(vols, xyz, padding, cval)
   return jnp.stack(outs, axis=-1) if has_channels else outs[0]

@@ -97,6 +97,25 @@ def test_lncc_and_warp_across_shard_borders_equal_one_device():
   _close(jax.device_get(out[1]), ref[1], rtol=1e-4, atol=1e-6)
 
 
+def test_channel_at_a_time_warp_across_shards_equals_one_device(monkeypatch):
+  """Large multi-channel warps loop over channels (warp._SEQUENTIAL_VALUES, forced here):
+  under space = 8 they equal one device's all-channels-at-once warp, gradients included."""
+  rng = np.random.default_rng(1)
+  image = rng.random((2, 16, 12, 10, 3), np.float32)
+  disp = (4 * rng.uniform(-1, 1, (2, 16, 12, 10, 3))).astype(np.float32)
+  weights = rng.normal(size=image.shape).astype(np.float32)
+  f = lambda a, d: jnp.sum(warp.warp_batch(a, mesh_lib.spatial(d)) ** 2 * weights)
+  ref = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(image, disp)
+  monkeypatch.setattr(warp, "_SEQUENTIAL_VALUES", 0)
+  mesh = sharding.make_mesh(data=1, space=8)
+  vol = sharding.batch_sharding(mesh)
+  sharded = jax.jit(mesh_lib.on_mesh(jax.value_and_grad(f, argnums=(0, 1)), mesh),
+                    in_shardings=(vol, vol))
+  out = sharded(*[jax.device_put(x, vol) for x in (image, disp)])
+  assert float(out[0]) == pytest.approx(float(ref[0]), rel=1e-5)
+  _close(jax.device_get(out[1]), ref[1], rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoint_written_under_one_mesh_resumes_under_another(tmp_path):
   quiet = dict(progress=False, log=lambda s: None)
   whole = training.train_and_evaluate(_config(**{"mesh.data": 1, "train.devices": 1}),
