@@ -10,7 +10,10 @@ without rematerialisation (``model.remat``: the UNet levels; ``train.remat_loss`
 composition, warps and losses), and prints ``compiled.memory_analysis()`` **per device**:
 arguments (parameters, optimiser state, this device's share of the batch), outputs and
 temporaries (activations kept for the backward pass and scratch), in GiB. The reference is
-the paper's 11 GB for a 2 mm whole-body batch of 1. Convolutions are compiled ``native``
+the paper's 11 GB for a 2 mm whole-body batch of 1. Each row is compiled with the C++ warp
+kernel where it runs (one CPU device: ``warp = kernel``) and with the pure-JAX warp that
+accelerators and meshes run (``warp = jax``; ``--warp jax`` for those rows only); ``--plot``
+draws GiB per device against ``space``. Convolutions are compiled ``native``
 (what ``model.conv = "auto"`` chooses on GPU/TPU). The figures are XLA:CPU's: it computes
 bfloat16 convolutions in float32 (converted copies of each activation) and transposes
 layouts around them, so an accelerator's compiler needs less; run it there
@@ -63,28 +66,84 @@ def analyse(config, space: int = 1) -> dict[str, float]:
           "compile_seconds": time.time() - t0}
 
 
-def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True), log=print):
-  """Analyse every (space, dtype, remat) combination; log one markdown row each."""
+def _warp_label(mode: str, space: int) -> str:
+  """The warp that a step compiled with ``JAXREG_WARP=mode`` on ``space`` devices runs:
+  ``kernel`` (the C++ kernel: CPU, one device) or ``jax`` (accelerators, meshes)."""
+  from jaxreg import warp_ffi
+  os.environ["JAXREG_WARP"] = mode
+  return "kernel" if space == 1 and warp_ffi.status()["kernel"] else "jax"
+
+
+def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True),
+         warps=("auto", "jax"), log=print):
+  """Analyse every (space, remat, dtype, warp path) combination; log one markdown row each.
+
+  ``warps``: ``JAXREG_WARP`` values; a combination that runs the same path as one already
+  analysed (the kernel never runs on a mesh or an accelerator) is left out."""
   from jaxreg import training
-  out = []
-  for space in spaces:
-    for remat in remats:
-      for dtype in dtypes:
-        config = training.override(base, [
-            f"train.compute_dtype='{dtype}'", f"train.devices={space}", "mesh.data=1",
-            f"mesh.space={space}", f"model.remat={remat}", f"train.remat_loss={remat}",
-            "model.conv='native'"])
-        r = dict(analyse(config, space), space=space, compute_dtype=dtype, remat=remat,
-                 shape=list(base.data.shape))
-        out.append(r)
-        log(f"| {'x'.join(map(str, base.data.shape))} | {space} | {dtype} | "
-            f"{'UNet levels + loss' if remat else 'no'} | {r['arguments']:.2f} | "
-            f"{r['temporaries']:.2f} | {r['total']:.2f} | {r['compile_seconds']:.0f} |")
+  out, done = [], set()
+  saved = os.environ.get("JAXREG_WARP")
+  try:
+    for space in spaces:
+      for remat in remats:
+        for dtype in dtypes:
+          for mode in warps:
+            warp = _warp_label(mode, space)
+            if (space, remat, dtype, warp) in done:
+              continue
+            done.add((space, remat, dtype, warp))
+            config = training.override(base, [
+                f"train.compute_dtype='{dtype}'", f"train.devices={space}", "mesh.data=1",
+                f"mesh.space={space}", f"model.remat={remat}", f"train.remat_loss={remat}",
+                "model.conv='native'"])
+            r = dict(analyse(config, space), space=space, compute_dtype=dtype, remat=remat,
+                     warp=warp, shape=list(base.data.shape))
+            out.append(r)
+            log(f"| {'x'.join(map(str, base.data.shape))} | {space} | {dtype} | "
+                f"{'UNet levels + loss' if remat else 'no'} | {warp} | {r['arguments']:.2f} | "
+                f"{r['temporaries']:.2f} | {r['total']:.2f} | {r['compile_seconds']:.0f} |")
+  finally:
+    if saved is None:
+      os.environ.pop("JAXREG_WARP", None)
+    else:
+      os.environ["JAXREG_WARP"] = saved
   return out
 
 
-HEADER = ("| shape | space | compute dtype | remat | arguments GiB | temporaries GiB | "
-          "total GiB / device | compile s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+def plot(results, path: str, goals=((1, 11e9 / GIB), (8, 3e9 / GIB))) -> None:
+  """Total GiB per device against ``space``, a line per (dtype, remat, warp); the goals
+  (11 GB on one device, 3 GB at space 8) as crosses."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  keys = sorted({(r["compute_dtype"], r["remat"], r["warp"]) for r in results})
+  for dtype, remat, warp in keys:
+    pts = sorted((r["space"], r["total"]) for r in results
+                 if (r["compute_dtype"], r["remat"], r["warp"]) == (dtype, remat, warp))
+    ax.plot(*zip(*pts), marker="o", linestyle="-" if warp == "jax" else ":",
+            label=f"{dtype}{', remat' if remat else ''}, {warp} warp")
+  ax.plot(*zip(*goals), "kx", markersize=10, mew=2, label="goal (11 GB, 3 GB)")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  spaces = sorted({r["space"] for r in results})
+  ax.set_xticks(spaces, [str(s) for s in spaces])
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.set_xlabel("devices on the space axis")
+  ax.set_ylabel("GiB per device (XLA:CPU analysis)")
+  shape = "x".join(map(str, results[0]["shape"]))
+  ax.set_title(f"paper-scale train step {shape}, batch 1")
+  ax.legend(fontsize=7)
+  ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+
+
+HEADER = ("| shape | space | compute dtype | remat | warp | arguments GiB | temporaries GiB | "
+          "total GiB / device | compile s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main(argv=None) -> int:
@@ -94,7 +153,10 @@ def main(argv=None) -> int:
   p.add_argument("--space", default="1,2,4,8", help="devices on the space axis, e.g. 1,2,4,8")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--remat", default="no,yes", help="no, yes or no,yes")
+  p.add_argument("--warp", default="auto,jax",
+                 help="JAXREG_WARP values to compile with (auto: the C++ kernel on a CPU)")
   p.add_argument("--json", help="also write the rows to this JSON file")
+  p.add_argument("--plot", help="also plot GiB per device against space into this PNG")
   args = p.parse_args(argv)
   import jax
 
@@ -110,8 +172,10 @@ def main(argv=None) -> int:
         f"{jax.device_count()} device(s)")
   print(HEADER, flush=True)
   out = rows(base, spaces, tuple(args.dtypes.split(",")),
-             tuple(v == "yes" for v in args.remat.split(",")),
+             tuple(v == "yes" for v in args.remat.split(",")), tuple(args.warp.split(",")),
              log=lambda s: print(s, flush=True))
+  if args.plot:
+    plot(out, args.plot)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(out, f, indent=1)
