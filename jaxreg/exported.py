@@ -88,16 +88,21 @@ def status() -> dict:
   return dict(_status)
 
 
-def _environment() -> tuple:
+def _kernel_use():
+  """Whether a trace now would call the C++ warp kernel (``$JAXREG_WARP``, read while
+  tracing): True, False, or the error a forced but missing kernel raises."""
   from jaxreg import warp_ffi
   try:
-    kernel = warp_ffi.use_kernel()
+    return warp_ffi.use_kernel()
   except Exception as e:  # JAXREG_WARP=ffi without a kernel: the traced path raises it
-    kernel = f"error {type(e).__name__}"
+    return f"error {type(e).__name__}"
+
+
+def _environment() -> tuple:
   import jaxlib
   return (source_hash(), jax.__version__, jaxlib.__version__, jax.default_backend(),
           tuple(d.device_kind for d in jax.devices()), os.environ.get("XLA_FLAGS", ""),
-          bool(jax.config.jax_enable_x64), kernel)
+          bool(jax.config.jax_enable_x64), _kernel_use())
 
 
 def _describe(leaf) -> str:
@@ -189,17 +194,29 @@ def stage(fun=None, *, static_argnames: tuple[str, ...] = (), unkeyed: tuple[str
   the model's config).
 
   The result is the jitted function's, to the bit: the exported program is the one
-  ``jax.jit`` would lower. ``stage.jitted`` is the plain jitted function.
+  ``jax.jit`` would lower. ``stage.jitted()`` is the plain jitted function for the current ``$JAXREG_WARP``.
   """
   if fun is None:
     return functools.partial(stage, static_argnames=static_argnames, unkeyed=unkeyed)
   static_argnames, unkeyed = tuple(static_argnames), frozenset(unkeyed)
-  jitted = jax.jit(fun, static_argnames=static_argnames)
   name = f"{fun.__module__}.{fun.__qualname__}"
+  # One jit of its own function object per kernel use: JAX's trace cache (keyed by the
+  # function, shared by every jax.jit of it) does not see $JAXREG_WARP, so a process that
+  # changes it would otherwise re-use, and export under the other key, the old trace.
+  by_kernel = {}
+
+  def jitted_now():
+    kernel = _kernel_use()
+    with _lock:
+      if kernel not in by_kernel:
+        traced = functools.wraps(fun)(lambda *args, **kwargs: fun(*args, **kwargs))
+        by_kernel[kernel] = jax.jit(traced, static_argnames=static_argnames)
+      return by_kernel[kernel]
 
   @functools.wraps(fun)
   def call(*args, **kwargs):
     statics = {k: kwargs.pop(k) for k in static_argnames if k in kwargs}
+    jitted = jitted_now()
     reason = _why_not(jax.tree.leaves((args, kwargs), is_leaf=lambda x: x is None))
     if reason is None:
       try:
@@ -215,5 +232,5 @@ def stage(fun=None, *, static_argnames: tuple[str, ...] = (), unkeyed: tuple[str
     _status["reason"] = reason
     return jitted(*args, **kwargs, **statics)
 
-  call.jitted = jitted
+  call.jitted = jitted_now
   return call

@@ -112,3 +112,54 @@ def test_a_damaged_file_an_edited_source_or_the_switch_off_trace_again(stage_dir
   assert "off" in off["counts"]["reason"]
   assert len(_files(stage_dir)) == 6  # nothing written
   assert off["results"] == edited["results"]
+
+
+WARP_MODULE = textwrap.dedent("""
+    import jax.numpy as jnp
+    from jaxreg import exported, warp
+
+    @exported.stage()
+    def g(image, disp):
+      return warp.warp(image, disp) * 2.0
+    """)
+
+WARP_RUNNER = textwrap.dedent("""
+    import json, os, sys
+    import jax.numpy as jnp, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from jaxreg import compilation, exported, warp_ffi
+    compilation.enable_cache(sys.argv[1])
+    import warpmod
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.random((6, 5, 4), np.float32))
+    disp = jnp.asarray(rng.uniform(-2, 2, (6, 5, 4, 3)).astype(np.float32))
+    out, kernel = {}, {}
+    for mode in sys.argv[3].split(","):
+      os.environ["JAXREG_WARP"] = mode  # read while tracing: each mode its own program
+      out[mode] = np.asarray(warpmod.g(image, disp)).tolist()
+      kernel[mode] = warp_ffi.status()["kernel"]  # (mode jax: never loads the kernel)
+    print(json.dumps({"out": out, "counts": exported.status(), "kernel": kernel}))
+    """)
+
+
+def test_a_process_that_switches_the_warp_path_exports_each_path_apart(tmp_path):
+  """JAXREG_WARP is read while tracing, and jit's trace cache does not see it: a process
+  switching auto -> jax must not export its kernel trace under the pure-JAX key, which
+  a later JAXREG_WARP=jax process (kernel never loaded) would fail to run."""
+  (tmp_path / "warpmod.py").write_text(WARP_MODULE)
+  (tmp_path / "runner.py").write_text(WARP_RUNNER)
+
+  def run(modes):
+    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "cache"),
+                           str(tmp_path), modes], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAXREG_WARP": "auto"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+  first = run("auto,jax")
+  assert first["kernel"] == {"auto": True, "jax": False}, "needs the C++ kernel (a compiler)"
+  assert first["counts"]["exported"] == 2  # two keys, two programs
+  later = run("jax")
+  assert later["counts"]["loaded"] == 1 and later["kernel"] == {"jax": False}
+  np.testing.assert_allclose(later["out"]["jax"], first["out"]["auto"], rtol=1e-6, atol=1e-6)
+  assert later["out"]["jax"] == first["out"]["jax"]
