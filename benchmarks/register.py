@@ -27,6 +27,12 @@ size and one small pair (80x80x70), with an empty and with a warm
 compilation cache, and warm with the exported stages off (``JAXREG_EXPORTED=off``:
 traced and lowered again, only XLA's compilation cached).
 
+``--warp-paths`` times ``jaxreg``'s default with the C++ warp kernel and with the pure-JAX
+warp (``JAXREG_WARP``), interleaved pair by pair in one warm process: the refinement
+stage's and the whole registration's median seconds per path, their ratio, and each
+path's Dice/TRE (the two paths agree to rounding per step; the optimiser's steps let the
+fields drift apart in flat background, not in the organs).
+
 Outputs: per-pair rows and the per-family table on stdout, and
 ``--out``/``per_pair.csv`` + ``tables.md``.
 """
@@ -183,6 +189,53 @@ def process_times() -> str:
   return "\n".join(lines) + "\n"
 
 
+def warp_paths(per_family: int, repeats: int = 2) -> str:
+  """``jaxreg``'s default with each warp path, interleaved; a markdown table."""
+  import statistics
+
+  from jaxreg import compilation, register, weights
+  compilation.enable_cache()
+  cases = families.make_cases(per_family=per_family)
+  net, config = weights.demo_model()
+  saved = os.environ.get("JAXREG_WARP")
+  paths = ("ffi", "jax")
+  seconds = {p: {"refine": [], "total": []} for p in paths}
+  scores = {p: [] for p in paths}
+
+  def run(path, case):
+    os.environ["JAXREG_WARP"] = path  # read while tracing: each path its own programs
+    return register.register(case.fixed, case.moving, net=net, config=config)
+
+  try:
+    for p in paths:  # compile or load, untimed
+      run(p, cases[0])
+    for rep in range(repeats):
+      for case in cases:
+        for p in paths:
+          r = run(p, case)
+          seconds[p]["refine"].append(r.metrics["stage_seconds"]["refine"])
+          seconds[p]["total"].append(r.metrics["seconds"])
+          if rep == 0:
+            scores[p].append(_score(case, r.displacement_mm))
+  finally:
+    if saved is None:
+      os.environ.pop("JAXREG_WARP", None)
+    else:
+      os.environ["JAXREG_WARP"] = saved
+  med = {p: {k: statistics.median(v) for k, v in seconds[p].items()} for p in paths}
+  lines = ["| warp | refinement s | registration s | Dice12 | TRE mm |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+  for p in paths:
+    lines.append(f"| {'kernel' if p == 'ffi' else 'pure JAX'} | {med[p]['refine']:.2f} | "
+                 f"{med[p]['total']:.2f} | "
+                 f"{np.mean([s['dice12'] for s in scores[p]]):.4f} | "
+                 f"{np.mean([s['tre'] for s in scores[p]]):.3f} |")
+  lines.append(f"\nrefinement {med['jax']['refine'] / med['ffi']['refine']:.2f}x faster with "
+               f"the kernel, registration {med['jax']['total'] / med['ffi']['total']:.2f}x "
+               f"({len(cases)} pairs x {repeats} repeats, medians)")
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--per-family", type=int, default=2)
@@ -190,7 +243,12 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="folder for per_pair.csv and tables.md")
   parser.add_argument("--process", action="store_true", help="also time whole processes")
   parser.add_argument("--process-only", action="store_true")
+  parser.add_argument("--warp-paths", action="store_true",
+                      help="only time the kernel against the pure-JAX warp (jaxreg's default)")
   args = parser.parse_args()
+  if args.warp_paths:
+    print(warp_paths(args.per_family))
+    return
   if not args.process_only:
     accuracy(args.per_family, [m for m in args.methods.split(",") if m], args.out)
   if args.process or args.process_only:
