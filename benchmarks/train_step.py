@@ -1,7 +1,7 @@
 """Train step: jaxreg vs the same UNet + loss in PyTorch, and how jaxreg's cost grows with size.
 
 Run: ``python benchmarks/train_step.py [--sizes 64 128] [--native] [--grow 32 64 128 192x160x224]
-[--plot growth.png] [--warp-compare 48 96]``
+[--plot growth.png] [--warp-compare 48 96] [--warp-ceiling 48 64]``
 (``pip install -e '.[bench]'`` for the PyTorch column).
 
 Both sides: the demo network (UNet widths 16-32-32-32, stride-2 encoder,
@@ -174,6 +174,65 @@ def torch_step(n: int, threads: int, infer: bool = False):
   return run
 
 
+def network_only_step(n, conv: str):
+  """The same Adam step without composition, warp and LNCC: the network and a loss on its
+  sub-fields only (their diffusion and squares). Its time is the floor that any speed-up of
+  the warp, the composition or the similarity leaves."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  import optax
+
+  from jaxreg import losses, model
+  net = model.RegistrationNet(widths=WIDTHS, num_subfields=K, conv=conv, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(net)
+  tx = optax.adam(1e-4)
+  rng = np.random.default_rng(0)
+  f, m = (jnp.asarray(rng.random((1, *_shape(n))), jnp.float32) for _ in range(2))
+
+  def loss_fn(params):
+    subs = nnx.merge(graphdef, params)(f, m)
+    return sum(jnp.mean(jax.vmap(losses.diffusion)(u)) + jnp.mean(u ** 2) for u in subs)
+
+  @jax.jit
+  def step(params, opt):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  state = [params, tx.init(params)]
+
+  def run():
+    state[0], state[1], loss = step(*state)
+    loss.block_until_ready()
+  return run
+
+
+def warp_ceiling(sizes, repeats: int) -> None:
+  """The step with the kernel, with the pure-JAX warp and without any warp, timed in turn
+  in one process: how much faster the warp could still make the step."""
+  from _common import interleaved_medians
+  print("\n| size | step, warp kernel | step, pure-JAX warp | network only | pure-JAX / kernel | "
+        "ceiling: pure-JAX / network only |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+  saved = os.environ.get("JAXREG_WARP")
+  try:
+    for size in sizes:
+      fns = []
+      for path in ("ffi", "jax"):
+        os.environ["JAXREG_WARP"] = path  # read while tracing: trace now, under this path
+        fns.append(jaxreg_step(size, "auto"))
+        fns[-1]()
+      fns.append(network_only_step(size, "auto"))
+      t = interleaved_medians(fns, repeats, warmup=2)
+      print(f"| {size}³ | {t[0]:.3f} s | {t[1]:.3f} s | {t[2]:.3f} s | {t[1] / t[0]:.2f}x | "
+            f"{t[1] / t[2]:.2f}x |", flush=True)
+  finally:
+    if saved is None:
+      os.environ.pop("JAXREG_WARP", None)
+    else:
+      os.environ["JAXREG_WARP"] = saved
+
+
 def _child(args):
   infer = args.impl.endswith("+infer")
   impl = args.impl.removesuffix("+infer")
@@ -228,12 +287,17 @@ def main():
   parser.add_argument("--warp-compare", nargs="*", default=[],
                       help="sizes at which to time jaxreg's train step with the warp's C++ "
                            "kernel (JAXREG_WARP=ffi) against the pure-JAX warp (=jax)")
+  parser.add_argument("--warp-ceiling", type=int, nargs="*", default=[],
+                      help="sizes at which to time the step with the kernel, with the pure-JAX "
+                           "warp and without warps (network only), in turn in this process")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--impl", help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     return _child(args)
+  if args.warp_ceiling:
+    return warp_ceiling(args.warp_ceiling, max(args.repeats, 7))
 
   import jax
   print(f"# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
