@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
+
+
+@contextlib.contextmanager
+def warp_path(mode: str):
+  """``$JAXREG_WARP`` set to ``mode`` (``auto``, ``ffi``, ``jax``) inside, restored after.
+  jaxreg reads it while tracing: what is traced inside takes that warp path."""
+  saved = os.environ.get("JAXREG_WARP")
+  os.environ["JAXREG_WARP"] = mode
+  try:
+    yield
+  finally:
+    if saved is None:
+      os.environ.pop("JAXREG_WARP", None)
+    else:
+      os.environ["JAXREG_WARP"] = saved
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -47,35 +64,17 @@ def torch_warp(shape, padding: str = "zeros"):
 
 def warp_paths() -> list[str]:
   """The warp paths this machine can run: ``"ffi"`` (the C++ kernel) when it builds, ``"jax"``."""
-  import os
-
   from jaxreg import warp_ffi
-  saved = os.environ.get("JAXREG_WARP")
-  os.environ["JAXREG_WARP"] = "auto"
-  try:
+  with warp_path("auto"):
     return (["ffi"] if warp_ffi.status()["kernel"] else []) + ["jax"]
-  finally:
-    if saved is None:
-      os.environ.pop("JAXREG_WARP")
-    else:
-      os.environ["JAXREG_WARP"] = saved
 
 
 def compiled(fn, *args, path: str):
   """``jax.jit(fn)`` compiled for ``args`` with the warp path ``path`` (``JAXREG_WARP``
   is read while tracing), as a no-argument callable that blocks on its result."""
-  import os
-
   import jax
-  saved = os.environ.get("JAXREG_WARP")
-  os.environ["JAXREG_WARP"] = path
-  try:
+  with warp_path(path):
     exe = jax.jit(fn).lower(*args).compile()
-  finally:
-    if saved is None:
-      os.environ.pop("JAXREG_WARP")
-    else:
-      os.environ["JAXREG_WARP"] = saved
   return lambda: jax.block_until_ready(exe(*args))
 
 

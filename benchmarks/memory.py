@@ -66,11 +66,10 @@ def analyse(config, space: int = 1) -> dict[str, float]:
           "compile_seconds": time.time() - t0}
 
 
-def _warp_label(mode: str, space: int) -> str:
-  """The warp that a step compiled with ``JAXREG_WARP=mode`` on ``space`` devices runs:
+def _warp_label(space: int) -> str:
+  """The warp that a step compiled now (``$JAXREG_WARP``) on ``space`` devices runs:
   ``kernel`` (the C++ kernel: CPU, one device) or ``jax`` (accelerators, meshes)."""
   from jaxreg import warp_ffi
-  os.environ["JAXREG_WARP"] = mode
   return "kernel" if space == 1 and warp_ffi.status()["kernel"] else "jax"
 
 
@@ -80,15 +79,16 @@ def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True),
 
   ``warps``: ``JAXREG_WARP`` values; a combination that runs the same path as one already
   analysed (the kernel never runs on a mesh or an accelerator) is left out."""
+  from _common import warp_path
+
   from jaxreg import training
   out, done = [], set()
-  saved = os.environ.get("JAXREG_WARP")
-  try:
-    for space in spaces:
-      for remat in remats:
-        for dtype in dtypes:
-          for mode in warps:
-            warp = _warp_label(mode, space)
+  for space in spaces:
+    for remat in remats:
+      for dtype in dtypes:
+        for mode in warps:
+          with warp_path(mode):
+            warp = _warp_label(space)
             if (space, remat, dtype, warp) in done:
               continue
             done.add((space, remat, dtype, warp))
@@ -98,15 +98,10 @@ def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True),
                 "model.conv='native'"])
             r = dict(analyse(config, space), space=space, compute_dtype=dtype, remat=remat,
                      warp=warp, shape=list(base.data.shape))
-            out.append(r)
-            log(f"| {'x'.join(map(str, base.data.shape))} | {space} | {dtype} | "
-                f"{'UNet levels + loss' if remat else 'no'} | {warp} | {r['arguments']:.2f} | "
-                f"{r['temporaries']:.2f} | {r['total']:.2f} | {r['compile_seconds']:.0f} |")
-  finally:
-    if saved is None:
-      os.environ.pop("JAXREG_WARP", None)
-    else:
-      os.environ["JAXREG_WARP"] = saved
+          out.append(r)
+          log(f"| {'x'.join(map(str, base.data.shape))} | {space} | {dtype} | "
+              f"{'UNet levels + loss' if remat else 'no'} | {warp} | {r['arguments']:.2f} | "
+              f"{r['temporaries']:.2f} | {r['total']:.2f} | {r['compile_seconds']:.0f} |")
   return out
 
 

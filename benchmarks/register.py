@@ -193,35 +193,30 @@ def warp_paths(per_family: int, repeats: int = 2) -> str:
   """``jaxreg``'s default with each warp path, interleaved; a markdown table."""
   import statistics
 
+  from _common import warp_path
+
   from jaxreg import compilation, register, weights
   compilation.enable_cache()
   cases = families.make_cases(per_family=per_family)
   net, config = weights.demo_model()
-  saved = os.environ.get("JAXREG_WARP")
   paths = ("ffi", "jax")
   seconds = {p: {"refine": [], "total": []} for p in paths}
   scores = {p: [] for p in paths}
 
   def run(path, case):
-    os.environ["JAXREG_WARP"] = path  # read while tracing: each path its own programs
-    return register.register(case.fixed, case.moving, net=net, config=config)
+    with warp_path(path):  # read while tracing: each path its own programs
+      return register.register(case.fixed, case.moving, net=net, config=config)
 
-  try:
-    for p in paths:  # compile or load, untimed
-      run(p, cases[0])
-    for rep in range(repeats):
-      for case in cases:
-        for p in paths:
-          r = run(p, case)
-          seconds[p]["refine"].append(r.metrics["stage_seconds"]["refine"])
-          seconds[p]["total"].append(r.metrics["seconds"])
-          if rep == 0:
-            scores[p].append(_score(case, r.displacement_mm))
-  finally:
-    if saved is None:
-      os.environ.pop("JAXREG_WARP", None)
-    else:
-      os.environ["JAXREG_WARP"] = saved
+  for p in paths:  # compile or load, untimed
+    run(p, cases[0])
+  for rep in range(repeats):
+    for case in cases:
+      for p in paths:
+        r = run(p, case)
+        seconds[p]["refine"].append(r.metrics["stage_seconds"]["refine"])
+        seconds[p]["total"].append(r.metrics["seconds"])
+        if rep == 0:
+          scores[p].append(_score(case, r.displacement_mm))
   med = {p: {k: statistics.median(v) for k, v in seconds[p].items()} for p in paths}
   lines = ["| warp | refinement s | registration s | Dice12 | TRE mm |",
            "| --- | ---: | ---: | ---: | ---: |"]

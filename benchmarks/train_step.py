@@ -211,26 +211,19 @@ def network_only_step(n, conv: str):
 def warp_ceiling(sizes, repeats: int) -> None:
   """The step with the kernel, with the pure-JAX warp and without any warp, timed in turn
   in one process: how much faster the warp could still make the step."""
-  from _common import interleaved_medians
+  from _common import interleaved_medians, warp_path
   print("\n| size | step, warp kernel | step, pure-JAX warp | network only | pure-JAX / kernel | "
         "ceiling: pure-JAX / network only |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-  saved = os.environ.get("JAXREG_WARP")
-  try:
-    for size in sizes:
-      fns = []
-      for path in ("ffi", "jax"):
-        os.environ["JAXREG_WARP"] = path  # read while tracing: trace now, under this path
+  for size in sizes:
+    fns = []
+    for path in ("ffi", "jax"):
+      with warp_path(path):  # read while tracing: trace now, under this path
         fns.append(jaxreg_step(size, "auto"))
         fns[-1]()
-      fns.append(network_only_step(size, "auto"))
-      t = interleaved_medians(fns, repeats, warmup=2)
-      print(f"| {size}³ | {t[0]:.3f} s | {t[1]:.3f} s | {t[2]:.3f} s | {t[1] / t[0]:.2f}x | "
-            f"{t[1] / t[2]:.2f}x |", flush=True)
-  finally:
-    if saved is None:
-      os.environ.pop("JAXREG_WARP", None)
-    else:
-      os.environ["JAXREG_WARP"] = saved
+    fns.append(network_only_step(size, "auto"))
+    t = interleaved_medians(fns, repeats, warmup=2)
+    print(f"| {size}³ | {t[0]:.3f} s | {t[1]:.3f} s | {t[2]:.3f} s | {t[1] / t[0]:.2f}x | "
+          f"{t[1] / t[2]:.2f}x |", flush=True)
 
 
 def _child(args):
