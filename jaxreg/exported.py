@@ -194,7 +194,8 @@ def stage(fun=None, *, static_argnames: tuple[str, ...] = (), unkeyed: tuple[str
   the model's config).
 
   The result is the jitted function's, to the bit: the exported program is the one
-  ``jax.jit`` would lower. ``stage.jitted()`` is the plain jitted function for the current ``$JAXREG_WARP``.
+  ``jax.jit`` would lower. ``stage.jitted()`` is the plain jitted function for the
+  current ``$JAXREG_WARP``.
   """
   if fun is None:
     return functools.partial(stage, static_argnames=static_argnames, unkeyed=unkeyed)

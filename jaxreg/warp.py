@@ -4,7 +4,9 @@
 grid, with ``u`` in voxels. Sampling is a flat-index gather: each coordinate
 array is floored separately, the 8 trilinear corners become int32 indices into
 the flattened volume, and each channel is gathered as a scalar array (gathering
-rows of a channels-last ``[N, C]`` array is ~20x slower on XLA:CPU).
+rows of a channels-last ``[N, C]`` array is ~20x slower on XLA:CPU). A large
+multi-channel image (``_SEQUENTIAL_VALUES``) is sampled one channel at a time and
+recomputed in the backward pass, which bounds reverse mode's memory.
 
 On CPU, float32 trilinear warps and nearest-neighbour warps of label maps run
 a multithreaded C++ kernel instead (:mod:`jaxreg.warp_ffi`, built on first use;
