@@ -30,8 +30,9 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
 
 def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
   """Median wall time of each of ``fns``, timed in turn within every repeat (after
-  ``warmup`` untimed rounds: compilation, allocation), so a drift of the machine's speed hits every one alike
-  and their ratios hold better than those of one-after-the-other medians."""
+  ``warmup`` untimed rounds: compilation, allocation), so a drift of the machine's speed
+  hits every one alike and their ratios hold better than those of one-after-the-other
+  medians."""
   for _ in range(warmup):
     for fn in fns:
       fn()

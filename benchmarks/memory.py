@@ -77,25 +77,25 @@ def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True),
          warps=("auto", "jax"), log=print):
   """Analyse every (space, remat, dtype, warp path) combination; log one markdown row each.
 
-  ``warps``: ``JAXREG_WARP`` values; a combination that runs the same path as one already
-  analysed (the kernel never runs on a mesh or an accelerator) is left out."""
+  ``warps``: ``JAXREG_WARP`` values; one that runs the same path as an earlier one on
+  ``space`` devices (the kernel never runs on a mesh or an accelerator) is left out."""
   from _common import warp_path
 
   from jaxreg import training
-  out, done = [], set()
+  out = []
   for space in spaces:
+    paths = {}  # the warp each mode runs here -> the first mode that runs it
+    for mode in warps:
+      with warp_path(mode):
+        paths.setdefault(_warp_label(space), mode)
     for remat in remats:
       for dtype in dtypes:
-        for mode in warps:
+        for warp, mode in paths.items():
+          config = training.override(base, [
+              f"train.compute_dtype='{dtype}'", f"train.devices={space}", "mesh.data=1",
+              f"mesh.space={space}", f"model.remat={remat}", f"train.remat_loss={remat}",
+              "model.conv='native'"])
           with warp_path(mode):
-            warp = _warp_label(space)
-            if (space, remat, dtype, warp) in done:
-              continue
-            done.add((space, remat, dtype, warp))
-            config = training.override(base, [
-                f"train.compute_dtype='{dtype}'", f"train.devices={space}", "mesh.data=1",
-                f"mesh.space={space}", f"model.remat={remat}", f"train.remat_loss={remat}",
-                "model.conv='native'"])
             r = dict(analyse(config, space), space=space, compute_dtype=dtype, remat=remat,
                      warp=warp, shape=list(base.data.shape))
           out.append(r)
@@ -141,6 +141,17 @@ HEADER = ("| shape | space | compute dtype | remat | warp | arguments GiB | temp
           "total GiB / device | compile s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+def _warp_modes(text: str) -> tuple[str, ...]:
+  """``--warp``: comma-separated ``JAXREG_WARP`` values, each checked."""
+  from jaxreg import warp_ffi
+  modes = tuple(m.strip() for m in text.split(",") if m.strip())
+  bad = [m for m in modes if m not in warp_ffi.MODES]
+  if bad or not modes:
+    raise argparse.ArgumentTypeError(f"{text!r}: each of a comma-separated list must be one "
+                                     f"of {', '.join(warp_ffi.MODES)}")
+  return modes
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "default.py"))
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
   p.add_argument("--space", default="1,2,4,8", help="devices on the space axis, e.g. 1,2,4,8")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--remat", default="no,yes", help="no, yes or no,yes")
-  p.add_argument("--warp", default="auto,jax",
+  p.add_argument("--warp", default="auto,jax", type=_warp_modes,
                  help="JAXREG_WARP values to compile with (auto: the C++ kernel on a CPU)")
   p.add_argument("--json", help="also write the rows to this JSON file")
   p.add_argument("--plot", help="also plot GiB per device against space into this PNG")
@@ -167,7 +178,7 @@ def main(argv=None) -> int:
         f"{jax.device_count()} device(s)")
   print(HEADER, flush=True)
   out = rows(base, spaces, tuple(args.dtypes.split(",")),
-             tuple(v == "yes" for v in args.remat.split(",")), tuple(args.warp.split(",")),
+             tuple(v == "yes" for v in args.remat.split(",")), args.warp,
              log=lambda s: print(s, flush=True))
   if args.plot:
     plot(out, args.plot)

@@ -39,8 +39,12 @@ def _shape(size: str) -> tuple[int, int, int]:
   return tuple(parts * 3) if len(parts) == 1 else tuple(parts)
 
 
-def jaxreg_step(n, conv: str, infer: bool = False):
-  """One jitted Adam step (or, with ``infer``, one forward pass + warp) on random volumes."""
+def jaxreg_step(n, conv: str, infer: bool = False, network_only: bool = False):
+  """One jitted Adam step (or, with ``infer``, one forward pass + warp) on random volumes.
+
+  ``network_only``: the step without composition, warp and LNCC, the loss being the
+  sub-fields' diffusion and squares: the floor that any speed-up of the warp, the
+  composition or the similarity leaves."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -56,6 +60,9 @@ def jaxreg_step(n, conv: str, infer: bool = False):
   f, m = (jnp.asarray(rng.random((1, *_shape(n))), jnp.float32) for _ in range(2))
 
   def loss_fn(params):
+    if network_only:
+      subs = nnx.merge(graphdef, params)(f, m)
+      return sum(jnp.mean(jax.vmap(losses.diffusion)(u)) + jnp.mean(u ** 2) for u in subs)
     disp, subs = model.predict_displacement(nnx.merge(graphdef, params), f, m)
     warped = warp.warp_batch(m, disp)
     sim = -jnp.mean(jax.vmap(losses.local_ncc)(f, warped))
@@ -174,40 +181,6 @@ def torch_step(n: int, threads: int, infer: bool = False):
   return run
 
 
-def network_only_step(n, conv: str):
-  """The same Adam step without composition, warp and LNCC: the network and a loss on its
-  sub-fields only (their diffusion and squares). Its time is the floor that any speed-up of
-  the warp, the composition or the similarity leaves."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  import optax
-
-  from jaxreg import losses, model
-  net = model.RegistrationNet(widths=WIDTHS, num_subfields=K, conv=conv, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(net)
-  tx = optax.adam(1e-4)
-  rng = np.random.default_rng(0)
-  f, m = (jnp.asarray(rng.random((1, *_shape(n))), jnp.float32) for _ in range(2))
-
-  def loss_fn(params):
-    subs = nnx.merge(graphdef, params)(f, m)
-    return sum(jnp.mean(jax.vmap(losses.diffusion)(u)) + jnp.mean(u ** 2) for u in subs)
-
-  @jax.jit
-  def step(params, opt):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
-
-  state = [params, tx.init(params)]
-
-  def run():
-    state[0], state[1], loss = step(*state)
-    loss.block_until_ready()
-  return run
-
-
 def warp_ceiling(sizes, repeats: int) -> None:
   """The step with the kernel, with the pure-JAX warp and without any warp, timed in turn
   in one process: how much faster the warp could still make the step."""
@@ -220,7 +193,7 @@ def warp_ceiling(sizes, repeats: int) -> None:
       with warp_path(path):  # read while tracing: trace now, under this path
         fns.append(jaxreg_step(size, "auto"))
         fns[-1]()
-    fns.append(network_only_step(size, "auto"))
+    fns.append(jaxreg_step(size, "auto", network_only=True))
     t = interleaved_medians(fns, repeats, warmup=2)
     print(f"| {size}³ | {t[0]:.3f} s | {t[1]:.3f} s | {t[2]:.3f} s | {t[1] / t[0]:.2f}x | "
           f"{t[1] / t[2]:.2f}x |", flush=True)
