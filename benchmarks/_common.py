@@ -1,26 +1,10 @@
-"""Shared by the benchmarks: median timing, and PyTorch's pull-back warp (grid_sample)."""
+"""Shared by the benchmarks: median timing, the warp paths, and PyTorch's pull-back warp
+(grid_sample)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
 import time
-
-
-@contextlib.contextmanager
-def warp_path(mode: str):
-  """``$JAXREG_WARP`` set to ``mode`` (``auto``, ``ffi``, ``jax``) inside, restored after.
-  jaxreg reads it while tracing: what is traced inside takes that warp path."""
-  saved = os.environ.get("JAXREG_WARP")
-  os.environ["JAXREG_WARP"] = mode
-  try:
-    yield
-  finally:
-    if saved is None:
-      os.environ.pop("JAXREG_WARP", None)
-    else:
-      os.environ["JAXREG_WARP"] = saved
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -47,7 +31,7 @@ def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
 
 def torch_warp(shape, padding: str = "zeros"):
   """``warp(image [N, C, X, Y, Z], disp [N, X, Y, Z, 3] voxels)`` with torch grid_sample,
-  the same pull-back (``out(x) = image(x + disp(x))``) as ``jaxreg.warp.warp``."""
+  the same pull-back (``out(x) = image(x + disp(x))``) as ``jaxreg.ops.warp.warp``."""
   import torch
   import torch.nn.functional as tf
   base = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape],
@@ -64,18 +48,31 @@ def torch_warp(shape, padding: str = "zeros"):
 
 
 def warp_paths() -> list[str]:
-  """The warp paths this machine can run: ``"ffi"`` (the C++ kernel) when it builds, ``"jax"``."""
-  from jaxreg import warp_ffi
-  with warp_path("auto"):
-    return (["ffi"] if warp_ffi.status()["kernel"] else []) + ["jax"]
+  """The warp paths this machine can run: ``"ffi"`` (the C++ kernel: a CPU backend, where it
+  builds), ``"jax"``.
 
-
-def compiled(fn, *args, path: str):
-  """``jax.jit(fn)`` compiled for ``args`` with the warp path ``path`` (``JAXREG_WARP``
-  is read while tracing), as a no-argument callable that blocks on its result."""
+  Loads the kernel into this process (:func:`jaxreg.ops.warp_kernel.load`), so that
+  ``implementation("ffi")`` can then run it."""
   import jax
-  with warp_path(path):
-    exe = jax.jit(fn).lower(*args).compile()
+
+  from jaxreg.ops import warp_kernel
+  kernel = jax.default_backend() == "cpu" and warp_kernel.load()
+  return (["ffi"] if kernel else []) + ["jax"]
+
+
+def implementation(path: str) -> str | None:
+  """A warp path's name (``auto``, ``ffi``, ``jax``: the values of ``$JAXREG_WARP``, which the
+  benchmarks' flags and columns keep) as the library's ``implementation`` argument
+  (``None``, ``"ffi"``, ``"xla"``; :data:`jaxreg.pipeline.environment.WARP_MODES`)."""
+  from jaxreg.pipeline import environment
+  return environment.WARP_MODES[path]
+
+
+def compiled(fn, *args):
+  """``jax.jit(fn)`` compiled for ``args``, as a no-argument callable that blocks on its
+  result (bind the warp path into ``fn``: ``implementation=`` of the jaxreg calls)."""
+  import jax
+  exe = jax.jit(fn).lower(*args).compile()
   return lambda: jax.block_until_ready(exe(*args))
 
 
@@ -93,7 +90,7 @@ def smooth_field(shape, amplitude: float, seed: int, spacing: int = 8):
 
 def torch_lncc(window: int):
   """torch LNCC of ``[1, 1, X, Y, Z]`` tensors with the statistics of
-  ``jaxreg.losses.local_ncc`` (over the in-volume part of each ``window**3`` box):
+  ``jaxreg.ops.losses.local_ncc`` (over the in-volume part of each ``window**3`` box):
   separable box sums (three 1-D ``conv3d``), divided by the in-volume counts."""
   import torch
   import torch.nn.functional as tf

@@ -92,7 +92,8 @@ def _register_demo(out: str, limit: float) -> dict:
   """``jaxreg register`` as a whole process on the embedded demo pair (both label maps)."""
   import numpy as np
 
-  from jaxreg import data, io
+  from jaxreg import data
+  from jaxreg import io
   pair = data.demo_pair(0, split="eval")
   d = os.path.join(out, "register_inputs")
   os.makedirs(d, exist_ok=True)

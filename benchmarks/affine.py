@@ -1,4 +1,4 @@
-"""Affine pre-alignment: jaxreg.affine vs elastix's affine stage, and what it buys afterwards.
+"""Affine pre-alignment: jaxreg.pipeline.affine vs elastix's affine stage, and what it buys afterwards.
 
 Run: ``python benchmarks/affine.py [--spacing 2.0] [--pairs 2]`` (elastix needs the
 ``baselines`` extra; it is skipped with a message otherwise).
@@ -16,6 +16,10 @@ Run: ``python benchmarks/affine.py [--spacing 2.0] [--pairs 2]`` (elastix needs 
    a 20 mm shift (in its affine: no resampling), registered by the shipped
    model + 50 IO steps with ``affine="none"`` and ``affine="affine"``; mean Dice
    and TRE (mm) as in evaluate.py.
+
+``JAXREG_WARP`` is read once at the start (:func:`jaxreg.pipeline.environment.configure`,
+JAX's persistent compilation cache left off so that the first call compiles): ``auto``
+loads the C++ warp kernel, and jaxreg's warps run with that ``implementation``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ import time
 import numpy as np
 import scipy.spatial.transform as sst
 
-from jaxreg import affine as AF
-from jaxreg import data, elastix, evaluation, preprocess, weights
-from jaxreg.io import Volume
+from jaxreg.pipeline import affine as AF
+from jaxreg import data
+from jaxreg.eval import elastix
+from jaxreg.eval import evaluation
+from jaxreg.io import resample as preprocess
+from jaxreg.io import weights
+from jaxreg.pipeline import environment
+from jaxreg.types import Volume
 
 
 def _known(centre, angles, scales, shift):
@@ -64,7 +73,7 @@ def _elastix_affine(fixed, moving):
   return flip @ lps @ flip, seconds
 
 
-def affine_stage(spacing: float) -> None:
+def affine_stage(spacing: float, implementation: str | None = None) -> None:
   ct = data.demo().ct
   grid = preprocess.model_grid(ct, spacing=spacing, divisor=1)
   fixed = Volume(preprocess.resample(ct, grid, cval=-1024.0), grid.affine)
@@ -74,9 +83,9 @@ def affine_stage(spacing: float) -> None:
   print(f"\n1. affine stage, {fixed.shape} at {spacing:g} mm; start error "
         f"{_error_mm(fixed, np.eye(4), true):.1f} mm")
   print("| method | seconds | mean error (mm) |\n| --- | ---: | ---: |")
-  first = AF.register(fixed, moving)
-  second = AF.register(fixed, moving)
-  print(f"| jaxreg.affine (8 + 4 mm levels, NCC) | {first.seconds:.1f} (first call) / "
+  first = AF.align(fixed, moving, implementation=implementation)
+  second = AF.align(fixed, moving, implementation=implementation)
+  print(f"| jaxreg.pipeline.affine (8 + 4 mm levels, NCC) | {first.seconds:.1f} (first call) / "
         f"{second.seconds:.1f} | {_error_mm(fixed, second.matrix, true):.2f} |")
   if elastix.available():
     m, seconds = _elastix_affine(fixed, moving)
@@ -101,8 +110,8 @@ def deformable_on_misaligned(pairs: int) -> None:
                                label_ids=config.data.label_ids, log=lambda s: None)
     mean = lambda k: np.mean([r[k] for r in rows])
     print(f"| {affine} | {mean('dice'):.3f} | {mean('tre'):.2f} | {mean('seconds'):.1f} |")
-  ident = [evaluation.score(c, np.zeros(c.fixed.shape + (3,), np.float32), config.data.label_ids)
-           for c in cases]
+  ident = [evaluation.case_metrics(c, np.zeros(c.fixed.shape + (3,), np.float32),
+                                   config.data.label_ids) for c in cases]
   print(f"| (before registration) | {np.mean([r['dice'] for r in ident]):.3f} | "
         f"{np.mean([r['tre'] for r in ident]):.2f} | |")
 
@@ -112,8 +121,9 @@ def main() -> None:
   parser.add_argument("--spacing", type=float, default=2.0)
   parser.add_argument("--pairs", type=int, default=2)
   args = parser.parse_args()
+  settings = environment.configure("off")  # no compilation cache: a first call compiles
   print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}")
-  affine_stage(args.spacing)
+  affine_stage(args.spacing, settings.implementation)
   deformable_on_misaligned(args.pairs)
 
 

@@ -1,6 +1,6 @@
 """The network alone, per synthetic family, on held-out seeds: identity vs the shipped model
 (6 mm, ``configs/demo_6mm.py --steps 2700``) vs another model: a training run's folder (its latest
-checkpoint) or a model folder written by ``jaxreg.weights.save_weights`` / ``export_checkpoint``
+checkpoint) or a model folder written by ``jaxreg.io.weights.save_weights`` / ``export_checkpoint``
 (default: benchmarks/candidates/demo_8mm, the previously shipped 8 mm ``configs/demo.py`` model).
 
     python benchmarks/demo_model_families.py [--candidate benchmarks/candidates/demo_8mm] [--pairs 4]
@@ -8,7 +8,9 @@ checkpoint) or a model folder written by ``jaxreg.weights.save_weights`` / ``exp
 Each model is scored on its own grid (8 mm 48³ / 6 mm 64³, the same field of view) by
 ``jaxreg.training.evaluate``: mean Dice over the 12 organs of the warped labels, and the folding
 fraction, on evaluation seeds (never trained on) of each family. A conditioned candidate is
-evaluated at its config's ``loss.reg_weight``.
+evaluated at its config's ``loss.reg_weight``. ``JAXREG_WARP`` is read once at the start
+(:func:`jaxreg.pipeline.environment.configure`, without the compilation cache): ``auto``
+loads the C++ warp kernel, which the evaluation's warps then use on a CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   from flax import nnx
 
-  from jaxreg import training, weights
+  from jaxreg import training
+  from jaxreg.io import weights
+  from jaxreg.pipeline import environment
+  environment.configure("off")
   models = {"shipped (6 mm)": weights.demo_model()}
   if os.path.isdir(os.path.join(args.candidate, "checkpoints")):
     with tempfile.TemporaryDirectory() as tmp:

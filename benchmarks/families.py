@@ -15,7 +15,7 @@ label map), on its own grid:
   10 HU (every family; ``noise`` uses its own, larger, level instead);
 * **labels**: moving = the CT's labels; fixed = moving labels pulled back
   through ``disp`` with nearest neighbour (0 outside);
-* **keypoints** (as :func:`jaxreg.evaluation._demo_keypoints`): ``keypoints``
+* **keypoints** (as :func:`jaxreg.eval.evaluation._demo_keypoints`): ``keypoints``
   random voxel centres inside the 12 organs :data:`ORGANS` of the fixed labels
   and their true moving positions ``v + disp(v)``, both in world mm (RAS+).
 
@@ -51,7 +51,7 @@ vector has the given length (the field's maximum, not its typical size).
 
 Global motion and local field are composed as in
 :func:`jaxreg.data.synthetic_pair`: ``disp = compose(local, global)``
-(:func:`jaxreg.fields.compose`), i.e. a fixed voxel goes through the global
+(:func:`jaxreg.ops.fields.compose`), i.e. a fixed voxel goes through the global
 motion first and the local field is then taken at the point reached:
 ``disp(x) = g(x) + l(x + g(x))`` (``l`` extended by its border values where
 ``x + g(x)`` leaves the grid).
@@ -74,13 +74,14 @@ import scipy.ndimage as ndi
 from scipy.spatial.transform import Rotation
 
 from jaxreg import data as _data
-from jaxreg import fields as _fields
-from jaxreg import grid as _grid
+from jaxreg.data import synthetic as _synthetic
+from jaxreg.ops import fields as _fields
+from jaxreg.ops import grid as _grid
 from jaxreg import metrics as _metrics
-from jaxreg import points as _points
-from jaxreg import warp as _warp
-from jaxreg.evaluation import Case
-from jaxreg.io import Volume
+from jaxreg.ops import points as _points
+from jaxreg.ops import warp as _warp
+from jaxreg.eval.evaluation import Case
+from jaxreg.types import Volume
 
 __all__ = ["FAMILIES", "ORGANS", "SEED", "make_cases", "make_case", "true_displacement"]
 
@@ -171,7 +172,7 @@ def _displacement(family: str, rng: np.random.Generator) -> np.ndarray:
   if family == "local":
     return _local(rng, shape, affine, (8.0, 12.0), (20.0, 40.0))
   if family == "breathing":
-    apex, base = _data._lung_levels(shape, affine, labels, _LUNGS)
+    apex, base = _synthetic._lung_levels(shape, affine, labels, _LUNGS)
     breath = _data.breathing_field(shape, affine, amplitude_mm=rng.uniform(15.0, 20.0),
                                    diaphragm_mm=base, apex_mm=apex)
     local = _local(rng, shape, affine, (3.0, 4.0), (40.0, 40.0))
@@ -193,7 +194,7 @@ def true_displacement(family: str, index: int, *, seed: int = SEED) -> np.ndarra
   Returns:
     ``[X, Y, Z, 3]`` float32 pull-back displacement in voxels of the demo grid:
     fixed voxel ``x`` corresponds to moving voxel ``x + disp(x)``; multiply by
-    ``affine[:3, :3]`` (:func:`jaxreg.grid.disp_voxel_to_mm`) for world mm.
+    ``affine[:3, :3]`` (:func:`jaxreg.ops.grid.disp_voxel_to_mm`) for world mm.
 
   Raises:
     ValueError: unknown family, or ``index`` outside ``[0, 1000)``.
@@ -211,7 +212,7 @@ def make_case(family: str, index: int, *, seed: int = SEED, keypoints: int = 100
     keypoints: number of keypoint pairs (>= 1).
 
   Returns:
-    :class:`jaxreg.evaluation.Case` on the demo grid: fixed and moving images
+    :class:`jaxreg.eval.evaluation.Case` on the demo grid: fixed and moving images
     (float32 HU), label maps (int32), and ``[keypoints, 3]`` fixed and moving
     points in world mm (RAS+).
 

@@ -38,8 +38,10 @@ sys.path.insert(0, ROOT)
 GIB = 2.0 ** 30
 
 
-def analyse(config, space: int = 1) -> dict[str, float]:
-  """Compile one train step (abstract inputs, nothing allocated) and read its memory per device."""
+def analyse(config, space: int = 1, implementation: str | None = None) -> dict[str, float]:
+  """Compile one train step (abstract inputs, nothing allocated) and read its memory per device.
+
+  ``implementation``: the warp's (``None``, ``"xla"``, ``"ffi"``; :mod:`jaxreg.ops.warp`)."""
   import jax
   import jax.numpy as jnp
 
@@ -47,8 +49,9 @@ def analyse(config, space: int = 1) -> dict[str, float]:
   graphdef, template, state = state_lib.init_state(config)
   mesh = sharding.make_mesh(jax.devices()[:space], data=1, space=space)
   tx = state_lib.make_optimizer(config)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, template, config, tx),
-                                       mesh, state)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, template, config, tx, implementation=implementation),
+      mesh, state)
   shape = (config.train.batch_size,) + tuple(config.data.shape)
   batch = {"fixed": jax.ShapeDtypeStruct(shape, jnp.float32),
            "moving": jax.ShapeDtypeStruct(shape, jnp.float32)}
@@ -66,28 +69,36 @@ def analyse(config, space: int = 1) -> dict[str, float]:
           "compile_seconds": time.time() - t0}
 
 
-def _warp_label(space: int) -> str:
-  """The warp that a step compiled now (``$JAXREG_WARP``) on ``space`` devices runs:
-  ``kernel`` (the C++ kernel: CPU, one device) or ``jax`` (accelerators, meshes)."""
-  from jaxreg import warp_ffi
-  return "kernel" if space == 1 and warp_ffi.status()["kernel"] else "jax"
+def _warp_label(space: int, implementation: str | None) -> str:
+  """The warp that a step compiled with ``implementation`` on ``space`` devices runs:
+  ``kernel`` (the C++ kernel, when loaded: CPU, one device) or ``jax`` (accelerators, meshes)."""
+  import jax
+
+  from jaxreg.ops import warp_kernel
+  kernel = implementation != "xla" and warp_kernel.loaded() and jax.default_backend() == "cpu"
+  return "kernel" if space == 1 and kernel else "jax"
 
 
 def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True),
          warps=("auto", "jax"), log=print):
   """Analyse every (space, remat, dtype, warp path) combination; log one markdown row each.
 
-  ``warps``: ``JAXREG_WARP`` values; one that runs the same path as an earlier one on
-  ``space`` devices (the kernel never runs on a mesh or an accelerator) is left out."""
-  from _common import warp_path
+  ``warps``: ``JAXREG_WARP``'s values (``auto``, ``ffi``, ``jax``), each passed to the step as
+  the warp's ``implementation`` (:data:`jaxreg.pipeline.environment.WARP_MODES`); one that runs
+  the same path as an earlier one on ``space`` devices (the kernel never runs on a mesh or an
+  accelerator) is left out. Loads the C++ kernel into this process unless only ``jax``."""
+  import jax
 
   from jaxreg import training
+  from jaxreg.ops import warp_kernel
+  from jaxreg.pipeline import environment
+  if any(environment.WARP_MODES[m] != "xla" for m in warps) and jax.default_backend() == "cpu":
+    warp_kernel.load(required="ffi" in warps)
   out = []
   for space in spaces:
     paths = {}  # the warp each mode runs here -> the first mode that runs it
     for mode in warps:
-      with warp_path(mode):
-        paths.setdefault(_warp_label(space), mode)
+      paths.setdefault(_warp_label(space, environment.WARP_MODES[mode]), mode)
     for remat in remats:
       for dtype in dtypes:
         for warp, mode in paths.items():
@@ -95,9 +106,8 @@ def rows(base, spaces, dtypes=("float32", "bfloat16"), remats=(False, True),
               f"train.compute_dtype='{dtype}'", f"train.devices={space}", "mesh.data=1",
               f"mesh.space={space}", f"model.remat={remat}", f"train.remat_loss={remat}",
               "model.conv='native'"])
-          with warp_path(mode):
-            r = dict(analyse(config, space), space=space, compute_dtype=dtype, remat=remat,
-                     warp=warp, shape=list(base.data.shape))
+          r = dict(analyse(config, space, environment.WARP_MODES[mode]), space=space,
+                   compute_dtype=dtype, remat=remat, warp=warp, shape=list(base.data.shape))
           out.append(r)
           log(f"| {'x'.join(map(str, base.data.shape))} | {space} | {dtype} | "
               f"{'UNet levels + loss' if remat else 'no'} | {warp} | {r['arguments']:.2f} | "
@@ -142,13 +152,14 @@ HEADER = ("| shape | space | compute dtype | remat | warp | arguments GiB | temp
 
 
 def _warp_modes(text: str) -> tuple[str, ...]:
-  """``--warp``: comma-separated ``JAXREG_WARP`` values, each checked."""
-  from jaxreg import warp_ffi
+  """``--warp``: comma-separated ``JAXREG_WARP`` values (``auto``, ``ffi``, ``jax``), each
+  checked."""
+  from jaxreg.pipeline import environment
   modes = tuple(m.strip() for m in text.split(",") if m.strip())
-  bad = [m for m in modes if m not in warp_ffi.MODES]
+  bad = [m for m in modes if m not in environment.WARP_MODES]
   if bad or not modes:
     raise argparse.ArgumentTypeError(f"{text!r}: each of a comma-separated list must be one "
-                                     f"of {', '.join(warp_ffi.MODES)}")
+                                     f"of {', '.join(environment.WARP_MODES)}")
   return modes
 
 
@@ -160,7 +171,8 @@ def main(argv=None) -> int:
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--remat", default="no,yes", help="no, yes or no,yes")
   p.add_argument("--warp", default="auto,jax", type=_warp_modes,
-                 help="JAXREG_WARP values to compile with (auto: the C++ kernel on a CPU)")
+                 help="warp paths to compile with, as JAXREG_WARP's values (auto: the C++ "
+                      "kernel on a CPU)")
   p.add_argument("--json", help="also write the rows to this JSON file")
   p.add_argument("--plot", help="also plot GiB per device against space into this PNG")
   args = p.parse_args(argv)

@@ -7,7 +7,10 @@ the :mod:`benchmarks.families` cases with the given indices (default 10 and
 11: the sweep's seeds, disjoint from ``benchmarks/register.py``'s 0 and 1), once
 per network lambda; with ``--candidate FOLDER`` also with that (unconditioned)
 model. Printed per lambda: Dice over the 12 organs / TRE (mm) per family and
-the mean TRE. Behind :data:`jaxreg.register.REFINE_START_REG_WEIGHT`.
+the mean TRE. Behind :data:`jaxreg.pipeline.register.REFINE_START_REG_WEIGHT`. The
+environment is read once, as ``jaxreg register`` reads it
+(:func:`jaxreg.pipeline.environment.configure`): the registrations run with its warp
+``implementation``, inside its stage cache.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import families  # noqa: E402
 
 
 def main() -> None:
-  from jaxreg import compilation, evaluation, register, weights
+  from jaxreg.eval import evaluation
+  from jaxreg.io import weights
+  from jaxreg.pipeline import environment
+  from jaxreg.pipeline import register
+  from jaxreg.pipeline import stages
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--indices", default="10,11")
   parser.add_argument("--lambdas", default="0.5,3,20,50,100")
@@ -31,7 +38,7 @@ def main() -> None:
                       help="also a model folder without lambda conditioning (e.g. "
                            "benchmarks/candidates/demo_8mm)")
   args = parser.parse_args()
-  compilation.enable_cache()
+  settings = environment.configure()
   net, config = weights.demo_model()
   cases = [families.make_case(f, int(i)) for f in families.FAMILIES
            for i in args.indices.split(",")]
@@ -41,9 +48,10 @@ def main() -> None:
   for name, n, c, lam in setups:
     results: dict[str, list] = {}
     for case in cases:
-      disp = register.register(case.fixed, case.moving, net=n, config=c,
-                               reg_weight=lam).displacement_mm
-      s = evaluation.score(case, disp, families.ORGANS)
+      with stages.enabled(settings.stage_folder):
+        disp = register.register(case.fixed, case.moving, net=n, config=c, reg_weight=lam,
+                                 implementation=settings.implementation).displacement_mm
+      s = evaluation.case_metrics(case, disp, families.ORGANS)
       results.setdefault(case.name.rsplit("_", 1)[0], []).append((s["dice"], s["tre"]))
     cells = " ".join(f"{f} {np.mean([r[0] for r in v]):.4f}/{np.mean([r[1] for r in v]):.2f}"
                      for f, v in results.items())

@@ -12,8 +12,9 @@ on the same random data, measured in one run; the ratio is torch's time / jaxreg
   each window; torch: separable box sums by ``conv3d``, the same statistics),
   forward and gradient w.r.t. the warped image.
 
-Columns: each jaxreg warp path (``ffi``: the C++ kernel of ``jaxreg.warp_ffi``; ``jax``:
-``JAXREG_WARP=jax``) beside torch.
+Columns: each jaxreg warp path (``ffi``: the C++ kernel of ``jaxreg.ops.warp_kernel``,
+``implementation="ffi"``; ``jax``: the pure-JAX warp, ``implementation="xla"``, each passed
+to the timed calls) beside torch.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import (compiled, median_seconds, smooth_field, torch_lncc, torch_warp,
-                     warp_paths)
+from _common import (compiled, implementation, median_seconds, smooth_field, torch_lncc,
+                     torch_warp, warp_paths)
 
-from jaxreg import fields, losses
+from jaxreg.ops import fields
+from jaxreg.ops import losses
 
 WINDOW = 9
 STEPS = 7
@@ -36,16 +38,18 @@ STEPS = 7
 
 def _jax_cases(u, v, f, m, path):
   """Compiled callables per operation and pass, with the warp path ``path`` (``ffi``/``jax``)."""
-  compose_loss = lambda a, b: jnp.sum(fields.compose(a, b) ** 2)
-  svf_loss = lambda a: jnp.sum(fields.integrate(a, STEPS) ** 2)
+  impl = implementation(path)
+  compose = lambda a, b: fields.compose(a, b, implementation=impl)
+  integrate = lambda a: fields.integrate(a, STEPS, implementation=impl)
+  compose_loss = lambda a, b: jnp.sum(compose(a, b) ** 2)
+  svf_loss = lambda a: jnp.sum(integrate(a) ** 2)
   lncc = lambda a, b: losses.local_ncc(a, b, window=WINDOW)
-  run = lambda fn, *a: compiled(fn, *a, path=path)
   return {
-      "compose": {"fwd": run(fields.compose, u, v),
-                  "fwd+bwd": run(jax.grad(compose_loss, argnums=(0, 1)), u, v)},
-      "scaling and squaring": {"fwd": run(lambda a: fields.integrate(a, STEPS), v),
-                               "fwd+bwd": run(jax.grad(svf_loss), v)},
-      "LNCC": {"fwd": run(lncc, f, m), "fwd+bwd": run(jax.grad(lncc, argnums=1), f, m)},
+      "compose": {"fwd": compiled(compose, u, v),
+                  "fwd+bwd": compiled(jax.grad(compose_loss, argnums=(0, 1)), u, v)},
+      "scaling and squaring": {"fwd": compiled(integrate, v),
+                               "fwd+bwd": compiled(jax.grad(svf_loss), v)},
+      "LNCC": {"fwd": compiled(lncc, f, m), "fwd+bwd": compiled(jax.grad(lncc, argnums=1), f, m)},
   }
 
 
@@ -107,7 +111,8 @@ def main():
                       help="jaxreg warp paths (default: every one that runs here)")
   args = parser.parse_args()
   threads = args.torch_threads or os.cpu_count()
-  paths = args.paths or warp_paths()
+  found = warp_paths()  # loads the kernel where it builds
+  paths = args.paths or found
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}")
   head = " | ".join(f"jaxreg {p} (ms)" for p in paths)

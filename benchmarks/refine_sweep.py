@@ -5,12 +5,14 @@ Run: ``python benchmarks/refine_sweep.py [--index 10]``
 The pairs are :mod:`benchmarks.families` cases with index ``--index`` (default
 10: seeds disjoint from the benchmark's 0 and 1, so the defaults are not
 tuned on the pairs they are reported on). Each configuration of
-:class:`jaxreg.refine.RefineOptions` runs after the affine stage and the
+:class:`jaxreg.pipeline.refine.RefineOptions` runs after the affine stage and the
 shipped network; printed: Dice over the 12 organs and TRE (mm) per family and
 their means, the largest folding fraction and the refinement's mean seconds
 (warm: each configuration is compiled on an untimed first pair). The
-``demons (reference)`` row is :mod:`jaxreg.demons` on the same pairs (its
-whole registration's seconds).
+``demons (reference)`` row is :mod:`jaxreg.eval.demons` on the same pairs (its
+whole registration's seconds). The environment is read once, as ``jaxreg register`` reads
+it (:func:`jaxreg.pipeline.environment.configure`): the registrations run with its warp
+``implementation``, inside its stage cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402
 
-from jaxreg.refine import RefineOptions  # noqa: E402
+from jaxreg.pipeline.refine import RefineOptions  # noqa: E402
 
 # The rows before the smoothing ones pin smooth=0, reg_weight=1 (the defaults until
 # the smoothing sweep), so each row is the configuration that was measured.
@@ -84,7 +86,7 @@ CONFIGS = {
     "lncc smooth 2 reg 0.05 10,5,2.5 mm": RefineOptions(levels_mm=(10.0, 5.0, 2.5),
                                                         steps=(40, 60, 10), smooth=2,
                                                         reg_weight=0.05),
-    # The anchor, measured in the same run (jaxreg.demons; its total seconds in the last column).
+    # The anchor, measured in the same run (jaxreg.eval.demons; its total seconds in the last column).
     "demons (reference)": None,
 }
 
@@ -94,9 +96,20 @@ def main() -> None:
   parser.add_argument("--index", type=int, default=10)
   parser.add_argument("--configs", default=";".join(CONFIGS), help="names separated by ;")
   args = parser.parse_args()
-  from jaxreg import compilation, demons, evaluation, register, weights
-  compilation.enable_cache()
+  from jaxreg.eval import demons
+  from jaxreg.eval import evaluation
+  from jaxreg.io import weights
+  from jaxreg.pipeline import environment
+  from jaxreg.pipeline import register
+  from jaxreg.pipeline import stages
+  settings = environment.configure()
   net, config = weights.demo_model()
+
+  def run(case, options):
+    with stages.enabled(settings.stage_folder):
+      return register.register(case.fixed, case.moving, net=net, config=config, refine=options,
+                               implementation=settings.implementation)
+
   cases = [families.make_case(f, args.index) for f in families.FAMILIES]
   print("| refinement | " + " | ".join(f"Dice {f}" for f in families.FAMILIES)
         + " | " + " | ".join(f"TRE {f}" for f in families.FAMILIES)
@@ -105,18 +118,18 @@ def main() -> None:
   for name in args.configs.split(";"):
     options = CONFIGS[name]
     if options is not None:
-      register.register(cases[0].fixed, cases[0].moving, net=net, config=config, refine=options)
+      run(cases[0], options)
     dice, tre, fold, secs = [], [], [], []
     for case in cases:
       if options is None:
         start = time.perf_counter()
-        disp_mm = demons.register(case.fixed, case.moving)[0]
+        disp_mm = demons.run(case.fixed, case.moving)[0]
         secs.append(time.perf_counter() - start)
       else:
-        r = register.register(case.fixed, case.moving, net=net, config=config, refine=options)
+        r = run(case, options)
         disp_mm = r.displacement_mm
         secs.append(r.metrics["stage_seconds"].get("refine", 0.0))
-      s = evaluation.score(case, disp_mm, families.ORGANS)
+      s = evaluation.case_metrics(case, disp_mm, families.ORGANS)
       dice.append(s["dice"])
       tre.append(s["tre"])
       fold.append(s["folding"])

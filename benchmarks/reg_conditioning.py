@@ -7,7 +7,9 @@ Trained on configs/demo.py (48³ at 8 mm, synthetic pairs of the embedded CT) wi
 steps each: a FiLM-conditioned and a channel-conditioned network over lambda in
 ``model.reg_range`` = (0.1, 100), and fixed-lambda networks at three of the evaluated values.
 Evaluation: the validation pairs (held-out seeds) at each lambda of ``LAMBDAS``: mean Dice over
-the 12 organs, SDlogJ and the folding fraction of the network's field.
+the 12 organs, SDlogJ and the folding fraction of the network's field. ``JAXREG_WARP`` is
+read once at the start (:func:`jaxreg.pipeline.environment.configure`, without the
+compilation cache): ``auto`` loads the C++ warp kernel, which the warps then use on a CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def runs() -> dict[str, list[str]]:
 
 def train() -> None:
   from jaxreg import training
+  from jaxreg.pipeline import environment
+  environment.configure("off")  # $JAXREG_WARP: the kernel (auto) for the training's warps
   base = training.load_config(os.path.join(ROOT, "configs", "demo.py"))
   for name, overrides in runs().items():
     t = time.time()
@@ -51,27 +55,33 @@ def _load(name: str):
   """``(network, config, step)`` of run ``name``'s latest checkpoint."""
   import tempfile
 
-  from jaxreg import weights
+  from jaxreg.io import weights
   with tempfile.TemporaryDirectory() as tmp:
     step = weights.export_checkpoint(os.path.join(RUNS, name), os.path.join(tmp, "model"))
     return (*weights.load_weights(os.path.join(tmp, "model")), step)
 
 
-def score(net, config, lam: float | None, pairs) -> dict[str, float]:
-  """Mean Dice (organs present), SDlogJ and folding of the network's field at ``lam``."""
+def score(net, config, lam: float | None, pairs, implementation: str | None = None
+          ) -> dict[str, float]:
+  """Mean Dice (organs present), SDlogJ and folding of the network's field at ``lam``
+  (``implementation``: the warp's; :mod:`jaxreg.ops.warp`)."""
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxreg import metrics, model, warp
+  from jaxreg import metrics
+  from jaxreg.nn import model
+  from jaxreg.ops import warp
   dice, sd, fold = [], [], []
   classes = range(1, len(config.data.label_ids) + 1)
   for ex in pairs:
     reg = None if lam is None else jnp.full((1,), lam, jnp.float32)
     disp, _ = model.predict_displacement(net, jnp.asarray(ex["fixed"])[None],
                                          jnp.asarray(ex["moving"])[None],
-                                         method=config.decomposition, reg_weight=reg)
+                                         method=config.decomposition, reg_weight=reg,
+                                         implementation=implementation)
     disp = np.asarray(disp[0])
-    warped = np.asarray(warp.warp(ex["moving_labels"], disp, order=0))
+    warped = np.asarray(warp.warp(ex["moving_labels"], disp, order=0,
+                                  implementation=implementation))
     dice.append(metrics.finite_mean(metrics.dice(ex["fixed_labels"], warped, classes)))
     sd.append(metrics.sdlogj(disp))
     fold.append(metrics.folding_fraction(disp))
@@ -85,7 +95,9 @@ def evaluate() -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  from jaxreg.pipeline import environment
   from jaxreg.training import sources
+  implementation = environment.configure("off").implementation
   results: dict[str, dict] = {}
   pairs = None
   for name in runs():
@@ -100,9 +112,13 @@ def evaluate() -> None:
       _, _, val_source, num_val = sources.make_sources(config)
       pairs = [val_source(i) for i in range(num_val)]
     if name.startswith("fixed_"):
-      results[name] = {float(config.loss.reg_weight): score(net, config, None, pairs)}
+      results[name] = {float(config.loss.reg_weight): score(net, config, None, pairs,
+                                                            implementation)}
     else:
-      results[name] = {lam: score(net, config, lam, pairs) for lam in LAMBDAS}
+      results[name] = {lam: score(net, config, lam, pairs, implementation) for lam in LAMBDAS}
+  if pairs is None:
+    print("no trained run to evaluate")
+    return
   identity = score_identity(pairs)
   print(f"{len(pairs)} validation pairs (held-out seeds), {jax.devices()[0].platform}, "
         f"{time.strftime('%Y-%m-%d')}; identity Dice {identity:.4f}")

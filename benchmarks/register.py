@@ -7,7 +7,7 @@ Pairs: :mod:`benchmarks.families` (the embedded CT at 2.5 mm, 144x144x133,
 deformed by families the training never uses: local smooth motion,
 breathing, a misaligned start, a contrast-phase change, heavy noise), with
 exact ground truth. Every method registers every pair in this process and is
-scored the same way on the fixed grid (:func:`jaxreg.evaluation.score`):
+scored the same way on the fixed grid (:func:`jaxreg.eval.evaluation.case_metrics`):
 Dice over the 12 organs and over every label, HD95 (mm, 12 organs), TRE (mm,
 100 keypoints in the organs mapped by the true field), SDlogJ, folding, and
 the method's own registration seconds (jaxreg is compiled on a first,
@@ -18,8 +18,8 @@ untimed pair: a warm process, as in a batch). Methods:
 * ``jaxreg``: ``jaxreg register``'s default (affine + network + refinement, LNCC);
 * ``jaxreg-mind``: the same with MIND-SSC refinement;
 * ``jaxreg-bending``: the same with a bending-energy regulariser (weight 0.3);
-* ``elastix``: :mod:`jaxreg.elastix` (B-spline, 3 resolutions, as shipped);
-* ``demons``: :mod:`jaxreg.demons` (SimpleITK multi-resolution demons).
+* ``elastix``: :mod:`jaxreg.eval.elastix` (B-spline, 3 resolutions, as shipped);
+* ``demons``: :mod:`jaxreg.eval.demons` (SimpleITK multi-resolution demons).
 
 ``--process`` also times ``jaxreg register`` as whole processes (imports,
 loading, compilation or cache, registration, writing) for one pair of this
@@ -27,10 +27,15 @@ size and one small pair (80x80x70), with an empty and with a warm
 compilation cache, and warm with the exported stages off (``JAXREG_EXPORTED=off``:
 traced and lowered again, only XLA's compilation cached).
 
+In this process the environment is read once, as ``jaxreg register`` reads it
+(:func:`jaxreg.pipeline.environment.configure`: ``JAXREG_WARP``, ``JAXREG_JAX_CACHE``,
+``JAXREG_EXPORTED``...), and jaxreg's registrations run with its warp ``implementation``
+and inside its stage cache (:func:`jaxreg.pipeline.stages.enabled`), as the command does.
+
 ``--warp-paths`` times ``jaxreg``'s default with the C++ warp kernel and with the pure-JAX
-warp (``JAXREG_WARP``), interleaved pair by pair in one warm process: the refinement
-stage's and the whole registration's median seconds per path, their ratio, and each
-path's Dice/TRE (the two paths agree to rounding per step; the optimiser's steps let the
+warp (``implementation="ffi"`` and ``"xla"``), interleaved pair by pair in one warm process:
+the refinement stage's and the whole registration's median seconds per path, their ratio,
+and each path's Dice/TRE (the two paths agree to rounding per step; the optimiser's steps let the
 fields drift apart in flat background, not in the organs).
 
 Outputs: per-pair rows and the per-family table on stdout, and
@@ -57,9 +62,11 @@ METHODS = ("before", "network", "jaxreg", "jaxreg-mind", "jaxreg-bending", "elas
 COLUMNS = ("dice12", "dice_all", "hd95", "tre", "sdlogj", "folding", "seconds")
 
 
-def _run(method: str, case, net, config):
-  from jaxreg import demons, elastix, register
-  from jaxreg.refine import RefineOptions
+def _run(method: str, case, net, config, implementation=None):
+  from jaxreg.eval import demons
+  from jaxreg.eval import elastix
+  from jaxreg.pipeline import register
+  from jaxreg.pipeline.refine import RefineOptions
   if method == "before":
     return np.zeros(case.fixed.shape + (3,), np.float32)
   if method.startswith("network") or method.startswith("jaxreg"):
@@ -67,44 +74,50 @@ def _run(method: str, case, net, config):
               "jaxreg-mind": RefineOptions(similarity="mind"),
               "jaxreg-bending": RefineOptions(regulariser="bending", reg_weight=0.3)}[method]
     return register.register(case.fixed, case.moving, net=net, config=config,
-                             refine=refine).displacement_mm
+                             refine=refine, implementation=implementation).displacement_mm
   if method == "elastix":
-    return elastix.register(case.fixed, case.moving)[0]
+    return elastix.run(case.fixed, case.moving)[0]
   if method == "demons":
-    return demons.register(case.fixed, case.moving)[0]
+    return demons.run(case.fixed, case.moving)[0]
   raise ValueError(method)
 
 
 def _score(case, disp):
-  from jaxreg import evaluation
-  organs = evaluation.score(case, disp, families.ORGANS)
-  every = evaluation.score(case, disp, None)
+  from jaxreg.eval import evaluation
+  organs = evaluation.case_metrics(case, disp, families.ORGANS)
+  every = evaluation.case_metrics(case, disp, None)
   return {"dice12": organs["dice"], "dice_all": every["dice"], "hd95": organs["hd95"],
           "tre": organs["tre"], "sdlogj": organs["sdlogj"], "folding": organs["folding"]}
 
 
 def accuracy(per_family: int, methods, out: str | None) -> list[dict]:
-  from jaxreg import compilation, demons, elastix, weights
-  compilation.enable_cache()
+  from jaxreg.eval import demons
+  from jaxreg.eval import elastix
+  from jaxreg.io import weights
+  from jaxreg.pipeline import environment
+  from jaxreg.pipeline import stages
+  settings = environment.configure()
   methods = [m for m in methods
              if not (m == "elastix" and not elastix.available())
              and not (m == "demons" and not demons.available())]
   cases = families.make_cases(per_family=per_family)
   net, config = weights.demo_model()
-  for m in methods:  # compile (or read the cache) once, untimed
-    if m.startswith("network") or m.startswith("jaxreg"):
-      _run(m, cases[0], net, config)
+  run = lambda m, case: _run(m, case, net, config, settings.implementation)
   rows = []
-  for case in cases:
-    for m in methods:
-      t0 = time.time()
-      disp = _run(m, case, net, config)
-      seconds = time.time() - t0
-      row = {"pair": case.name, "family": case.name.rsplit("_", 1)[0], "method": m,
-             **_score(case, disp), "seconds": seconds if m != "before" else 0.0}
-      rows.append(row)
-      print(f"{case.name:14s} {m:12s} " + " ".join(f"{k} {row[k]:.4g}" for k in COLUMNS),
-            flush=True)
+  with stages.enabled(settings.stage_folder):
+    for m in methods:  # compile (or read the cache) once, untimed
+      if m.startswith("network") or m.startswith("jaxreg"):
+        run(m, cases[0])
+    for case in cases:
+      for m in methods:
+        t0 = time.time()
+        disp = run(m, case)
+        seconds = time.time() - t0
+        row = {"pair": case.name, "family": case.name.rsplit("_", 1)[0], "method": m,
+               **_score(case, disp), "seconds": seconds if m != "before" else 0.0}
+        rows.append(row)
+        print(f"{case.name:14s} {m:12s} " + " ".join(f"{k} {row[k]:.4g}" for k in COLUMNS),
+              flush=True)
   table = tables(rows, methods)
   print(table)
   if out:
@@ -193,19 +206,25 @@ def warp_paths(per_family: int, repeats: int = 2) -> str:
   """``jaxreg``'s default with each warp path, interleaved; a markdown table."""
   import statistics
 
-  from _common import warp_path
+  from _common import implementation
 
-  from jaxreg import compilation, register, weights
-  compilation.enable_cache()
+  from jaxreg.io import weights
+  from jaxreg.ops import warp_kernel
+  from jaxreg.pipeline import environment
+  from jaxreg.pipeline import register
+  from jaxreg.pipeline import stages
+  settings = environment.configure()
+  warp_kernel.load(required=True)  # the "ffi" path, whatever $JAXREG_WARP says
   cases = families.make_cases(per_family=per_family)
   net, config = weights.demo_model()
   paths = ("ffi", "jax")
   seconds = {p: {"refine": [], "total": []} for p in paths}
   scores = {p: [] for p in paths}
 
-  def run(path, case):
-    with warp_path(path):  # read while tracing: each path its own programs
-      return register.register(case.fixed, case.moving, net=net, config=config)
+  def run(path, case):  # each path its own programs
+    with stages.enabled(settings.stage_folder):
+      return register.register(case.fixed, case.moving, net=net, config=config,
+                               implementation=implementation(path))
 
   for p in paths:  # compile or load, untimed
     run(p, cases[0])

@@ -12,6 +12,12 @@ coarse first, the moving image warped trilinearly, loss = -LNCC(9) + 0.5 *
 float32. Time: median of ``--repeats`` steps after two warm-up steps. Peak
 memory: the process's peak resident set (``ru_maxrss``) grows monotonically, so
 each size is run in a fresh subprocess.
+
+Warp: each subprocess reads ``JAXREG_WARP`` once, as the command line does
+(:func:`jaxreg.pipeline.environment.configure`, without the compilation cache: ``auto``
+loads the C++ kernel, used on a CPU), and passes it to the step as the warp's
+``implementation``; ``--warp-compare`` starts them with ``JAXREG_WARP=ffi`` and ``=jax``.
+``--warp-ceiling`` passes ``implementation="ffi"`` and ``"xla"`` in this process.
 """
 
 from __future__ import annotations
@@ -39,18 +45,22 @@ def _shape(size: str) -> tuple[int, int, int]:
   return tuple(parts * 3) if len(parts) == 1 else tuple(parts)
 
 
-def jaxreg_step(n, conv: str, infer: bool = False, network_only: bool = False):
+def jaxreg_step(n, conv: str, infer: bool = False, network_only: bool = False,
+                implementation: str | None = None):
   """One jitted Adam step (or, with ``infer``, one forward pass + warp) on random volumes.
 
   ``network_only``: the step without composition, warp and LNCC, the loss being the
   sub-fields' diffusion and squares: the floor that any speed-up of the warp, the
-  composition or the similarity leaves."""
+  composition or the similarity leaves. ``implementation``: the warp's, in the composition
+  and the warp (``None``, ``"xla"``, ``"ffi"``; :mod:`jaxreg.ops.warp`)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   import optax
 
-  from jaxreg import losses, model, warp
+  from jaxreg.ops import losses
+  from jaxreg.nn import model
+  from jaxreg.ops import warp
 
   net = model.RegistrationNet(widths=WIDTHS, num_subfields=K, conv=conv, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(net)
@@ -63,8 +73,9 @@ def jaxreg_step(n, conv: str, infer: bool = False, network_only: bool = False):
     if network_only:
       subs = nnx.merge(graphdef, params)(f, m)
       return sum(jnp.mean(jax.vmap(losses.diffusion)(u)) + jnp.mean(u ** 2) for u in subs)
-    disp, subs = model.predict_displacement(nnx.merge(graphdef, params), f, m)
-    warped = warp.warp_batch(m, disp)
+    disp, subs = model.predict_displacement(nnx.merge(graphdef, params), f, m,
+                                            implementation=implementation)
+    warped = warp.warp_batch(m, disp, implementation=implementation)
     sim = -jnp.mean(jax.vmap(losses.local_ncc)(f, warped))
     reg = sum(jnp.mean(jax.vmap(losses.diffusion)(u)) for u in subs) / K
     return sim + 0.5 * reg + 0.5 * jnp.mean(jax.vmap(losses.diffusion)(disp))
@@ -72,8 +83,9 @@ def jaxreg_step(n, conv: str, infer: bool = False, network_only: bool = False):
   if infer:
     @jax.jit
     def predict(params):
-      disp, _ = model.predict_displacement(nnx.merge(graphdef, params), f, m)
-      return warp.warp_batch(m, disp)
+      disp, _ = model.predict_displacement(nnx.merge(graphdef, params), f, m,
+                                           implementation=implementation)
+      return warp.warp_batch(m, disp, implementation=implementation)
     return lambda: predict(params).block_until_ready()
 
   @jax.jit
@@ -134,7 +146,7 @@ def torch_step(n: int, threads: int, infer: bool = False):
     grid = ((base + disp) * (2.0 / (n - 1)) - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
     return tf.grid_sample(img, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
-  def upsample(u):  # resize with align_corners and magnitude scaling, as jaxreg.fields.resize
+  def upsample(u):  # resize with align_corners and magnitude scaling, as jaxreg.ops.fields.resize
     return tf.interpolate(u, size=(n, n, n), mode="trilinear", align_corners=True) * (
         (n - 1) / (u.shape[2] - 1))
 
@@ -184,15 +196,17 @@ def torch_step(n: int, threads: int, infer: bool = False):
 def warp_ceiling(sizes, repeats: int) -> None:
   """The step with the kernel, with the pure-JAX warp and without any warp, timed in turn
   in one process: how much faster the warp could still make the step."""
-  from _common import interleaved_medians, warp_path
+  from _common import implementation, interleaved_medians
+
+  from jaxreg.ops import warp_kernel
+  warp_kernel.load(required=True)
   print("\n| size | step, warp kernel | step, pure-JAX warp | network only | pure-JAX / kernel | "
         "ceiling: pure-JAX / network only |\n| --- | ---: | ---: | ---: | ---: | ---: |")
   for size in sizes:
     fns = []
     for path in ("ffi", "jax"):
-      with warp_path(path):  # read while tracing: trace now, under this path
-        fns.append(jaxreg_step(size, "auto"))
-        fns[-1]()
+      fns.append(jaxreg_step(size, "auto", implementation=implementation(path)))
+      fns[-1]()
     fns.append(jaxreg_step(size, "auto", network_only=True))
     t = interleaved_medians(fns, repeats, warmup=2)
     print(f"| {size}³ | {t[0]:.3f} s | {t[1]:.3f} s | {t[2]:.3f} s | {t[1] / t[0]:.2f}x | "
@@ -205,7 +219,12 @@ def _child(args):
   if impl == "torch":
     run = torch_step(int(args.size), args.threads, infer)
   else:
-    run = jaxreg_step(args.size, impl.split(":")[1], infer)  # a size string: N or XxYxZ
+    from jaxreg.pipeline import environment
+    # $JAXREG_WARP (set by --warp-compare) read once, the kernel loaded unless "jax";
+    # no compilation cache ("off"), as ever
+    settings = environment.configure("off", quiet=True)
+    run = jaxreg_step(args.size, impl.split(":")[1], infer,  # a size string: N or XxYxZ
+                      implementation=settings.implementation)
   seconds = median_seconds(run, args.repeats, warmup=2)
   print(json.dumps({"seconds": seconds,
                     "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

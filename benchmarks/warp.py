@@ -13,17 +13,19 @@ displacement, what a network's training step needs) and ``both`` (image and
 displacement). Cotangents (``loss``): ``sum(w * warped)`` with a constant
 ``w`` (cheap, and unrepresentative: a real loss's cotangent depends on the
 warped image), ``mse`` ``mean((fixed - warped)^2)`` and ``lncc`` (9³ windows,
-``jaxreg.losses.local_ncc``; torch: ``avg_pool3d`` with the same statistics).
+``jaxreg.ops.losses.local_ncc``; torch: ``avg_pool3d`` with the same statistics).
 torch builds its sampling grid inside every timed call, as a step must.
 
-Paths: ``ffi`` is the C++ kernel of ``jaxreg.warp_ffi`` (when it builds),
-``jax`` the pure-JAX warp (``JAXREG_WARP=jax``). ``JAXREG_WARP_THREADS=1``
-runs the kernel on one thread.
+Paths: ``ffi`` is the C++ kernel of ``jaxreg.ops.warp_kernel`` (when it builds;
+``implementation="ffi"``), ``jax`` the pure-JAX warp (``implementation="xla"``), each
+passed explicitly to the timed calls. ``--kernel-threads 1`` runs the kernel on one
+thread (its ``threads`` argument; default: XLA's pool, one per core).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 
@@ -31,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import compiled, interleaved_medians, smooth_field, torch_lncc, torch_warp, warp_paths
+from _common import (compiled, implementation, interleaved_medians, smooth_field, torch_lncc,
+                     torch_warp, warp_paths)
 
-from jaxreg import losses
-from jaxreg import warp as W
+from jaxreg.ops import losses
+from jaxreg.ops import warp as W
 
 WINDOW = 9
 LOSSES = ("sum(w*warped)", "mse", "lncc")
@@ -48,13 +51,15 @@ JAX_LOSSES = {"sum(w*warped)": lambda f, w, x: jnp.sum(x * w),
               "lncc": lambda f, w, x: -losses.local_ncc(f, x, window=WINDOW)}
 
 
-def _jax_cases(img, disp, fixed, weights, path):
-  cases = {("fwd", "-"): compiled(W.warp, img, disp, path=path)}
+def _jax_cases(img, disp, fixed, weights, path, threads=None):
+  """Compiled callables per (pass, loss), with the warp path ``path`` (``ffi``/``jax``)."""
+  warp = functools.partial(W.warp, implementation=implementation(path), threads=threads)
+  cases = {("fwd", "-"): compiled(warp, img, disp)}
   for name, loss in JAX_LOSSES.items():
-    total = lambda i, d, f, w, loss=loss: loss(f, w, W.warp(i, d))
+    total = lambda i, d, f, w, loss=loss: loss(f, w, warp(i, d))
     for key, argnums in (("field", 1), ("both", (0, 1))):
       cases[(key, name)] = compiled(jax.grad(total, argnums=argnums), img, disp, fixed,
-                                    weights, path=path)
+                                    weights)
   return cases
 
 
@@ -90,14 +95,16 @@ def _torch_cases(img_np, disp_np, fixed_np, weights_np, threads):
   return cases
 
 
-def stored_vs_recomputed(sizes, repeats):
+def stored_vs_recomputed(sizes, repeats, threads=None):
   """The kernel's field gradient (MSE and LNCC cotangents) with the samples' derivatives
-  kept from the forward pass (``jaxreg.warp_ffi._STORED_CHANNELS = 1``, the default) and
+  kept from the forward pass (``jaxreg.ops.warp_kernel._STORED_CHANNELS = 1``, the default) and
   recomputed in the backward pass (``0``), timed in turn in one process."""
-  from jaxreg import warp_ffi
+  from jaxreg.ops import warp_kernel
+  warp_kernel.load(required=True)
+  warp = functools.partial(W.warp, implementation="ffi", threads=threads)
   print("| size | loss | derivatives kept (ms) | recomputed (ms) | recomputed / kept |")
   print("| --- | --- | ---: | ---: | ---: |")
-  default = warp_ffi._STORED_CHANNELS
+  default = warp_kernel._STORED_CHANNELS
   for n in sizes:
     rng = np.random.default_rng(n)
     img, fixed = (jnp.asarray(rng.normal(size=(n, n, n)).astype(np.float32)) for _ in "ab")
@@ -106,10 +113,10 @@ def stored_vs_recomputed(sizes, repeats):
       loss = JAX_LOSSES[name]
       fns = []
       for stored in (1, 0):  # traced (inside compiled) with the setting in force
-        warp_ffi._STORED_CHANNELS = stored
-        fns.append(compiled(jax.grad(lambda i, d, f, loss=loss: loss(f, None, W.warp(i, d)),
-                                     argnums=1), img, disp, fixed, path="ffi"))
-      warp_ffi._STORED_CHANNELS = default
+        warp_kernel._STORED_CHANNELS = stored
+        fns.append(compiled(jax.grad(lambda i, d, f, loss=loss: loss(f, None, warp(i, d)),
+                                     argnums=1), img, disp, fixed))
+      warp_kernel._STORED_CHANNELS = default
       kept, again = interleaved_medians(fns, repeats)
       print(f"| {n}³ | {name} | {kept * 1e3:.1f} | {again * 1e3:.1f} | {again / kept:.2f} |",
             flush=True)
@@ -123,17 +130,20 @@ def main():
                       help="torch intra-op threads (default: all cores, as JAX)")
   parser.add_argument("--paths", nargs="+", default=None, choices=("ffi", "jax"),
                       help="jaxreg warp paths (default: every one that runs here)")
+  parser.add_argument("--kernel-threads", type=int, default=None,
+                      help="the C++ kernel's threads (default: all, XLA's pool)")
   parser.add_argument("--stored", action="store_true",
                       help="only the kernel's field gradient with the derivatives kept from "
                            "the forward pass vs recomputed (in turn, one process)")
   args = parser.parse_args()
   if args.stored:
-    return stored_vs_recomputed(args.sizes, args.repeats)
+    return stored_vs_recomputed(args.sizes, args.repeats, args.kernel_threads)
   threads = args.torch_threads or os.cpu_count()
-  paths = args.paths or warp_paths()
+  found = warp_paths()  # loads the kernel where it builds
+  paths = args.paths or found
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}, "
-        f"kernel threads {os.environ.get('JAXREG_WARP_THREADS') or 'all'}")
+        f"kernel threads {args.kernel_threads or 'all'}")
   head = " | ".join(f"jaxreg {p} (ms)" for p in paths)
   ratio = " | ".join(f"torch / {p}" for p in paths)
   print(f"| size | pass | loss | {head} | torch (ms) | {ratio} |")
@@ -146,7 +156,7 @@ def main():
     weights = rng.normal(size=shape).astype(np.float32)
     disp = smooth_field(shape, 4.0, seed=n)
     arrays = [jnp.asarray(a) for a in (img, disp, fixed, weights)]
-    ours = {p: _jax_cases(*arrays, path=p) for p in paths}
+    ours = {p: _jax_cases(*arrays, path=p, threads=args.kernel_threads) for p in paths}
     theirs = _torch_cases(img, disp, fixed, weights, threads)
     for key in ours[paths[0]]:
       fns = [ours[p][key] for p in paths] + ([] if theirs is None else [theirs[key]])

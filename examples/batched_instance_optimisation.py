@@ -30,7 +30,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxreg import data, losses, metrics, optim, preprocess, warp
+from jaxreg import data
+from jaxreg.ops import losses
+from jaxreg import metrics
+from jaxreg.ops import optim
+from jaxreg.io import resample as preprocess
+from jaxreg.ops import warp
 
 ORGANS = (5, 1, 2, 3, 51)  # liver, spleen, kidneys, heart (TotalSegmentator ids)
 

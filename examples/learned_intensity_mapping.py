@@ -4,13 +4,13 @@ learning the intensity mapping and the deformation together.
 The fixed images here show another "contrast": their intensities go through
 ``g(x) = (1 - x)**3`` (inverted and bent), so a plain mean-squared-error registration is
 pulled the wrong way. The model below is ordinary Flax NNX: a displacement field parameter
-(``[X, Y, Z, 3]``, voxels) and a small per-voxel MLP, with ``jaxreg.warp.warp`` between them:
+(``[X, Y, Z, 3]``, voxels) and a small per-voxel MLP, with ``jaxreg.ops.warp.warp`` between them:
 
     prediction = mapping(warp(moving, field))
     loss       = mean((fixed - prediction)**2) + alpha * diffusion(field)
 
 Both are trained by one Adam optimiser through the warp, in one jitted ``lax.scan``
-(:func:`jaxreg.optim.minimise` over the model's pure parameters). The script prints Dice of
+(:func:`jaxreg.ops.optim.minimise` over the model's pure parameters). The script prints Dice of
 the warped organ labels: before, with MSE and no mapping, and with the learned mapping.
 
   python examples/learned_intensity_mapping.py          # 3 pairs, 32³ at 10 mm
@@ -27,7 +27,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxreg import data, losses, metrics, optim, preprocess, warp
+from jaxreg import data
+from jaxreg.ops import losses
+from jaxreg import metrics
+from jaxreg.ops import optim
+from jaxreg.io import resample as preprocess
+from jaxreg.ops import warp
 
 ORGANS = (5, 1, 2, 3, 51)  # liver, spleen, kidneys, heart (TotalSegmentator ids)
 

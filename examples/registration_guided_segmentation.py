@@ -39,8 +39,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxreg import data, losses, metrics, model, preprocess, warp
-from jaxreg.inputs import class_lut, to_classes
+from jaxreg import data
+from jaxreg.ops import losses
+from jaxreg import metrics
+from jaxreg.nn import model
+from jaxreg.io import resample as preprocess
+from jaxreg.ops import warp
+from jaxreg.nn.inputs import class_lut, to_classes
 
 ORGANS = (5, 1, 2, 3, 51)  # liver, spleen, kidneys, heart (TotalSegmentator ids)
 LUT = class_lut(ORGANS)

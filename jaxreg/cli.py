@@ -14,25 +14,30 @@ import sys
 import numpy as np
 
 import jaxreg
+from jaxreg.types import Volume
 
 class UserError(Exception):
   """An error caused by the user's input: reported as one line, exit code 2."""
 
 
-def _write_example(folder: str, net, config) -> None:
+def _write_example(folder: str, net, config, implementation: str | None) -> None:
   """Demo evaluation pair 0 (the embedded CT's own 2.5 mm grid) through :func:`register`:
   its outputs and report.png, plus the pair itself and the true displacement."""
-  from jaxreg import data, io, outputs, register
+  from jaxreg import data
+  from jaxreg import io
+  from jaxreg.pipeline import outputs
+  from jaxreg.pipeline import register
 
   d = config.data
   pair = data.demo_pair(0, split="eval", max_disp_mm=d.max_disp_mm,
                         control_spacing_mm=d.control_spacing_mm, breathing_mm=d.breathing_mm,
                         contrast=d.contrast, noise_std=d.noise_hu)
-  vol = lambda a: io.Volume(a, pair.affine)
+  vol = lambda a: Volume(a, pair.affine)
   fixed, moving = vol(pair.fixed), vol(pair.moving)
   fixed_labels, moving_labels = vol(pair.fixed_labels), vol(pair.moving_labels)
   result = register.register(fixed, moving, net=net, config=config, fixed_labels=fixed_labels,
-                             moving_labels=moving_labels, affine="none")
+                             moving_labels=moving_labels, affine="none",
+                             implementation=implementation)
   outputs.write_registration(result, folder, fixed=fixed, moving=moving,
                              fixed_labels=fixed_labels, moving_labels=moving_labels,
                              title="demo evaluation pair 0", label_ids=tuple(d.label_ids))
@@ -50,9 +55,12 @@ def _demo(args: argparse.Namespace) -> int:
 
   from flax import nnx
 
-  from jaxreg import compilation, io, training, weights
+  from jaxreg import io
+  from jaxreg import training
+  from jaxreg.io import weights
+  from jaxreg.pipeline import environment, stages
 
-  compilation.enable_cache()
+  settings = environment.configure()
   io.check_output_dir(args.out)  # fail now, not after the training
   net, config = weights.demo_model()
   config = training.override(config, [f"data.val_pairs={args.pairs}"])
@@ -69,7 +77,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"2/3 evaluating on {args.pairs} held-out synthetic pairs ...")
     shipped = training.evaluate(config, nnx.to_pure_dict(nnx.state(net)))
     print("3/3 writing an example pair registered by the shipped model ...")
-    _write_example(os.path.join(tmp, "example"), net, config)
+    with stages.enabled(settings.stage_folder):
+      _write_example(os.path.join(tmp, "example"), net, config, settings.implementation)
     rows = [
         ("identity (no registration)", shipped["val_dice_identity"], 0.0),
         (f"shipped demo model ({config.train.steps} steps)", shipped["val_dice"],
@@ -95,8 +104,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _refine_options(args):
   """RefineOptions from the register flags (None with --no-refine)."""
-  from jaxreg.io import InputError
-  from jaxreg.refine import RefineOptions
+  from jaxreg.types import InputError
+  from jaxreg.pipeline.refine import RefineOptions
   if args.no_refine:
     return None
 
@@ -130,10 +139,12 @@ def _register_locked(args: argparse.Namespace) -> int:
 
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  from jaxreg import compilation, data, outputs, register, report, weights
+  from jaxreg import data
+  from jaxreg.io import weights
+  from jaxreg.pipeline import environment, outputs, register, report, stages
 
   report.import_in_background()  # report.png's matplotlib, beside reading and registering
-  compilation.enable_cache(args.jax_cache)
+  settings = environment.configure(args.jax_cache)
   if args.pairs is None and (args.fixed is None or args.moving is None):
     raise UserError("give --fixed and --moving, or --pairs pairs.csv")
   if args.pairs is not None and (args.fixed or args.moving):
@@ -142,8 +153,9 @@ def _register_locked(args: argparse.Namespace) -> int:
   if options is not None:
     options.checked((2.0,))  # bad flags fail now, before any file is read
   specs = data.read_pairs_csv(args.pairs) if args.pairs else None
+  pair = None
   if specs is None:
-    fixed, moving, fixed_labels, moving_labels = register.load_pair(
+    pair = register.load_pair(
         data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels),
         series=args.series)
   try:
@@ -152,20 +164,32 @@ def _register_locked(args: argparse.Namespace) -> int:
   except RuntimeError as e:  # e.g. --device gpu without a GPU
     raise UserError(f"--device {args.device}: {e}".splitlines()[0]) from e
   register.check_reg_weight(config, args.reg_weight)  # before any work
-  from jaxreg import mesh as _mesh
+  from jaxreg.ops import sharding as _mesh
   kwargs = dict(net=net, config=config, affine=args.affine, refine=options,
                 io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse,
-                mesh=_mesh.inference_mesh(args.mesh))
+                mesh=_mesh.inference_mesh(args.mesh), implementation=settings.implementation)
   write = functools.partial(outputs.write_registration, fmt=args.output_format)
-  if specs is not None:
-    rows = register.register_many(specs, args.out, write=write, series=args.series, **kwargs)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
-    print(f"jaxreg register: {len(rows)} pairs -> {args.out} ({counts['done']} done, "
-          f"{counts['skipped']} already complete, {counts['failed']} failed; summary.csv)")
-    for row in rows:
-      if row["status"] == "failed":
-        print(f"jaxreg register: error: {row['pair']}: {row['error']}", file=sys.stderr)
-    return 2 if counts["failed"] else 0
+  with stages.enabled(settings.stage_folder):
+    if specs is not None:
+      return _register_pairs(args, specs, kwargs, write)
+    return _register_one(args, pair, kwargs, write)
+
+
+def _register_pairs(args, specs, kwargs, write) -> int:
+  from jaxreg.pipeline import register
+  rows = register.register_many(specs, args.out, write=write, series=args.series, **kwargs)
+  counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+  print(f"jaxreg register: {len(rows)} pairs -> {args.out} ({counts['done']} done, "
+        f"{counts['skipped']} already complete, {counts['failed']} failed; summary.csv)")
+  for row in rows:
+    if row["status"] == "failed":
+      print(f"jaxreg register: error: {row['pair']}: {row['error']}", file=sys.stderr)
+  return 2 if counts["failed"] else 0
+
+
+def _register_one(args, pair, kwargs, write) -> int:
+  from jaxreg.pipeline import register
+  fixed, moving, fixed_labels, moving_labels = pair
   result = register.register(fixed, moving, fixed_labels=fixed_labels,
                              moving_labels=moving_labels, names=(args.fixed, args.moving),
                              **kwargs)
@@ -259,31 +283,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  from jaxreg import warp_ffi
+  from jaxreg.pipeline import environment
+  from jaxreg.types import InputError
   try:
-    warp_ffi.check_environment()
-  except (ValueError, warp_ffi.KernelError) as e:
+    environment.warp_implementation()  # a bad $JAXREG_WARP fails before any work
+  except InputError as e:
     print(f"jaxreg: error: {e}", file=sys.stderr)
     return 2
   if argv[:1] == ["train"]:  # its own flags, including --config.FIELD=VALUE overrides
     from jaxreg.training.main import main as train_main
     return train_main(argv[1:], prog="jaxreg train")
   if argv[:1] == ["evaluate"]:
-    from jaxreg.evaluation import main as evaluate_main
+    from jaxreg.eval.evaluation import main as evaluate_main
     return evaluate_main(argv[1:], prog="jaxreg evaluate")
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()
     return 2
-  from jaxreg import interrupt
-  from jaxreg.io import InputError
+  from jaxreg.io import interrupt
+  from jaxreg.ops.warp_kernel import KernelError
+  from jaxreg.types import InputError
   with interrupt.interruptible():
     try:
       rc = args.func(args)
       interrupt.check()  # a signal dropped after the last output was written
       return rc
-    except (UserError, InputError) as e:
+    except (UserError, InputError, KernelError) as e:
       print(f"jaxreg {args.command}: error: {e}", file=sys.stderr)
       return 2
     except KeyboardInterrupt as e:

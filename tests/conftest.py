@@ -12,9 +12,15 @@ jax.config.update(
     os.environ.get("JAXREG_JAX_CACHE", os.path.expanduser("~/.cache/jaxreg/jax")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+from jaxreg.ops import warp_kernel  # noqa: E402
+
+# The CPU warp kernel, as the CLI loads it (tests/test_warp_ffi.py compares it with XLA;
+# a fresh process that never loads it runs XLA: tested there too).
+warp_kernel.load(required=True)
+
 import pytest  # noqa: E402
 
-from jaxreg import losses as L  # noqa: E402
+from jaxreg.ops import losses as L  # noqa: E402
 
 @pytest.fixture
 def scratch_registry():

@@ -1,4 +1,4 @@
-"""jaxreg.affine: parameters against scipy rotations, recovery of a known affine on the demo CT,
+"""jaxreg.pipeline.affine: parameters against scipy rotations, recovery of a known affine on the demo CT,
 and the ITK text file applied by SimpleITK."""
 
 import numpy as np
@@ -6,9 +6,12 @@ import pytest
 import scipy.spatial.transform as sst
 import SimpleITK as sitk
 
-from jaxreg import affine as AF
-from jaxreg import data, io, losses, preprocess
-from jaxreg.io import Volume
+from jaxreg.pipeline import affine as AF
+from jaxreg import data
+from jaxreg import io
+from jaxreg.ops import losses
+from jaxreg.io import resample as preprocess
+from jaxreg.types import Volume, Grid
 
 
 def _true_matrix(centre, angles=(10, -8, 15), scales=(1.08, 0.93, 1.05), shift=(25, -20, 15)):
@@ -64,7 +67,7 @@ def test_field_of_view_is_the_trilinear_sample_of_ones_with_zero_padding():
 def ct_and_moved():
   ct = data.demo().ct
   true = _true_matrix(AF.centre_of_mass(ct))
-  grid = preprocess.Grid.of(ct)
+  grid = Grid.of(ct)
   # moving(q) = ct(M^-1 q): fixed p corresponds to moving M p
   moved = preprocess.resample_moving(ct, AF.displacement_mm(np.linalg.inv(true), grid), grid,
                                      cval=-1024.0)
@@ -79,11 +82,11 @@ def _mean_error_mm(ct, m, true):
 def test_recovers_a_known_affine_on_the_demo_ct_within_1_mm(ct_and_moved):
   ct, moving, true = ct_and_moved
   assert _mean_error_mm(ct, np.eye(4), true) > 20  # the pair starts far apart
-  result = AF.register(ct, moving)
+  result = AF.align(ct, moving)
   assert _mean_error_mm(ct, result.matrix, true) < 1.0
   assert all(l[-1] < l[0] for l in result.losses) and result.seconds > 0
   # tol=None runs every step of both levels; the default stopped no worse than 0.1 mm from it
-  full = AF.register(ct, moving, tol=None)
+  full = AF.align(ct, moving, tol=None)
   assert [len(l) for l in full.losses] == [200, 100]
   assert all(1 <= len(l) <= n for l, n in zip(result.losses, (200, 100)))
   assert _mean_error_mm(ct, full.matrix, true) < 1.0
@@ -94,10 +97,10 @@ def test_rigid_keeps_an_orthonormal_matrix_and_recovers_a_rigid_map():
   ct = data.demo().ct
   true = _true_matrix(AF.centre_of_mass(ct), angles=(0, 6, -9), scales=(1, 1, 1),
                       shift=(-12, 8, 20))
-  grid = preprocess.Grid.of(ct)
+  grid = Grid.of(ct)
   moved = Volume(preprocess.resample_moving(ct, AF.displacement_mm(np.linalg.inv(true), grid),
                                             grid, cval=-1024.0), ct.affine)
-  result = AF.register(ct, moved, model="rigid")
+  result = AF.align(ct, moved, model="rigid")
   lin = result.matrix[:3, :3]
   np.testing.assert_allclose(lin @ lin.T, np.eye(3), atol=1e-5)
   assert np.all(result.params[6:] == 0)
@@ -141,4 +144,4 @@ def test_itk_text_applied_by_simpleitk_matches_jaxreg(tmp_path, ct_and_moved):
 def test_bad_options_raise(kwargs, match):
   ct = data.demo().ct
   with pytest.raises(ValueError, match=match):
-    AF.register(ct, ct, **kwargs)
+    AF.align(ct, ct, **kwargs)

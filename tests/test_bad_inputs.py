@@ -5,7 +5,6 @@ file, through the Python API (``jaxreg.io.load`` / ``load_labels`` raise ``Input
 The README's "Bad input" table lists the same cases.
 """
 
-import gzip
 import json
 import os
 import shutil
@@ -18,8 +17,9 @@ import pytest
 
 from conftest import write_dicom_series
 
-from jaxreg import cli, io
-from jaxreg.io import InputError
+from jaxreg import cli
+from jaxreg import io
+from jaxreg.types import InputError
 
 SHAPE = (24, 24, 24)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -57,7 +57,7 @@ def _truncated(d):
 
 
 def _bad_checkpoint(d):
-  from jaxreg import weights
+  from jaxreg.io import weights
   model = d / "model"
   shutil.copytree(weights.DEMO_MODEL, model)
   config = json.load(open(model / "config.json"))
@@ -262,7 +262,7 @@ def test_entry_points_print_one_line_without_traceback(tmp_path, argv, expect):
 
 def test_a_non_finite_field_is_never_written(files, tmp_path, capsys, monkeypatch):
   """If optimisation diverges (here: forced to NaN), register stops with one line and no output."""
-  from jaxreg import register
+  from jaxreg.pipeline import register
   monkeypatch.setattr(register, "instance_optimise",
                       lambda disp, *a, **k: (disp * np.nan, np.zeros(1)))
   rc = cli.main(["register", "--fixed", str(files / "fixed.nii.gz"), "--moving",
@@ -278,7 +278,7 @@ def test_a_diverging_refinement_is_one_line_and_writes_nothing(files, tmp_path, 
   """A refinement level whose loss turns non-finite (forced here) stops register: exit 2."""
   import jax.numpy as jnp
 
-  from jaxreg import refine
+  from jaxreg.pipeline import refine
   monkeypatch.setattr(refine, "optimise_level",
                       lambda base, *a, steps, **k: (base, jnp.full((steps,), jnp.nan)))
   rc = cli.main(["register", "--fixed", str(files / "fixed.nii.gz"), "--moving",

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from jaxreg import conv as C
-from jaxreg import model as M
+from jaxreg.nn import conv as C
+from jaxreg.nn import model as M
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 

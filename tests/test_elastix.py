@@ -8,8 +8,10 @@ shifted by a known world translation t, so fixed p corresponds to moving p + t.
 import numpy as np
 import scipy.spatial.transform as sst
 
-from jaxreg import data, elastix, preprocess
-from jaxreg.io import Volume
+from jaxreg import data
+from jaxreg.eval import elastix
+from jaxreg.io import resample as preprocess
+from jaxreg.types import Volume
 
 T = np.array([4.0, -3.0, 5.0])  # mm, RAS
 
@@ -49,7 +51,7 @@ def test_translation_field_is_t_everywhere_in_world_ras_mm(tmp_path, monkeypatch
   base = itk.ParameterObject.New().GetDefaultParameterMap("translation", 2)
   params = {k: list(base[k]) for k in base.keys()}
   params.update({"RandomSeed": ["0"], "MaximumNumberOfIterations": ["300"]})
-  disp, seconds = elastix.register(fixed, moving, params=params)
+  disp, seconds = elastix.run(fixed, moving, params=params)
   assert disp.shape == fixed.shape + (3,) and seconds > 0
   np.testing.assert_allclose(disp.reshape(-1, 3).mean(0), T, atol=0.3)
   assert np.ptp(disp.reshape(-1, 3), axis=0).max() < 1e-3  # a translation: constant field
@@ -63,7 +65,7 @@ def test_bspline_map_aligns_the_demo_ct_when_applied_by_jaxreg():
   shifted = grid.affine.copy()
   shifted[:3, 3] += T  # the same image one world translation away
   moving = Volume(fixed.array, shifted)
-  disp, _ = elastix.register(fixed, moving, params=elastix.parameter_map(iterations=80))
+  disp, _ = elastix.run(fixed, moving, params=elastix.parameter_map(iterations=80))
   before = preprocess.resample_moving(moving, np.zeros_like(disp), grid, cval=-1024.0)
   after = preprocess.resample_moving(moving, disp, grid, cval=-1024.0)
   inner = (slice(6, -6),) * 3

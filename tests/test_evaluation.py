@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from jaxreg import data, elastix, io
-from jaxreg import evaluation as E
-from jaxreg.io import Volume
+from jaxreg import data
+from jaxreg.eval import elastix
+from jaxreg import io
+from jaxreg.eval import evaluation as E
+from jaxreg.types import Volume
 
 LAS = np.diag([-2.0, 2.0, 2.0, 1.0])
 SHAPE = (20, 18, 16)
@@ -33,12 +35,12 @@ def _shifted_case():
 
 def test_score_identity_and_exact_field_against_closed_forms():
   case = _shifted_case()
-  ident = E.score(case, np.zeros(SHAPE + (3,), np.float32))
+  ident = E.case_metrics(case, np.zeros(SHAPE + (3,), np.float32))
   overlap = (10 - 2) * (9 - 1) * (8 - 3)  # the box against itself shifted by (2, 1, 3) voxels
   assert ident["dice"] == pytest.approx(2 * overlap / (2 * 10 * 9 * 8))
   assert ident["tre"] == pytest.approx(np.linalg.norm(T), abs=1e-4)
   assert ident["hd95"] > 0 and ident["folding"] == 0 and ident["sdlogj"] == pytest.approx(0)
-  exact = E.score(case, np.broadcast_to(T, SHAPE + (3,)).astype(np.float32))
+  exact = E.case_metrics(case, np.broadcast_to(T, SHAPE + (3,)).astype(np.float32))
   assert exact["dice"] == 1.0 and exact["hd95"] == 0.0
   assert exact["tre"] == pytest.approx(0, abs=1e-4)
   assert exact["folding"] == 0 and exact["sdlogj"] == pytest.approx(0, abs=1e-6)
@@ -47,7 +49,7 @@ def test_score_identity_and_exact_field_against_closed_forms():
 def test_score_without_labels_or_points_gives_nan():
   c = _shifted_case()
   bare = E.Case("bare", c.fixed, c.moving)
-  row = E.score(bare, np.zeros(SHAPE + (3,), np.float32))
+  row = E.case_metrics(bare, np.zeros(SHAPE + (3,), np.float32))
   assert np.isnan(row["dice"]) and np.isnan(row["hd95"]) and np.isnan(row["tre"])
 
 
@@ -179,7 +181,7 @@ def test_demo_evaluation_end_to_end(tmp_path):
 
 
 def _demo_config():
-  from jaxreg import weights
+  from jaxreg.io import weights
   return weights.demo_model()[1]
 
 

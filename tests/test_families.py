@@ -5,7 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxreg import grid, points, warp
+from jaxreg.ops import grid
+from jaxreg.ops import points
+from jaxreg.ops import warp
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "families.py")
 _spec = importlib.util.spec_from_file_location("families", _PATH)
@@ -58,12 +60,13 @@ def test_seeds_and_errors():
 def test_register_finds_a_large_breathing_residual_after_the_affine_stage():
   """Breathing motion of 15-20 mm is not affine: the network + refinement must find what is
   left after the affine stage (TRE against the exact keypoints)."""
-  from jaxreg import evaluation, register
+  from jaxreg.eval import evaluation
+  from jaxreg.pipeline import register
   case = families.make_case("breathing", 3, keypoints=100)
   disp = families.true_displacement("breathing", 3)
   assert np.abs(np.asarray(grid.disp_voxel_to_mm(disp, case.fixed.affine))).max() > 15.0
-  before = evaluation.score(case, np.zeros(case.fixed.shape + (3,), np.float32), families.ORGANS)
+  before = evaluation.case_metrics(case, np.zeros(case.fixed.shape + (3,), np.float32), families.ORGANS)
   result = register.register(case.fixed, case.moving)
-  after = evaluation.score(case, result.displacement_mm, families.ORGANS)
+  after = evaluation.case_metrics(case, result.displacement_mm, families.ORGANS)
   assert before["tre"] > 6.0 and after["tre"] < 2.5, (before["tre"], after["tre"])
   assert after["dice"] > before["dice"] + 0.15 and after["folding"] < 1e-3

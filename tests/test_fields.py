@@ -7,9 +7,9 @@ import pytest
 import scipy.linalg
 import scipy.ndimage as ndi
 
-from jaxreg import fields as F
-from jaxreg import grid as G
-from jaxreg import warp as W
+from jaxreg.ops import fields as F
+from jaxreg.ops import grid as G
+from jaxreg.ops import warp as W
 
 SHAPE = (16, 18, 14)
 

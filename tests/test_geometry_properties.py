@@ -4,7 +4,7 @@ overlap of the fields of view, every input format.
 
 A phantom is defined in world coordinates (mm), so it can be sampled exactly on any grid. The
 moving image is the phantom moved by a known rigid map ``T`` and sampled on its own random grid
-(another orientation, shape and field of view); ``jaxreg.register`` (rigid stage only) must
+(another orientation, shape and field of view); ``jaxreg.pipeline.register`` (rigid stage only) must
 recover ``T`` (its affine stage), and SimpleITK -- given only the written ``displacement`` file -- must reproduce
 jaxreg's warped labels and map points as ``jaxreg.transform_points`` does.
 """
@@ -19,7 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from jaxreg import io, itkio, outputs, points, register
+from jaxreg import io
+from jaxreg.io import itk as itkio
+from jaxreg.pipeline import outputs
+from jaxreg.ops import points
+from jaxreg.pipeline import register
 
 EXAMPLES = 10
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from jaxreg import grid as G
+from jaxreg.ops import grid as G
 
 
 def _oblique_affine():

@@ -100,7 +100,8 @@ def test_a_sigterm_dropped_in_a_finaliser_still_stops_the_commit(tmp_path):
   # Python runs the handler wherever the signal lands; inside a __del__ or a gc callback (JAX
   # registers one) its exception is printed as "Exception ignored" and dropped. The recorded
   # signal must still stop the rename, and a later interruptible() body starts clean.
-  from jaxreg import interrupt, io
+  from jaxreg.io import interrupt
+  from jaxreg import io
 
   class Finaliser:
     def __del__(self):

@@ -10,7 +10,8 @@ import scipy.ndimage as ndi
 import SimpleITK as sitk
 
 from jaxreg import io
-from jaxreg import warp as W
+from jaxreg.ops import warp as W
+from jaxreg.types import InputError, Volume
 
 SHAPE = (20, 24, 16)
 
@@ -194,7 +195,7 @@ BAD_FILES = {
 def test_bad_image_files_raise_input_error(tmp_path, case):
   make, message = BAD_FILES[case]
   path = make(tmp_path)
-  with pytest.raises(io.InputError, match=message) as err:
+  with pytest.raises(InputError, match=message) as err:
     io.load(path)
   assert str(path) in str(err.value)
 
@@ -204,16 +205,16 @@ def test_bad_label_maps(tmp_path):
   io.save(tmp_path / "img.nii.gz", smooth(0), a)
   img = io.load(tmp_path / "img.nii.gz")
   io.save(tmp_path / "other_grid.nii.gz", np.ones(SHAPE, np.uint8), np.eye(4))
-  with pytest.raises(io.InputError, match="affine differs from img.nii.gz"):
+  with pytest.raises(InputError, match="affine differs from img.nii.gz"):
     io.load_labels(tmp_path / "other_grid.nii.gz", like=img, like_path="img.nii.gz")
   io.save(tmp_path / "small.nii.gz", np.ones((8, 8, 8), np.uint8), a)
-  with pytest.raises(io.InputError, match=r"grid \(8, 8, 8\) differs"):
+  with pytest.raises(InputError, match=r"grid \(8, 8, 8\) differs"):
     io.load_labels(tmp_path / "small.nii.gz", like=img)
   io.save(tmp_path / "empty.nii.gz", np.zeros(SHAPE, np.uint8), a)
-  with pytest.raises(io.InputError, match="empty"):
+  with pytest.raises(InputError, match="empty"):
     io.load_labels(tmp_path / "empty.nii.gz")
   io.save(tmp_path / "float.nii.gz", smooth(3), a)
-  with pytest.raises(io.InputError, match="non-integer"):
+  with pytest.raises(InputError, match="non-integer"):
     io.load_labels(tmp_path / "float.nii.gz")
   io.save(tmp_path / "ok.nii.gz", (smooth(4) > 0).astype(np.uint8) * 5, a)
   labels = io.load_labels(tmp_path / "ok.nii.gz", like=img)
@@ -221,9 +222,9 @@ def test_bad_label_maps(tmp_path):
 
 
 def test_bad_output_paths(tmp_path):
-  with pytest.raises(io.InputError, match="must end in .nii"):
+  with pytest.raises(InputError, match="must end in .nii"):
     io.save(tmp_path / "x.png", smooth(0), np.eye(4))
-  with pytest.raises(io.InputError, match="does not exist"):
+  with pytest.raises(InputError, match="does not exist"):
     io.save(tmp_path / "no" / "x.nii.gz", smooth(0), np.eye(4))
   with pytest.raises(ValueError, match="NaN"):
     io.save_displacement(tmp_path / "d.nii.gz", np.full(SHAPE + (3,), np.nan), np.eye(4))
@@ -246,14 +247,14 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     open(os.path.join(d, "c.txt"), "w").write("3")
   assert sorted(os.listdir(out)) == ["c.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
   (tmp_path / "file").write_text("x")
-  with pytest.raises(io.InputError, match="exists and is not a folder"):
+  with pytest.raises(InputError, match="exists and is not a folder"):
     with io.atomic_dir(tmp_path / "file"):
       pass
 
 
 def test_labels_in_another_axis_order_are_reindexed_onto_the_image_grid():
   rng = np.random.default_rng(0)
-  image = io.Volume(rng.random((4, 5, 6)).astype(np.float32),
+  image = Volume(rng.random((4, 5, 6)).astype(np.float32),
                     np.array([[0, 0, 2.5, 10], [-0.8, 0, 0, 20], [0, 0.7, 0, -5], [0, 0, 0, 1]]))
   labels = rng.integers(0, 5, (4, 5, 6))
   # the same voxels stored with axes permuted (2, 0, 1) and axis 1 of the result reversed
@@ -269,9 +270,9 @@ def test_labels_in_another_axis_order_are_reindexed_onto_the_image_grid():
   lv = (affine @ [*v, 1])[:3]
   li = np.round(np.linalg.solve(image.affine[:3, :3], lv - image.affine[:3, 3])).astype(int)
   assert stored[v] == labels[tuple(li)]
-  got = io.reindexed(io.Volume(stored, affine), image)
+  got = io.reindexed(Volume(stored, affine), image)
   np.testing.assert_array_equal(got.array, labels)
   np.testing.assert_allclose(got.affine, image.affine)
   shifted = affine.copy()
   shifted[:3, 3] += [1.0, 0, 0]  # a 1 mm shift: not the same voxels, not reindexed
-  assert io.reindexed(io.Volume(stored, shifted), image) is None
+  assert io.reindexed(Volume(stored, shifted), image) is None

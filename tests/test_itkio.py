@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from jaxreg import io, itkio, register
+from jaxreg import io
+from jaxreg.io import itk as itkio
+from jaxreg.pipeline import register
 from jaxreg.data import PairSpec
-from jaxreg.io import InputError
+from jaxreg.types import InputError
 
 EXAMPLES = 100
 

@@ -7,10 +7,10 @@ import pytest
 import scipy.ndimage as ndi
 from jax.test_util import check_grads
 
-from jaxreg import grid as G
-from jaxreg import losses as L
+from jaxreg.ops import grid as G
+from jaxreg.ops import losses as L
 from jaxreg import metrics
-from jaxreg import warp as W
+from jaxreg.ops import warp as W
 
 SHAPE = (14, 16, 12)
 
@@ -305,7 +305,7 @@ def test_registry_resolves_builtins_and_user_functions(scratch_registry):
 
 
 def test_registry_refuses_bad_entries_with_one_line_errors(scratch_registry):
-  from jaxreg.io import InputError
+  from jaxreg.types import InputError
   with pytest.raises(InputError, match="'smooth' must be callable"):
     L.register_regulariser("smooth", 3.0)
   with pytest.raises(InputError, match="built in"):

@@ -67,14 +67,14 @@ def test_tre_of_a_known_translation_and_an_exact_field():
 def test_sdlogj_and_folding_on_fields_with_known_jacobians():
   x = np.indices((16, 16, 16)).transpose(1, 2, 3, 0).astype(float)
   scale = (0.2 * x) @ np.diag([1.0, 0.5, -0.3])  # det = 1.2 * 1.1 * 0.94 everywhere
-  np.testing.assert_allclose(M.jacobian_determinant(scale), 1.2 * 1.1 * 0.94)
-  assert M.sdlogj(scale) == pytest.approx(0.0, abs=1e-12)
+  np.testing.assert_allclose(M.jacobian_determinant(scale), 1.2 * 1.1 * 0.94, rtol=1e-6)
+  assert M.sdlogj(scale) == pytest.approx(0.0, abs=1e-6)
   assert M.folding_fraction(scale) == 0.0
   # Half the volume stretched, half compressed along x: log det takes two values.
   u = np.zeros((16, 16, 16, 3))
   u[..., 0] = np.where(x[..., 2] < 8, 0.5, -0.5) * x[..., 0]
   det = M.jacobian_determinant(u)
-  np.testing.assert_allclose(np.unique(det.round(12)), [0.5, 1.5])
+  np.testing.assert_allclose(np.unique(det.round(5)), [0.5, 1.5])
   want = np.std(np.log(det[2:-2, 2:-2, 2:-2]))
   assert M.sdlogj(u) == pytest.approx(want) and want > 0.5
   mirror = -2.0 * x  # det = (-1)^3 = -1: every voxel folds
@@ -151,7 +151,14 @@ def test_field_quality_equals_folding_fraction_and_sdlogj():
   assert quality["sdlogj"] == pytest.approx(M.sdlogj(disp), rel=1e-3)
 
 
-def test_jacobian_map_equals_the_numpy_jacobian_determinant():
+def _numpy_determinant(disp):
+  """det(I + grad u) with numpy.gradient (central inside, one-sided at the border)."""
+  disp = np.asarray(disp, np.float64)
+  jac = np.stack([np.stack(np.gradient(disp[..., i]), -1) for i in range(3)], -2) + np.eye(3)
+  return np.linalg.det(jac)
+
+
+def test_jacobian_determinant_equals_numpy_gradient_on_a_bucket_padded_field():
   rng = np.random.default_rng(4)
   disp = ndi.gaussian_filter(rng.normal(size=(21, 17, 12, 3)), (2, 2, 2, 0)) * 3
-  np.testing.assert_allclose(M.jacobian_map(disp), M.jacobian_determinant(disp), atol=1e-5)
+  np.testing.assert_allclose(M.jacobian_determinant(disp), _numpy_determinant(disp), atol=1e-5)

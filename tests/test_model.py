@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg import model as M
+from jaxreg.nn import model as M
 
 SHAPE = (16, 16, 16)
 

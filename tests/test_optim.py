@@ -1,4 +1,4 @@
-"""jaxreg.optim: the fixed-step loop and the early-stopping loop against plain optax loops in
+"""jaxreg.ops.optim: the fixed-step loop and the early-stopping loop against plain optax loops in
 Python, and the stopping rule against a numpy re-implementation."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxreg import optim
+from jaxreg.ops import optim
 
 
 def _loss(x):  # a bowl with a slow direction: Adam's loss flattens long before the end

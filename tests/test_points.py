@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.spatial.transform as sst
 
-from jaxreg import grid as G
-from jaxreg import points as P
+from jaxreg.ops import grid as G
+from jaxreg.ops import points as P
 
 SHAPE = (16, 18, 14)
 

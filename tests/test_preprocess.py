@@ -7,9 +7,9 @@ import pytest
 import scipy.linalg
 import scipy.ndimage as ndi
 
-from jaxreg import grid as G
-from jaxreg import io
-from jaxreg import preprocess as P
+from jaxreg.ops import grid as G
+from jaxreg.io import resample as P
+from jaxreg.types import Grid, InputError, Volume
 
 
 def _affine(rotvec, spacing, origin):
@@ -31,14 +31,14 @@ def world_function(p):
 
 def volume_of(shape, affine):
   pts = nib.affines.apply_affine(affine, np.indices(shape).transpose(1, 2, 3, 0))
-  return io.Volume(world_function(pts).astype(np.float32), affine)
+  return Volume(world_function(pts).astype(np.float32), affine)
 
 
 def test_model_grid_is_ras_isotropic_divisible_and_covers_fixed():
-  grid = P.model_grid(P.Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=2.0, divisor=16)
+  grid = P.model_grid(Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=2.0, divisor=16)
   assert all(s % 16 == 0 for s in grid.shape)
   np.testing.assert_allclose(grid.affine[:3, :3], 2.0 * np.eye(3))
-  lo, hi = P.Grid(FIXED_SHAPE, FIXED_AFFINE).world_bounds()
+  lo, hi = Grid(FIXED_SHAPE, FIXED_AFFINE).world_bounds()
   glo, ghi = grid.world_bounds()
   assert np.all(glo <= lo) and np.all(ghi >= hi)
   assert np.all(ghi - glo < (hi - lo) + 2 * 16 * 2.0)  # no more padding than one stride per side
@@ -46,15 +46,15 @@ def test_model_grid_is_ras_isotropic_divisible_and_covers_fixed():
 
 
 def test_model_grid_max_shape_crops_about_centre():
-  grid = P.model_grid(P.Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=1.0, divisor=8,
+  grid = P.model_grid(Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=1.0, divisor=8,
                       max_shape=(32, 32, 32))
   assert grid.shape == (32, 32, 32)
-  lo, hi = P.Grid(FIXED_SHAPE, FIXED_AFFINE).world_bounds()
+  lo, hi = Grid(FIXED_SHAPE, FIXED_AFFINE).world_bounds()
   np.testing.assert_allclose(np.mean(grid.world_bounds(), 0), (lo + hi) / 2, atol=1e-9)
 
 
 def test_model_grid_exact_shape_pads_or_crops_about_centre():
-  fixed = P.Grid(FIXED_SHAPE, FIXED_AFFINE)
+  fixed = Grid(FIXED_SHAPE, FIXED_AFFINE)
   lo, hi = fixed.world_bounds()
   for shape in [(16, 32, 96), (64, 64, 64)]:
     grid = P.model_grid(fixed, spacing=2.0, divisor=16, shape=shape)
@@ -82,7 +82,7 @@ def test_resample_matches_nibabel_resample_from_to():
 
 
 def test_resample_labels_nearest_keeps_values():
-  labels = io.Volume((volume_of(FIXED_SHAPE, FIXED_AFFINE).array > 100).astype(np.int32) * 7,
+  labels = Volume((volume_of(FIXED_SHAPE, FIXED_AFFINE).array > 100).astype(np.int32) * 7,
                      FIXED_AFFINE)
   out = P.resample(labels, P.model_grid(labels, spacing=2.0, divisor=8), order=0)
   assert out.dtype == np.int32 and set(np.unique(out)) == {0, 7}
@@ -98,7 +98,7 @@ def test_prepare_pair_with_different_grids_orientation_and_fov():
   # Moving: other orientation (LPS-like flip), spacing, shape and a shifted field of view.
   moving = volume_of((30, 36, 50), _affine([0.0, 0.15, -0.05], [1.9, -1.6, 1.5],
                                            [-10.0, 30.0, -60.0]))
-  labels = io.Volume((fixed.array > 0).astype(np.int32), fixed.affine)
+  labels = Volume((fixed.array > 0).astype(np.int32), fixed.affine)
   pair = P.prepare_pair(fixed, moving, fixed_labels=labels, spacing=2.5, divisor=8)
   assert pair.fixed.shape == pair.moving.shape == pair.grid.shape
   assert pair.fixed.dtype == np.float32 and 0 <= pair.fixed.min() and pair.fixed.max() <= 1
@@ -123,10 +123,10 @@ def test_prepare_pair_with_different_grids_orientation_and_fov():
 def test_round_trip_of_a_known_world_transform_to_the_fixed_grid():
   # A known world transform T: fixed point p corresponds to moving point T(p).
   t = _affine([0.03, -0.02, 0.06], [1.04, 0.97, 1.02], [3.0, -4.0, 2.5])
-  grid = P.model_grid(P.Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=2.0, divisor=16)
+  grid = P.model_grid(Grid(FIXED_SHAPE, FIXED_AFFINE), spacing=2.0, divisor=16)
   # The exact model-grid field of T, in model voxels: u(m) = A_g^-1 T A_g m - m.
   u_model = G.affine_displacement(np.linalg.inv(grid.affine) @ t @ grid.affine, grid.shape)
-  d_mm = P.field_to_world(u_model, grid, P.Grid(FIXED_SHAPE, FIXED_AFFINE))
+  d_mm = P.field_to_world(u_model, grid, Grid(FIXED_SHAPE, FIXED_AFFINE))
   p = nib.affines.apply_affine(FIXED_AFFINE, np.indices(FIXED_SHAPE).transpose(1, 2, 3, 0))
   np.testing.assert_allclose(d_mm, nib.affines.apply_affine(t, p) - p, atol=2e-3)
   # and in fixed voxels, as written for Learn2Reg
@@ -136,7 +136,7 @@ def test_round_trip_of_a_known_world_transform_to_the_fixed_grid():
 
   # Applying it to a moving image on its own grid reads the anatomy at T(p).
   moving = volume_of((50, 50, 40), _affine([0.1, 0.0, 0.0], [1.5, 1.5, 2.0], [-40, -70, -80]))
-  warped = P.resample_moving(moving, d_mm, P.Grid(FIXED_SHAPE, FIXED_AFFINE), cval=np.nan)
+  warped = P.resample_moving(moving, d_mm, Grid(FIXED_SHAPE, FIXED_AFFINE), cval=np.nan)
   want = world_function(nib.affines.apply_affine(t, p))
   ok = np.isfinite(warped)
   assert ok.mean() > 0.5
@@ -147,7 +147,7 @@ def test_field_to_world_then_a_world_map_is_the_numpy_composition():
   """then=M: the displacement of p -> M (p + d(p)) for a random smooth model field, against
   scipy's trilinear read of the field (edge repeated) and a float64 numpy composition."""
   rng = np.random.default_rng(4)
-  target = P.Grid(FIXED_SHAPE, FIXED_AFFINE)
+  target = Grid(FIXED_SHAPE, FIXED_AFFINE)
   grid = P.model_grid(target, spacing=2.0, divisor=16)
   u = ndi.gaussian_filter(rng.normal(size=grid.shape + (3,)), (2, 2, 2, 0)) * 20
   m = _affine([0.05, 0.1, -0.04], [1.02, 0.98, 1.01], [6.0, -3.0, 9.0])
@@ -164,11 +164,11 @@ def test_field_to_world_then_a_world_map_is_the_numpy_composition():
 
 def test_no_overlap_and_bad_fields_raise():
   fixed = volume_of(FIXED_SHAPE, FIXED_AFFINE)
-  far = io.Volume(fixed.array, _affine([0, 0, 0], [1, 1, 1], [5000.0, 0.0, 0.0]))
-  with pytest.raises(io.InputError, match="moving.nii.gz: no overlap with fixed.nii.gz"):
+  far = Volume(fixed.array, _affine([0, 0, 0], [1, 1, 1], [5000.0, 0.0, 0.0]))
+  with pytest.raises(InputError, match="moving.nii.gz: no overlap with fixed.nii.gz"):
     P.prepare_pair(fixed, far, names=("fixed.nii.gz", "moving.nii.gz"))
   grid = P.model_grid(fixed)
   with pytest.raises(ValueError, match="disp_model must be"):
-    P.field_to_world(np.zeros((4, 4, 4, 3)), grid, P.Grid.of(fixed))
+    P.field_to_world(np.zeros((4, 4, 4, 3)), grid, Grid.of(fixed))
   with pytest.raises(ValueError, match="max_shape"):
     P.model_grid(fixed, max_shape=(30, 32, 32))

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxreg import decompose, fields, losses, warp
+from jaxreg.ops import decompose
+from jaxreg.ops import fields
+from jaxreg.ops import losses
+from jaxreg.ops import warp
 
 S = (6, 5, 4)  # one small grid for every op: compilation, not arithmetic, is the cost here
 

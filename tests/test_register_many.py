@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from nibabel.affines import apply_affine
 
-from jaxreg import affine as _affine
-from jaxreg import cli, data, io, preprocess, register
-from jaxreg.io import Volume
+from jaxreg.pipeline import affine as _affine
+from jaxreg import cli
+from jaxreg import data
+from jaxreg import io
+from jaxreg.io import resample as preprocess
+from jaxreg.pipeline import register
+from jaxreg.types import Volume, Grid
 
 
 def _crop(array, affine, shape):
@@ -97,7 +101,7 @@ def test_compile_counter_counts_new_compilations_only():
   import jax
   import jax.numpy as jnp
 
-  from jaxreg.compilation import CompileCounter
+  from jaxreg.pipeline.compilation import CompileCounter
   f = jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)
   with CompileCounter() as c:
     f(jnp.ones((7, 3)))
@@ -109,7 +113,7 @@ def test_compile_counter_counts_new_compilations_only():
 
 def test_to_fixed_grid_of_a_zero_field_is_the_affine_map():
   fixed = data.demo().ct
-  grid = preprocess.Grid.of(fixed)
+  grid = Grid.of(fixed)
   m = np.eye(4)
   m[:3, :3] = [[0.99, -0.1, 0.0], [0.1, 0.99, 0.02], [0.0, -0.02, 1.01]]
   m[:3, 3] = [5.0, -3.0, 12.0]

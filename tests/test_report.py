@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxreg import report as R
+from jaxreg.pipeline import report as R
 
 SHAPE = (12, 10, 8)
 LAS = np.diag([-2.0, 1.5, 3.0, 1.0])
@@ -103,7 +103,7 @@ def test_reports_draw_without_pyplot_after_a_background_import(tmp_path):
   import sys
   code = (
       "import sys, numpy as np\n"
-      "from jaxreg import report\n"
+      "from jaxreg.pipeline import report\n"
       "assert 'matplotlib.figure' not in sys.modules\n"
       "report.import_in_background().join()\n"
       "assert 'matplotlib.figure' in sys.modules\n"

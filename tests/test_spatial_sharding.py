@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreg import losses, mesh as mesh_lib, training, warp
-from jaxreg.io import InputError
+from jaxreg.ops import losses
+from jaxreg.ops import sharding as mesh_lib
+from jaxreg import training
+from jaxreg.ops import warp
+from jaxreg.ops import trilinear
+from jaxreg.types import InputError
 from jaxreg.training import config as config_lib, sharding, sources, state as state_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +102,7 @@ def test_lncc_and_warp_across_shard_borders_equal_one_device():
 
 
 def test_channel_at_a_time_warp_across_shards_equals_one_device(monkeypatch):
-  """Large multi-channel warps loop over channels (warp._SEQUENTIAL_VALUES, forced here):
+  """Large multi-channel warps loop over channels (trilinear._SEQUENTIAL_VALUES, forced here):
   under space = 8 they equal one device's all-channels-at-once warp, gradients included."""
   rng = np.random.default_rng(1)
   image = rng.random((2, 16, 12, 10, 3), np.float32)
@@ -106,7 +110,7 @@ def test_channel_at_a_time_warp_across_shards_equals_one_device(monkeypatch):
   weights = rng.normal(size=image.shape).astype(np.float32)
   f = lambda a, d: jnp.sum(warp.warp_batch(a, mesh_lib.spatial(d)) ** 2 * weights)
   ref = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(image, disp)
-  monkeypatch.setattr(warp, "_SEQUENTIAL_VALUES", 0)
+  monkeypatch.setattr(trilinear, "_SEQUENTIAL_VALUES", 0)
   mesh = sharding.make_mesh(data=1, space=8)
   vol = sharding.batch_sharding(mesh)
   sharded = jax.jit(mesh_lib.on_mesh(jax.value_and_grad(f, argnums=(0, 1)), mesh),

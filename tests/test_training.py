@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxreg import training
-from jaxreg.io import InputError
+from jaxreg.types import InputError
 from jaxreg.training import config as config_lib, sharding, sources, state as state_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +180,8 @@ def test_shipped_configs_load_and_describe_a_network(name):
 
 
 def test_learn2reg_config_trains_on_a_folder_in_that_layout(tmp_path):
-  from jaxreg import data, io
+  from jaxreg import data
+  from jaxreg import io
   root = tmp_path / "AbdomenCTCT"
   (root / "imagesTr").mkdir(parents=True)
   (root / "labelsTr").mkdir()
@@ -314,7 +315,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 
 
 def test_loss_fn_takes_user_callables_in_place_of_config_names():
-  from jaxreg import losses
+  from jaxreg.ops import losses
   config = _config()
   graphdef, template, state = state_lib.init_state(config)
   batch = _batch(config, 2)
@@ -328,11 +329,11 @@ def test_loss_fn_takes_user_callables_in_place_of_config_names():
                                 similarity=lambda f, w: jnp.mean(jnp.abs(f - w)))(
                                     state.params, batch)
   disp, _ = step_lib._forward(graphdef, template, config, state.params, batch)
-  from jaxreg import warp
+  from jaxreg.ops import warp
   warped = np.asarray(warp.warp_batch(batch["moving"], disp))
   np.testing.assert_allclose(l1["similarity_loss"], np.mean(np.abs(batch["fixed"] - warped)),
                              rtol=1e-5)
-  from jaxreg.io import InputError
+  from jaxreg.types import InputError
   with pytest.raises(InputError, match="must return a scalar"):
     step_lib.make_loss_fn(graphdef, template, config, regulariser=lambda u: u ** 2)
 
@@ -400,7 +401,7 @@ def test_conditioned_loss_weights_the_regulariser_by_each_examples_lambda():
   b, mb = loss_fn(state.params, dict(batch, reg_weight=2 * lam))
   disp, subs = step_lib._forward(graphdef, template, config, state.params,
                                  dict(batch, reg_weight=lam))
-  from jaxreg import losses
+  from jaxreg.ops import losses
   reg_sub = np.array([np.mean([losses.diffusion(u[i]) for u in subs]) for i in range(2)])
   reg_tot = np.array([losses.diffusion(disp[i]) for i in range(2)])
   # total weight follows lambda with the config's ratio total_reg_weight / reg_weight = 1/2
@@ -422,13 +423,14 @@ def test_lambda_is_drawn_log_uniform_over_the_range():
 
 
 def test_conditioned_training_learns_a_lambda_dependence(tmp_path):
-  from jaxreg import model, weights
+  from jaxreg.nn import model
+  from jaxreg.io import weights
   config = _config(**{"model.condition_on_reg": True, "train.steps": 6,
                       "optim.lr": 0.01})
   result = training.train_and_evaluate(config, str(tmp_path / "w"), progress=False,
                                        log=lambda s: None)
   assert result["step"] == 6
-  weights.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "m"))
+  training.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "m"))
   net, loaded = weights.load_weights(str(tmp_path / "m"))
   assert loaded.model.condition_on_reg and tuple(loaded.model.reg_range) == (0.1, 100.0)
   batch = _batch(config, 1)
@@ -438,7 +440,7 @@ def test_conditioned_training_learns_a_lambda_dependence(tmp_path):
 
 
 def test_bad_conditioning_configs_are_refused():
-  from jaxreg.io import InputError
+  from jaxreg.types import InputError
   with pytest.raises(InputError, match="must lie in model.reg_range"):
     config_lib.check_config(_config(**{"model.condition_on_reg": True, "loss.reg_weight": 500.0}))
   with pytest.raises(InputError, match="reg_conditioning must be one of film, channel"):
@@ -447,7 +449,7 @@ def test_bad_conditioning_configs_are_refused():
 
 
 def test_bfloat16_compute_trains_close_to_float32_with_float32_parameters(tmp_path):
-  from jaxreg import model
+  from jaxreg.nn import model
   results, params = {}, {}
   for name in ("float32", "bfloat16"):
     config = _config(**{"train.compute_dtype": name, "train.steps": 4})
@@ -466,7 +468,7 @@ def test_bfloat16_compute_trains_close_to_float32_with_float32_parameters(tmp_pa
   a, b = results["float32"]["val_loss"], results["bfloat16"]["val_loss"]
   assert abs(a - b) < 0.01 * abs(a), (a, b)
   assert abs(results["float32"]["val_dice"] - results["bfloat16"]["val_dice"]) < 0.01
-  from jaxreg.io import InputError
+  from jaxreg.types import InputError
   with pytest.raises(InputError, match="compute_dtype must be one of float32, bfloat16"):
     config_lib.check_config(_config(**{"train.compute_dtype": "float16"}))
 

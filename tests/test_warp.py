@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxreg import warp as W
+from jaxreg.ops import warp as W
+from jaxreg.ops import trilinear as T
 
 SHAPE = (16, 20, 12)
 
@@ -98,8 +99,8 @@ def _central_difference(f, x, index, eps):
 @pytest.mark.parametrize("padding,cval", [("constant", 0.0), ("constant", 2.5), ("border", 0.0)])
 @pytest.mark.parametrize("channels,sequential", [(None, False), (2, False), (2, True)])
 def test_gradients_match_finite_differences(padding, cval, channels, sequential, monkeypatch):
-  if sequential:  # the channel-at-a-time form large images take (W._SEQUENTIAL_VALUES)
-    monkeypatch.setattr(W, "_SEQUENTIAL_VALUES", 0)
+  if sequential:  # the channel-at-a-time form large images take (trilinear._SEQUENTIAL_VALUES)
+    monkeypatch.setattr(T, "_SEQUENTIAL_VALUES", 0)
   rng = np.random.default_rng(5)
   shape = (8, 9, 7)
   img = rng.normal(size=shape + ((channels,) if channels else ()))
@@ -136,21 +137,22 @@ def test_gradients_match_finite_differences(padding, cval, channels, sequential,
 def test_channel_at_a_time_equals_all_at_once_and_keeps_less(monkeypatch):
   """Large multi-channel images are sampled one channel at a time with the work
   recomputed in the backward pass: same values and gradients, less compiled memory."""
-  monkeypatch.setenv("JAXREG_WARP", "jax")  # the pure-JAX form (the kernel has its own rule)
   img, disp = _random_case(3, channels=3)
   w = np.random.default_rng(4).normal(size=img.shape).astype(np.float32)
 
   def run(threshold, image, d):
-    monkeypatch.setattr(W, "_SEQUENTIAL_VALUES", threshold)
-    loss = lambda a, b: jnp.sum(W.warp(a, b) ** 2 * w)
+    monkeypatch.setattr(T, "_SEQUENTIAL_VALUES", threshold)
+    # the pure-JAX form (the kernel has its own rule)
+    loss = lambda a, b: jnp.sum(W.warp(a, b, implementation="xla") ** 2 * w)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(image, d)
 
   fast, seq = run(2 ** 62, img, disp), run(0, img, disp)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), fast, seq)
 
   def temporaries(threshold, n=48, channels=14):  # a soft Dice's one-hot labels
-    monkeypatch.setattr(W, "_SEQUENTIAL_VALUES", threshold)
-    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(W.warp(a, b) ** 2), argnums=1))
+    monkeypatch.setattr(T, "_SEQUENTIAL_VALUES", threshold)
+    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(W.warp(a, b, implementation="xla") ** 2),
+                            argnums=1))
     return grad.lower(jax.ShapeDtypeStruct((n, n, n, channels), jnp.float32),
                       jax.ShapeDtypeStruct((n, n, n, 3), jnp.float32)
                       ).compile().memory_analysis().temp_size_in_bytes

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg import training, weights
-from jaxreg.io import InputError
+from jaxreg import training
+from jaxreg.io import weights
+from jaxreg.types import InputError
 from jaxreg.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def test_non_finite_parameters_are_not_saved(tmp_path):
 def test_export_checkpoint_matches_the_trained_state(tmp_path):
   config = _config("train.steps=2", "train.batch_size=8")
   training.train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=lambda s: None)
-  step = weights.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "m"))
+  step = training.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "m"))
   assert step == 2
   net, _ = weights.load_weights(str(tmp_path / "m"))
   _, state, _, _ = training.restore_latest(str(tmp_path / "run"))

@@ -6,6 +6,7 @@
 
 from jaxreg.training.checkpoint import Checkpoints as Checkpoints
 from jaxreg.training.checkpoint import NonFiniteError as NonFiniteError
+from jaxreg.training.checkpoint import export_checkpoint as export_checkpoint
 from jaxreg.training.checkpoint import restore_latest as restore_latest
 from jaxreg.training.config import load_config as load_config
 from jaxreg.training.config import override as override
@@ -18,6 +19,7 @@ from jaxreg.training.state import init_state as init_state
 __all__ = [
     "Checkpoints",
     "NonFiniteError",
+    "export_checkpoint",
     "TrainState",
     "evaluate",
     "init_state",

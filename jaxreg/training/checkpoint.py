@@ -79,8 +79,8 @@ class Checkpoints:
     """
     from flax import nnx
 
-    from jaxreg.configjson import config_from_dict
-    from jaxreg.io import InputError
+    from jaxreg.io.configjson import config_from_dict
+    from jaxreg.types import InputError
     from jaxreg.training import state as _state
     step = self.latest_step()
     if step is None:
@@ -146,9 +146,9 @@ def restore_latest(workdir: str):
     ``workdir/config.json``.
 
   Raises:
-    jaxreg.io.InputError: not a training workdir, or no checkpoint in it.
+    jaxreg.types.InputError: not a training workdir, or no checkpoint in it.
   """
-  from jaxreg.io import InputError
+  from jaxreg.types import InputError
   from jaxreg.training import config as _config
   from jaxreg.training import state as _state
 
@@ -163,3 +163,16 @@ def restore_latest(workdir: str):
   finally:
     ckpts.close()
   return step, state, loader, config
+
+
+def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:
+  """Write the latest checkpoint of a training run as a model folder
+  (:func:`jaxreg.io.weights.save_weights`: what ``jaxreg register --checkpoint`` reads).
+
+  Returns:
+    the step exported.
+  """
+  from jaxreg.io import weights
+  step, state, _, config = restore_latest(workdir)
+  weights.save_weights(path, config, state.params, info=dict(info or {}, step=int(step)))
+  return int(step)

@@ -1,42 +1,67 @@
-"""Loading configs (``path/to/config.py[:variant]``), overriding fields, writing them out."""
+"""Loading configs (``path/to/config.py[:variant]`` or a shipped name, ``demo[:variant]``),
+overriding fields, writing them out."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.machinery
+import importlib.resources
 import importlib.util
 import os
 import sys
 
 import ml_collections
 
-from jaxreg import model as _model
-from jaxreg.configjson import (config_from_dict, read_config_json, to_json,  # noqa: F401
-                               write_config)  # re-exported: they moved to jaxreg.configjson
-from jaxreg.io import InputError
+from jaxreg.nn import model as _model
+from jaxreg.io.configjson import (config_from_dict, read_config_json, to_json,  # noqa: F401
+                               write_config)  # re-exported: they moved to jaxreg.io.configjson
+from jaxreg.types import InputError
 
-__all__ = ["load_config", "override", "to_json", "write_config", "check_config",
+__all__ = ["load_config", "shipped_configs", "override", "to_json", "write_config", "check_config",
            "config_from_dict", "read_config_json"]
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Load ``get_config()`` from a Python file; ``"file.py:arg"`` passes ``arg`` to it.
+def shipped_configs() -> tuple[str, ...]:
+  """Names of the configs shipped in :mod:`jaxreg.configs` (``demo``, ``default``, ...)."""
+  folder = importlib.resources.files("jaxreg.configs")
+  return tuple(sorted(f.name[:-3] for f in folder.iterdir()
+                      if f.name.endswith(".py") and not f.name.startswith("_")))
 
-  The file's parent folder's parent is put on ``sys.path`` while loading, so a
-  config may import its siblings as ``from configs import demo``.
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Load ``get_config()`` from a config; ``"config:arg"`` passes ``arg`` to it.
+
+  The config is a Python file (``path/to/config.py``), or, where no such file exists, the
+  name of one shipped in :mod:`jaxreg.configs` (``demo``, ``default``, ``test``,
+  ``demo_6mm``, ``learn2reg_abdomen``), so ``--config demo`` works from an installed
+  package too. A file's parent folder's parent is put on ``sys.path`` while loading,
+  so a config may import its siblings as ``from myconfigs import base``; the shipped
+  ones import each other as ``from jaxreg.configs import demo``.
 
   Raises:
-    InputError: missing file, no ``get_config``, or an error while running it.
+    InputError: neither a file nor a shipped name, no ``get_config``, or an error while
+      running it.
   """
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: no such config file")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  sys.path.insert(0, root)
+  if os.path.isfile(path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    module_name = f"jaxreg_config_{abs(hash(os.path.abspath(path)))}"
+  elif path in shipped_configs():
+    root, module_name = None, f"jaxreg.configs.{path}"
+  else:
+    raise InputError(f"{path}: no such config file, nor a shipped config (shipped: "
+                     f"{', '.join(shipped_configs())})")
+  if root is not None:
+    sys.path.insert(0, root)
   try:
-    module_spec = importlib.util.spec_from_file_location(
-        f"jaxreg_config_{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    if root is None:
+      module = importlib.import_module(module_name)
+    else:
+      # The loader named: a file of any name (``demo`` too) is read as Python.
+      loader = importlib.machinery.SourceFileLoader(module_name, path)
+      module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
+      loader.exec_module(module)
     if not hasattr(module, "get_config"):
       raise InputError(f"{path}: defines no get_config()")
     config = module.get_config(arg) if arg else module.get_config()
@@ -45,7 +70,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   except Exception as e:
     raise InputError(f"{path}: cannot load config ({type(e).__name__}: {e})") from e
   finally:
-    sys.path.remove(root)
+    if root is not None:
+      sys.path.remove(root)
   return config
 
 
@@ -122,9 +148,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   elif d.source != "demo" and not d.get("path"):
     problems.append(f"data.path is required for data.source={d.source!r} "
                     "(--config.data.path=...)")
-  from jaxreg import conv as _conv
-  from jaxreg import decompose as _decompose
-  from jaxreg import losses as _losses
+  from jaxreg.nn import conv as _conv
+  from jaxreg.ops import decompose as _decompose
+  from jaxreg.ops import losses as _losses
   choices = {"model.heads": (m.heads, _model.HEADS),
              "model.conv": (m.get("conv", "auto"), _conv.CONV_IMPLS),
              "decomposition": (config.decomposition, _decompose.METHODS),
@@ -149,7 +175,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f"model.reg_conditioning must be one of "
                       f"{', '.join(_model.REG_CONDITIONS)}; got {m.reg_conditioning!r}")
   try:
-    from jaxreg import mesh as _mesh
+    from jaxreg.ops import sharding as _mesh
     axes = _mesh.mesh_config(config.get("mesh"))
     if axes["space"] < 1 or axes["data"] < 0:
       problems.append(f"mesh.space must be >= 1 and mesh.data >= 0, got {axes}")

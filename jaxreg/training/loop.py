@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
-from jaxreg import mesh as _mesh
-from jaxreg.io import InputError
+from jaxreg.ops import sharding as _mesh
+from jaxreg.types import InputError
 from jaxreg.training import checkpoint as _checkpoint
 from jaxreg.training import config as _config
 from jaxreg.training import sharding as _sharding
@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     the final validation metrics, with ``step`` and ``train_seconds``.
 
   Raises:
-    jaxreg.io.InputError: bad config or data.
+    jaxreg.types.InputError: bad config or data.
     ValueError: a batch size the devices do not divide.
     NonFiniteError: the loss became NaN/Inf (the message names the step).
   """

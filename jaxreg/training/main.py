@@ -24,7 +24,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                  help="import a module (dotted name, or a .py file) first, e.g. one that calls "
-                      "jaxreg.losses.register_regulariser; repeatable")
+                      "jaxreg.ops.losses.register_regulariser; repeatable")
   p.add_argument("--distributed", action="store_true",
                  help="multi-process run: calls jax.distributed.initialize()")
   p.add_argument("--coordinator", help="HOST:PORT of process 0 (else auto-detected)")
@@ -55,7 +55,7 @@ def import_modules(names: list[str]) -> None:
   import importlib.util
   import os
 
-  from jaxreg.io import InputError
+  from jaxreg.types import InputError
   for name in names:
     try:
       if name.endswith(".py") or os.sep in name:
@@ -83,12 +83,15 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
   rest = [a for a in argv if not a.startswith("--config.")]
   args = build_parser(prog).parse_args(rest)
 
-  from jaxreg.io import InputError
+  from jaxreg.ops.warp_kernel import KernelError
   from jaxreg.training import checkpoint, config as config_lib
+  from jaxreg.types import InputError
   try:
     if args.distributed:
       _init_distributed(args)
     import_modules(args.imports)
+    from jaxreg.pipeline import environment
+    environment.configure()  # the compilation cache and the CPU warp kernel ($JAXREG_*)
     from jaxreg.training.loop import train_and_evaluate
     config = config_lib.load_config(args.config)
     if args.steps is not None:
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     config = config_lib.override(config, overrides)
     result = train_and_evaluate(config, args.workdir, progress=not args.no_progress,
                                 stop_at=args.stop_at)
-  except (InputError, ValueError, checkpoint.NonFiniteError) as e:
+  except (InputError, ValueError, KernelError, checkpoint.NonFiniteError) as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
   print(f"{prog}: done at step {result['step']}: " +

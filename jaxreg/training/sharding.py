@@ -1,4 +1,4 @@
-"""The training mesh and how arrays are laid out on it (:mod:`jaxreg.mesh`).
+"""The training mesh and how arrays are laid out on it (:mod:`jaxreg.ops.sharding`).
 
 The batch ``[B, X, Y, Z]`` is split over ``data`` (examples) and ``space`` (X);
 the train state is replicated.
@@ -10,15 +10,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxreg import mesh as _mesh
-from jaxreg.mesh import replicated
+from jaxreg.ops import sharding as _mesh
+from jaxreg.ops.sharding import replicated
 
 __all__ = ["make_mesh", "batch_sharding", "replicated", "check_batch_size", "global_batch"]
 
 
 def make_mesh(devices=None, *, data: int = 0, space: int = 1) -> Mesh:
   """A ``("data", "space")`` mesh over ``devices`` (default: all devices of all processes,
-  all on ``data``); see :func:`jaxreg.mesh.make_mesh`."""
+  all on ``data``); see :func:`jaxreg.ops.sharding.make_mesh`."""
   return _mesh.make_mesh(devices, data=data, space=space)
 
 

@@ -13,10 +13,11 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
-from jaxreg import model as _model
+from jaxreg.nn import model as _model
 from jaxreg import io as _io
-from jaxreg import preprocess as _preprocess
-from jaxreg.inputs import class_lut, to_classes  # re-exported: they moved to jaxreg.inputs
+from jaxreg.io import resample as _preprocess
+from jaxreg.nn.inputs import class_lut, to_classes  # re-exported: they moved to jaxreg.nn.inputs
+from jaxreg.types import InputError
 
 __all__ = ["class_lut", "to_classes", "make_sources", "demo_pair_for"]
 
@@ -68,7 +69,7 @@ def _file_sources(config):
   else:
     specs = _data.read_pairs_csv(d.path)
     if len(specs) <= d.val_pairs:
-      raise _io.InputError(f"{d.path}: {len(specs)} pairs leave none for training after "
+      raise InputError(f"{d.path}: {len(specs)} pairs leave none for training after "
                            f"holding out data.val_pairs={d.val_pairs}")
     train_specs, val_specs = specs[: len(specs) - d.val_pairs], specs[len(specs) - d.val_pairs:]
 

@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxreg import model as _model
+from jaxreg.nn import model as _model
 
 __all__ = ["TrainState", "build_model", "make_optimizer", "init_state", "merge"]
 
@@ -32,7 +32,7 @@ class TrainState:
   rng: jax.Array
 
 
-build_model = _model.from_config  # moved to jaxreg.model (inference needs it, not training)
+build_model = _model.from_config  # moved to jaxreg.nn.model (inference needs it, not training)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -17,13 +17,13 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxreg import fields as _fields
-from jaxreg import losses as _losses
-from jaxreg import mesh as _mesh
-from jaxreg import model as _model
-from jaxreg import warp as _warp
-from jaxreg.io import InputError
-from jaxreg.inputs import label_channels, num_classes  # re-exported: they moved to jaxreg.inputs
+from jaxreg.ops import fields as _fields
+from jaxreg.ops import losses as _losses
+from jaxreg.ops import sharding as _mesh
+from jaxreg.nn import model as _model
+from jaxreg.ops import warp as _warp
+from jaxreg.types import InputError
+from jaxreg.nn.inputs import label_channels, num_classes  # re-exported: they moved to jaxreg.nn.inputs
 from jaxreg.training import sharding as _sharding
 from jaxreg.training.state import TrainState, merge
 
@@ -36,8 +36,8 @@ def resolve_objective(config: ml_collections.ConfigDict, similarity: Callable | 
                       regulariser: Callable | None = None) -> tuple[Callable, Callable]:
   """``(sim(fixed, warped), reg(disp))``: the given callables, else ``config.loss`` names.
 
-  Names resolve through :func:`jaxreg.losses.get_similarity` /
-  :func:`jaxreg.losses.get_regulariser` (built in or user-registered), bound
+  Names resolve through :func:`jaxreg.ops.losses.get_similarity` /
+  :func:`jaxreg.ops.losses.get_regulariser` (built in or user-registered), bound
   to ``config.loss.similarity_kwargs`` / ``config.loss.reg_kwargs``;
   ``config.loss.window`` is the box of the built-in ``lncc``. Each returned
   function takes single samples (``[X, Y, Z]`` images, ``[X, Y, Z, 3]``
@@ -95,7 +95,7 @@ def draw_reg_weight(config: ml_collections.ConfigDict, key: jax.Array, batch_siz
   return jnp.exp(jax.random.uniform(key, (batch_size,), jnp.float32, jnp.log(lo), jnp.log(hi)))
 
 
-def _forward(graphdef, template, config, params, batch):
+def _forward(graphdef, template, config, params, batch, implementation=None):
   net = merge(graphdef, template, params)
   extra = None
   if config.model.get("label_inputs", False):
@@ -103,7 +103,7 @@ def _forward(graphdef, template, config, params, batch):
   return _model.predict_displacement(net, batch["fixed"], batch["moving"],
                                      method=config.decomposition, steps=config.svf_steps,
                                      extra=extra, reg_weight=batch_reg_weight(config, batch),
-                                     remat=remat_loss(config))
+                                     remat=remat_loss(config), implementation=implementation)
 
 
 def remat_loss(config: ml_collections.ConfigDict) -> bool:
@@ -114,7 +114,8 @@ def remat_loss(config: ml_collections.ConfigDict) -> bool:
 
 def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
                  config: ml_collections.ConfigDict, *, similarity: Callable | None = None,
-                 regulariser: Callable | None = None) -> Callable:
+                 regulariser: Callable | None = None,
+                 implementation: str | None = None) -> Callable:
   """``loss(params, batch) -> (scalar, metrics)`` for ``config.loss``.
 
   ``similarity(fixed, warped) -> scalar`` and ``regulariser(disp) -> scalar``
@@ -130,6 +131,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
   of ``reg_weight``, per example, and ``total_reg_weight`` scaled alike
   (``lambda * total_reg_weight / reg_weight``): the loss uses the same lambda
   the network is given.
+
+  ``implementation``: the warp's in the composition and the warps (``None``, ``"xla"``,
+  ``"ffi"``; see :mod:`jaxreg.ops.warp`).
   """
   sim_fn, reg_fn = resolve_objective(config, similarity, regulariser)
   shape = tuple(config.data.shape) if config.data.get("shape") else (16, 16, 16)
@@ -143,16 +147,18 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
 
   @keep
   def similarity_term(fixed, moving, disp):
-    return jnp.mean(jax.vmap(sim_fn)(fixed, _warp.warp_batch(moving, disp)))
+    warped = _warp.warp_batch(moving, disp, implementation=implementation)
+    return jnp.mean(jax.vmap(sim_fn)(fixed, warped))
 
   @keep
   def dice_term(fixed_labels, moving_labels, disp):
     fixed_p = jax.nn.one_hot(fixed_labels, classes)
-    warped_p = _warp.warp_batch(jax.nn.one_hot(moving_labels, classes), disp)
+    warped_p = _warp.warp_batch(jax.nn.one_hot(moving_labels, classes), disp,
+                                implementation=implementation)
     return jnp.mean(jax.vmap(_losses.soft_dice)(fixed_p, warped_p))
 
   def loss_fn(params, batch):
-    disp, subfields = _forward(graphdef, template, config, params, batch)
+    disp, subfields = _forward(graphdef, template, config, params, batch, implementation)
     sim = similarity_term(batch["fixed"], batch["moving"], disp)
     reg_sub_b = sum(jax.vmap(reg_fn)(u) for u in subfields) / len(subfields)  # [B]
     reg_total_b = jax.vmap(reg_fn)(disp)
@@ -182,14 +188,14 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State,
 def make_train_step(graphdef: nnx.GraphDef, template: nnx.State,
                     config: ml_collections.ConfigDict,
                     tx: optax.GradientTransformation, *, similarity: Callable | None = None,
-                    regulariser: Callable | None = None) -> Callable:
+                    regulariser: Callable | None = None,
+                    implementation: str | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``: one optimiser step on the objective.
 
-  ``similarity`` / ``regulariser``: callables replacing the config's names,
-  as in :func:`make_loss_fn`.
+  ``similarity`` / ``regulariser`` / ``implementation``: as in :func:`make_loss_fn`.
   """
   loss_fn = make_loss_fn(graphdef, template, config, similarity=similarity,
-                         regulariser=regulariser)
+                         regulariser=regulariser, implementation=implementation)
 
   def step(state: TrainState, batch):
     if conditioned(config):  # a fresh lambda per example, from the state's key and step
@@ -207,16 +213,18 @@ def make_train_step(graphdef: nnx.GraphDef, template: nnx.State,
 
 def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
                    config: ml_collections.ConfigDict, *, similarity: Callable | None = None,
-                   regulariser: Callable | None = None) -> Callable:
+                   regulariser: Callable | None = None,
+                   implementation: str | None = None) -> Callable:
   """``eval(params, batch) -> metrics``: the loss terms, and hard Dice per class.
 
   ``dice`` is ``[B, C]`` (classes 1..C) for the network's field and
   ``dice_identity`` the same before registration; ``present`` marks classes
   that occur in either map (Dice is undefined otherwise); ``folding_fraction``
-  is the fraction of voxels with ``det J <= 0``.
+  is the fraction of voxels with ``det J <= 0``. ``similarity`` / ``regulariser`` /
+  ``implementation``: as in :func:`make_loss_fn`.
   """
   loss_fn = make_loss_fn(graphdef, template, config, similarity=similarity,
-                         regulariser=regulariser)
+                         regulariser=regulariser, implementation=implementation)
   classes = num_classes(config)
 
   def hard_dice(a, b):
@@ -228,11 +236,12 @@ def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
   def evaluate(params, batch):
     loss, metrics = loss_fn(params, batch)
     metrics = dict(metrics, loss=loss)
-    disp, _ = _forward(graphdef, template, config, params, batch)
+    disp, _ = _forward(graphdef, template, config, params, batch, implementation)
     metrics["folding_fraction"] = jnp.mean(
         jax.vmap(_fields.jacobian_determinant)(disp) <= 0)
     if classes and "moving_labels" in batch:
-      warped = _warp.warp_batch(batch["moving_labels"], disp, order=0)
+      warped = _warp.warp_batch(batch["moving_labels"], disp, order=0,
+                                implementation=implementation)
       metrics["dice"], metrics["present"] = hard_dice(batch["fixed_labels"], warped)
       metrics["dice_identity"], _ = hard_dice(batch["fixed_labels"], batch["moving_labels"])
     return metrics
@@ -243,7 +252,7 @@ def make_eval_step(graphdef: nnx.GraphDef, template: nnx.State,
 def jit_train_step(step: Callable, mesh, state: TrainState) -> Callable:
   """``jax.jit`` with the state replicated and donated, the batch split over ``data`` and
   its first spatial axis over ``space``; traced with the mesh in context, so the
-  network's levels and the field stay split along X (:func:`jaxreg.mesh.spatial`)."""
+  network's levels and the field stay split along X (:func:`jaxreg.ops.sharding.spatial`)."""
   rep = _sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)
   return jax.jit(_mesh.on_mesh(step, mesh),

@@ -1,0 +1,302 @@
+"""Affine (12 parameters) and rigid (6) registration in pure JAX, in world millimetres.
+
+The transform maps **fixed world points to moving world points** (RAS+ mm), like
+every displacement in jaxreg (fixed ``p`` <-> moving ``M p``)::
+
+    M p = c + t + R(rx, ry, rz) S(sx, sy, sz) H(hxy, hxz, hyz) (p - c)
+
+about the centre ``c`` (the fixed image's centre of mass): translation ``t``
+(mm), rotation ``R = Rz Ry Rx`` (radians), scaling ``S = diag(exp(s))`` and
+shear ``H`` (unit upper triangular). A rigid transform keeps ``t`` and ``R``.
+The optimiser works on parameters divided by :data:`PARAM_SCALES` (10 mm,
+0.1 rad, 0.1, 0.1) so one Adam learning rate suits them all.
+
+:func:`align`: both images are windowed and resampled onto RAS grids at each
+level of a coarse-to-fine pyramid (default 8 mm then 4 mm), the translation
+starts from the difference of the centres of mass of the body (HU above
+-500), and at each level a jitted ``lax.scan`` runs Adam on the similarity
+(``"ncc"``: negative global NCC, or ``"mse"``), both taken over the fixed voxels
+that map inside the moving image's field of view (a soft mask), so a partial
+overlap is not penalised. As elastix does, the similarity is computed on a
+random sample of fixed voxels (32768 by default, the same ones at every step
+of a level), which makes each step cost the same whatever the image size.
+The learning rate decays on a cosine within each level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from nibabel.affines import apply_affine
+
+from jaxreg.pipeline import stages as _exported
+from jaxreg import io as _io
+from jaxreg.ops import optim as _optim
+from jaxreg.io import resample as _preprocess
+from jaxreg.ops import grid as _grid
+from jaxreg.ops import warp as _warp
+from jaxreg.types import Grid, InputError, Volume
+
+__all__ = ["AffineResult", "PARAM_SCALES", "matrix_from_params", "align", "displacement_mm",
+           "itk_text", "save_itk", "centre_of_mass", "field_of_view"]
+
+# translation (mm), rotation (rad), log-scale, shear
+PARAM_SCALES = np.array([10.0] * 3 + [0.1] * 3 + [0.1] * 3 + [0.1] * 3, np.float32)
+MODELS = {"affine": 12, "rigid": 6}
+TOL = 3e-6  # default early-stopping tolerance on the loss (see register)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineResult:
+  """The result of :func:`align`.
+
+  Attributes:
+    matrix: ``[4, 4]`` world map (RAS+ mm), fixed point ``p`` -> moving point ``M p``.
+    params: ``[12]`` parameters in natural units (t mm, rotation rad, log-scale, shear).
+    centre: ``[3]`` the centre ``c`` (mm).
+    losses: the loss at every step taken, one array per pyramid level (shorter than
+      the level's steps where it stopped early).
+    seconds: wall time.
+  """
+  matrix: np.ndarray
+  params: np.ndarray
+  centre: np.ndarray
+  losses: tuple[np.ndarray, ...]
+  seconds: float
+
+
+def _rotation(rx, ry, rz):
+  cx, sx = jnp.cos(rx), jnp.sin(rx)
+  cy, sy = jnp.cos(ry), jnp.sin(ry)
+  cz, sz = jnp.cos(rz), jnp.sin(rz)
+  one, zero = jnp.ones_like(rx), jnp.zeros_like(rx)
+  x = jnp.array([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+  y = jnp.array([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+  z = jnp.array([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
+  return z @ y @ x
+
+
+def matrix_from_params(params: jax.Array, centre: jax.Array) -> jax.Array:
+  """``[4, 4]`` world matrix from ``[12]`` natural parameters (see the module docstring).
+
+  Args:
+    params: ``(tx, ty, tz [mm], rx, ry, rz [rad], sx, sy, sz [log], hxy, hxz, hyz)``.
+    centre: ``[3]`` centre of rotation/scaling (mm).
+
+  Examples:
+    >>> import numpy as np
+    >>> m = matrix_from_params(np.r_[[1.0, 2.0, 3.0], np.zeros(9)], np.zeros(3))
+    >>> np.asarray(m)[:3, 3].tolist()
+    [1.0, 2.0, 3.0]
+  """
+  params = jnp.asarray(params, jnp.float32)
+  centre = jnp.asarray(centre, jnp.float32)
+  if params.shape != (12,) or centre.shape != (3,):
+    raise ValueError(f"params must be [12] and centre [3], got {params.shape}, {centre.shape}")
+  t, r, s, h = params[:3], params[3:6], params[6:9], params[9:]
+  shear = jnp.eye(3).at[0, 1].set(h[0]).at[0, 2].set(h[1]).at[1, 2].set(h[2])
+  lin = _rotation(*r) @ jnp.diag(jnp.exp(s)) @ shear
+  top = jnp.concatenate([lin, (centre + t - lin @ centre)[:, None]], axis=1)
+  return jnp.concatenate([top, jnp.array([[0.0, 0.0, 0.0, 1.0]])], axis=0)
+
+
+def centre_of_mass(volume: Volume, threshold_hu: float = -500.0) -> np.ndarray:
+  """World centre (mm) of the voxels above ``threshold_hu`` (the body), else of the grid."""
+  mask = np.asarray(volume.array) > threshold_hu
+  idx = np.argwhere(mask).mean(0) if mask.any() else (np.array(volume.shape) - 1) / 2
+  return apply_affine(volume.affine, idx)
+
+
+def _apply(matrix, xyz):
+  """``matrix [4, 4]`` applied to points given as three coordinate arrays, elementwise
+  (:func:`jaxreg.ops.grid.linear_map`'s form, without stacking: keeping the coordinates as three
+  arrays through the loss makes this stage ~1.5x faster than stacking them, measured)."""
+  return [xyz[0] * matrix[k, 0] + xyz[1] * matrix[k, 1] + xyz[2] * matrix[k, 2] + matrix[k, 3]
+          for k in range(3)]
+
+
+def field_of_view(world, volume_shape, world_to_voxel):
+  """Soft mask of a volume's field of view at world points (mm) ``[..., 3]`` or three arrays.
+
+  The trilinear sample of an all-ones volume with zero padding, ``prod_k clip(v_k + 1, 0, 1)
+  clip(n_k - v_k, 0, 1)`` with ``v = world_to_voxel (world)`` the points in the volume's own
+  voxels (array axis order): 1 inside, ramping to 0 over one voxel past its edge. Computed in
+  closed form (numpy or jax arrays), with no resampled mask to gather from.
+  """
+  xyz = world if isinstance(world, (list, tuple)) else [world[..., k] for k in range(3)]
+  v = _apply(world_to_voxel, xyz)
+  xp = jnp if isinstance(v[0], jax.Array) else np
+  w = [xp.clip(v[k] + 1.0, 0.0, 1.0) * xp.clip(volume_shape[k] - v[k], 0.0, 1.0)
+       for k in range(3)]
+  return w[0] * w[1] * w[2]
+
+
+def _level(volume: Volume, spacing: float, hu_window):
+  """The image windowed to [0, 1] on its RAS grid at ``spacing`` (shape padded to a multiple
+  of 16 with zeros) and the grid."""
+  grid = _preprocess.model_grid(volume, spacing=spacing, divisor=16)
+  lo, hi = hu_window
+  image = _preprocess.window(_preprocess.resample(volume, grid, cval=lo), lo, hi)
+  return image.astype(np.float32), grid
+
+
+def _grid_world(grid) -> np.ndarray:
+  return apply_affine(grid.affine, np.moveaxis(np.indices(grid.shape), 0, -1)).astype(np.float32)
+
+
+def _samples(image, inside, world, count: int, seed: int):
+  """``count`` random voxels of the fixed level inside its field of view (the same ones at
+  every step, as elastix's random sampler with a fixed seed): values, weights, world mm."""
+  flat = np.flatnonzero(inside.reshape(-1) > 0.5)
+  if flat.size == 0:
+    flat = np.arange(inside.size)
+  rng = np.random.default_rng(seed)
+  # sorted: the gathers then run in memory order (4x faster than random order)
+  pick = np.sort(rng.choice(flat, size=count, replace=flat.size < count))
+  return image.reshape(-1)[pick], inside.reshape(-1)[pick], world.reshape(-1, 3)[pick]
+
+
+def _weighted_ncc(a, b, w, eps=1e-8):
+  """Normalised cross-correlation with voxel weights ``w`` (``global_ncc`` when ``w = 1``)."""
+  total = jnp.sum(w) + eps
+  da = a - jnp.sum(w * a) / total
+  db = b - jnp.sum(w * b) / total
+  return jnp.sum(w * da * db) / jnp.sqrt(jnp.sum(w * da * da) * jnp.sum(w * db * db) + eps)
+
+
+def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, moving_inv,
+              moving_shape, moving_world_to_voxel, tol, patience, steps, lr, similarity,
+              implementation=None):
+  tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
+  scales = jnp.asarray(PARAM_SCALES)
+
+  def loss(th):
+    m = matrix_from_params(th * mask * scales, centre)
+    q = _apply(m, fixed_world)
+    coords = jnp.stack(_apply(moving_inv, q), -1)
+    warped = _warp.sample(moving, coords, padding="constant", cval=0.0,
+                          implementation=implementation)
+    # compare only where the moving image has data (a soft mask: differentiable at its edge)
+    inside = fixed_inside * field_of_view(q, moving_shape, moving_world_to_voxel)
+    if similarity == "ncc":
+      return -_weighted_ncc(fixed, warped, inside)
+    return jnp.sum(inside * (fixed - warped) ** 2) / (jnp.sum(inside) + 1e-6)
+
+  # parameters outside ``mask`` get exactly zero gradients (the loss reads th * mask)
+  return _optim.minimise_until(loss, theta, tx, steps, tol=tol, patience=patience)
+
+
+_optimise_stage = _exported.Stage(_optimise, static_argnames=("steps", "similarity",
+                                                              "implementation"))
+
+
+def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: str = "ncc",
+             levels: Sequence[float] = (8.0, 4.0), steps: Sequence[int] = (200, 100),
+             lr: float = 0.05, init: str = "com",
+             hu_window: tuple[float, float] = (-1000.0, 1000.0), samples: int = 32768,
+             seed: int = 0, tol: float | None = TOL, patience: int = 20,
+             implementation: str | None = None) -> AffineResult:
+  """Affine or rigid registration of ``moving`` to ``fixed`` (CT in HU, any grids).
+
+  Args:
+    fixed, moving: images with their affines; they need not overlap at first
+      (the centre-of-mass initialisation brings them together).
+    model: ``"affine"`` (12 parameters) or ``"rigid"`` (6).
+    similarity: ``"ncc"`` (global normalised cross-correlation) or ``"mse"``.
+    levels: pyramid voxel sizes (mm), coarse to fine.
+    steps: Adam steps per level.
+    lr: Adam learning rate on the scaled parameters.
+    init: ``"com"`` (translation = difference of body centres of mass) or ``"identity"``.
+    hu_window: HU range scaled to [0, 1] before comparing.
+    samples: fixed voxels (random, inside its field of view, the same at every
+      step of a level) on which the similarity is computed; 0: every voxel.
+    seed: of that sampling.
+    tol, patience: a level stops once its loss (1 - NCC, or the MSE of [0, 1] images)
+      has not dropped by more than ``tol`` for ``patience`` steps; ``tol=None`` runs
+      every step.
+    implementation: the warp's (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`).
+
+  Returns:
+    :class:`AffineResult`.
+
+  Raises:
+    ValueError: unknown ``model``, ``similarity`` or ``init``; ``levels`` and
+      ``steps`` of different lengths or non-positive values.
+  """
+  if model not in MODELS:
+    raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+  if similarity not in ("ncc", "mse"):
+    raise ValueError(f"similarity must be 'ncc' or 'mse', got {similarity!r}")
+  if init not in ("com", "identity"):
+    raise ValueError(f"init must be 'com' or 'identity', got {init!r}")
+  if samples < 0:
+    raise ValueError(f"samples must be >= 0, got {samples}")
+  if patience < 1 or (tol is not None and not tol >= 0):
+    raise ValueError(f"patience must be >= 1 and tol >= 0 (or None), got {patience}, {tol}")
+  if len(levels) != len(steps) or not levels or min(levels) <= 0 or min(steps) < 1:
+    raise ValueError(f"levels (mm) and steps need equal lengths and positive values, got "
+                     f"{tuple(levels)} and {tuple(steps)}")
+  t0 = time.time()
+  centre = centre_of_mass(fixed).astype(np.float32)
+  theta = np.zeros(12, np.float32)
+  if init == "com":
+    theta[:3] = (centre_of_mass(moving) - centre) / PARAM_SCALES[:3]
+  mask = jnp.asarray(np.arange(12) < MODELS[model], jnp.float32)
+  theta = jnp.asarray(theta)
+  losses = []
+  moving_world_to_voxel = jnp.asarray(np.linalg.inv(moving.affine), jnp.float32)
+  fixed_world_to_voxel = np.linalg.inv(fixed.affine).astype(np.float32)
+  for level, (spacing, n) in enumerate(zip(levels, steps)):
+    f, fgrid = _level(fixed, float(spacing), hu_window)
+    m, mgrid = _level(moving, float(spacing), hu_window)
+    world = _grid_world(fgrid)
+    f_inside = field_of_view(world, fixed.shape, fixed_world_to_voxel)
+    if samples:
+      f, f_inside, world = _samples(f, f_inside, world, int(samples), seed + level)
+    theta, values, count = _optimise_stage(theta, mask, jnp.asarray(centre), jnp.asarray(f),
+                              jnp.asarray(f_inside),
+                              [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
+                              jnp.asarray(m), jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
+                              jnp.asarray(moving.shape, jnp.float32), moving_world_to_voxel,
+                              jnp.float32(-np.inf if tol is None else tol),
+                              jnp.int32(patience), steps=int(n), lr=float(lr),
+                              similarity=similarity, implementation=implementation)
+    losses.append(np.asarray(values)[:int(count)])
+  params = np.asarray(theta * mask) * PARAM_SCALES
+  matrix = np.asarray(matrix_from_params(params, centre), np.float64)
+  if not np.all(np.isfinite(matrix)):
+    raise InputError("affine registration diverged (non-finite matrix); check the images")
+  return AffineResult(matrix, params, centre, tuple(losses), time.time() - t0)
+
+
+def displacement_mm(matrix: np.ndarray, grid: Grid) -> np.ndarray:
+  """``[*grid.shape, 3]`` world displacement (mm) of the map: ``d(p) = M p - p``."""
+  world = apply_affine(grid.affine, np.moveaxis(np.indices(grid.shape), 0, -1))
+  return (apply_affine(matrix, world) - world).astype(np.float32)
+
+
+def itk_text(matrix: np.ndarray) -> str:
+  """The map as an ITK transform file (``AffineTransform_double_3_3``, LPS), for
+  SimpleITK ``ReadTransform``, ANTs and 3D Slicer: it maps fixed physical points
+  to moving ones, as resampling the moving image onto the fixed grid needs."""
+  lps = np.eye(4)
+  lps[:3, :3] = _grid.LPS
+  m = lps @ np.asarray(matrix, np.float64) @ lps
+  values = [*m[:3, :3].ravel(), *m[:3, 3]]
+  return ("#Insight Transform File V1.0\n#Transform 0\n"
+          "Transform: AffineTransform_double_3_3\n"
+          f"Parameters: {' '.join(repr(float(v)) for v in values)}\n"
+          "FixedParameters: 0 0 0\n")
+
+
+def save_itk(path: str, matrix: np.ndarray) -> None:
+  """Write :func:`itk_text` to ``path`` atomically."""
+  with _io.atomic_path(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(itk_text(matrix))
