@@ -16,7 +16,7 @@ from jaxreg.ops import warp_kernel  # noqa: E402
 
 # The CPU warp kernel, as the CLI loads it (tests/test_warp_ffi.py compares it with XLA;
 # a fresh process that never loads it runs XLA: tested there too).
-warp_kernel.load(required=True)
+warp_kernel.load(os.environ.get("JAXREG_KERNEL_CACHE") or None, required=True)
 
 import pytest  # noqa: E402
 
