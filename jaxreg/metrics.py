@@ -33,7 +33,8 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict[int, float
   """Dice overlap ``2 |A ∩ B| / (|A| + |B|)`` of each label between two label maps.
 
   Args:
-    a, b: integer label maps of the same shape.
+    a: integer label map.
+    b: integer label map of the same shape as ``a``.
     labels: label ids to score.
 
   Returns:
@@ -120,7 +121,8 @@ def hd95(a: np.ndarray, b: np.ndarray, labels: Sequence[int], spacing=(1.0, 1.0,
   anyway.) Cost scales with the labels' sizes, not the volume's.
 
   Args:
-    a, b: integer label maps on one grid.
+    a: integer label map.
+    b: integer label map on the same grid as ``a``.
     labels: label ids to score.
     spacing: voxel size in mm along each array axis.
 
@@ -162,7 +164,9 @@ def tre(fixed_points: np.ndarray, moving_points: np.ndarray, disp: np.ndarray,
   interpolated, edge values outside) and compared with its moving landmark.
 
   Args:
-    fixed_points, moving_points: ``[N, 3]`` voxel coordinates (array axis order).
+    fixed_points: ``[N, 3]`` fixed landmarks, voxel coordinates (array axis order).
+    moving_points: ``[N, 3]`` the corresponding moving landmarks, voxel coordinates
+      (array axis order).
     disp: ``[X, Y, Z, 3]`` displacement in voxels (pull-back: fixed -> moving).
     spacing: voxel size in mm along each array axis.
 

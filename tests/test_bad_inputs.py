@@ -134,9 +134,9 @@ CASES = {
                                           "not a jaxreg model folder", None),
     "negative --io-steps": (lambda d: {"--io-steps": "-3"}, "io_steps must be >= 0", None),
     "unknown --similarity": (lambda d: {"--similarity": "ssd"},
-                             "similarity must be one of lncc, mind, mse", None),
+                             "unknown similarity 'ssd'; registered: lncc, mind, mse, ncc", None),
     "unknown --regulariser": (lambda d: {"--regulariser": "tv"},
-                              "regulariser must be one of diffusion, bending", None),
+                              "unknown regulariser 'tv'; registered: bending, diffusion", None),
     "--levels not coarse to fine": (lambda d: {"--levels": "2,4"},
                                     "refinement levels must be spacings >= 0.5 mm", None),
     "negative --refine-smooth": (lambda d: {"--refine-smooth": "-1"},
@@ -279,7 +279,7 @@ def test_a_diverging_refinement_is_one_line_and_writes_nothing(files, tmp_path, 
   import jax.numpy as jnp
 
   from jaxreg.pipeline import refine
-  monkeypatch.setattr(refine, "optimise_level",
+  monkeypatch.setattr(refine, "_level_stage",
                       lambda base, *a, steps, **k: (base, jnp.full((steps,), jnp.nan)))
   rc = cli.main(["register", "--fixed", str(files / "fixed.nii.gz"), "--moving",
                  str(files / "moving.nii.gz"), "--out", str(tmp_path / "out"), "--affine", "none"])

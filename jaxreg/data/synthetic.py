@@ -103,8 +103,10 @@ class SyntheticPair:
   and ``warp(moving_labels, disp, order=0) == fixed_labels``.
 
   Attributes:
-    fixed, moving: ``[X, Y, Z]`` float32 images (same units as the source).
-    fixed_labels, moving_labels: ``[X, Y, Z]`` int32 label maps (or None).
+    fixed: ``[X, Y, Z]`` float32 image (same units as the source).
+    moving: ``[X, Y, Z]`` float32 image (same units as the source).
+    fixed_labels: ``[X, Y, Z]`` int32 label map (or None).
+    moving_labels: ``[X, Y, Z]`` int32 label map (or None).
     disp: ``[X, Y, Z, 3]`` float32 true displacement in voxels (pull-back).
     affine: the shared grid's affine.
   """
@@ -176,11 +178,13 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
     noise_std: standard deviation of added noise (image units).
     lung_ids: label ids of the lungs, used to place apex and diaphragm.
     background: value outside the image after warping.
-    fine_disp_mm, fine_spacing_mm: a second, finer smooth component (multi-scale
-      motion), composed after the first; 0 disables it.
-    rigid_deg, rigid_mm: a residual rigid misalignment (each Euler angle uniform in
-      ``[-rigid_deg, rigid_deg]``, each shift in ``[-rigid_mm, rigid_mm]``), applied
-      first; 0 disables it.
+    fine_disp_mm: largest magnitude of a second, finer smooth component (multi-scale
+      motion), composed after the first, mm; 0 disables it.
+    fine_spacing_mm: smoothness of that finer component.
+    rigid_deg: a residual rigid misalignment, applied first: each Euler angle uniform
+      in ``[-rigid_deg, rigid_deg]`` degrees; 0 (with ``rigid_mm`` 0) disables it.
+    rigid_mm: each shift of that misalignment uniform in ``[-rigid_mm, rigid_mm]``
+      mm; 0 (with ``rigid_deg`` 0) disables it.
     crop: a random field-of-view cut of the fixed image: up to this fraction of each
       axis is removed (set to ``background``, labels to 0) at a random end; 0 disables
       it. The truth (``disp``) is unchanged: the cut voxels simply hold no image.

@@ -226,7 +226,8 @@ def run(fixed: Volume, moving: Volume, *, shrink: Sequence[int] = (4, 2, 1),
   """Register ``moving`` to ``fixed`` with multi-resolution demons (see the module docstring).
 
   Args:
-    fixed, moving: CT images (HU) with their affines; any grids that overlap.
+    fixed: CT image (HU) with its affine.
+    moving: CT image (HU) with its affine; any grid that overlaps ``fixed``.
     shrink: per level, coarse to fine, the integer shrink factor of both images.
     iterations: per level, the number of demons iterations (same length as ``shrink``).
     smoothing_sigma: standard deviation (voxels of each level) of the Gaussian

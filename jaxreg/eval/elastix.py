@@ -88,7 +88,8 @@ def run(fixed: Volume, moving: Volume, *, params: dict | None = None
   """Register ``moving`` to ``fixed`` with elastix.
 
   Args:
-    fixed, moving: images (HU) with their affines; any grids that overlap.
+    fixed: image (HU) with its affine.
+    moving: image (HU) with its affine; any grid that overlaps ``fixed``.
     params: a parameter map (default :func:`parameter_map`).
 
   Returns:

@@ -67,9 +67,12 @@ class Case:
 
   Attributes:
     name: a short identifier (file stem or ``demo_eval_003``).
-    fixed, moving: images (HU) with their affines.
-    fixed_labels, moving_labels: label maps on their image's grid, or None.
-    fixed_points, moving_points: ``[N, 3]`` corresponding keypoints in world
+    fixed: image (HU) with its affine.
+    moving: image (HU) with its affine.
+    fixed_labels: label map on the fixed image's grid, or None.
+    moving_labels: label map on the moving image's grid, or None.
+    fixed_points: ``[N, 3]`` keypoints in the fixed image, world mm (RAS+), or None.
+    moving_points: ``[N, 3]`` the corresponding keypoints in the moving image, world
       mm (RAS+), or None.
   """
   name: str

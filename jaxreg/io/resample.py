@@ -195,8 +195,10 @@ class PreparedPair:
   """A fixed/moving pair on the model grid, and the grids to map results back.
 
   Attributes:
-    fixed, moving: ``grid.shape`` float32 intensities in ``[0, 1]``.
-    fixed_labels, moving_labels: ``grid.shape`` int32 label maps, or None.
+    fixed: ``grid.shape`` float32 intensities in ``[0, 1]``.
+    moving: ``grid.shape`` float32 intensities in ``[0, 1]``.
+    fixed_labels: ``grid.shape`` int32 label map, or None.
+    moving_labels: ``grid.shape`` int32 label map, or None.
     grid: the model grid.
     fixed_grid: the original fixed image's grid (where outputs are written).
   """
@@ -213,7 +215,8 @@ def check_overlap(fixed: Grid, moving: Grid, names: tuple[str, str] = ("fixed", 
   """Raise :class:`InputError` unless the world bounding boxes of two grids intersect.
 
   Args:
-    fixed, moving: the two grids.
+    fixed: one grid.
+    moving: the other grid.
     names: ``(fixed, moving)`` names for the message (e.g. file names).
   """
   flo, fhi = fixed.world_bounds()
@@ -231,10 +234,16 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
   """Resample a CT pair (and labels) onto the fixed image's model grid.
 
   Args:
-    fixed, moving: CT volumes in HU with their own affines (any orientation,
-      spacing, shape and field of view).
-    fixed_labels, moving_labels: optional label maps on their image's grid.
-    spacing, divisor, max_shape, shape: model grid, see :func:`model_grid`.
+    fixed: CT volume in HU with its own affine (any orientation, spacing, shape and
+      field of view).
+    moving: CT volume in HU with its own affine (any orientation, spacing, shape and
+      field of view).
+    fixed_labels: optional label map on the fixed image's grid.
+    moving_labels: optional label map on the moving image's grid.
+    spacing: model grid, see :func:`model_grid`.
+    divisor: model grid, see :func:`model_grid`.
+    max_shape: model grid, see :func:`model_grid`.
+    shape: model grid, see :func:`model_grid`.
     hu_window: HU clipping range, scaled to ``[0, 1]``; outside its field of
       view an image is ``hu_window[0]`` (air), i.e. 0.
     names: how to name the two images in error messages (e.g. file names).

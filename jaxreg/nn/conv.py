@@ -66,7 +66,16 @@ def conv3d_folded(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
   Args:
     lhs: ``[B, D, H, W, C]`` input.
     rhs: ``[kd, kh, kw, C, O]`` kernel.
-    window_strides, padding, ...: as ``lax.conv_general_dilated``.
+    window_strides: as ``lax.conv_general_dilated``.
+    padding: as ``lax.conv_general_dilated``.
+    lhs_dilation: as ``lax.conv_general_dilated``.
+    rhs_dilation: as ``lax.conv_general_dilated``.
+    dimension_numbers: as ``lax.conv_general_dilated``.
+    feature_group_count: as ``lax.conv_general_dilated``.
+    batch_group_count: as ``lax.conv_general_dilated``.
+    precision: as ``lax.conv_general_dilated``.
+    preferred_element_type: as ``lax.conv_general_dilated``.
+    out_sharding: as ``lax.conv_general_dilated``.
     combine: ``"sum"``, ``"concat"``, ``"outputs"`` or None (choose by the
       channel counts: ``"outputs"`` for ``kd * O <= 12`` with depth stride 1,
       else ``"concat"`` for ``C <= 8``, else ``"sum"``).

@@ -315,7 +315,8 @@ def predict_displacement(model: RegistrationNet, fixed: jax.Array, moving: jax.A
 
   Args:
     model: the network.
-    fixed, moving: ``[B, X, Y, Z(, C)]`` images on one grid.
+    fixed: ``[B, X, Y, Z(, C)]`` fixed images.
+    moving: ``[B, X, Y, Z(, C)]`` moving images on the same grid as ``fixed``.
     method: decomposition (``compose``, ``sum``, ``svf``).
     steps: scaling-and-squaring steps for ``svf``.
     extra: optional extra input channels.

@@ -149,7 +149,10 @@ def combine_batch(fields: Sequence[jax.Array], method: str = "compose",
 
   Args:
     fields: K arrays ``[B, X_k, Y_k, Z_k, 3]`` in voxels.
-    method, shape, steps, implementation: as in :func:`combine`.
+    method: as in :func:`combine`.
+    shape: as in :func:`combine`.
+    steps: as in :func:`combine`.
+    implementation: as in :func:`combine`.
 
   Returns:
     ``[B, X, Y, Z, 3]`` displacements in voxels.

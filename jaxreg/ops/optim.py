@@ -52,7 +52,9 @@ def minimise_until(loss: Callable, params, tx: optax.GradientTransformation, ste
   stop, so the result equals :func:`minimise`'s after ``count`` steps.
 
   Args:
-    loss, params, tx: as :func:`minimise`.
+    loss: as :func:`minimise`.
+    params: as :func:`minimise`.
+    tx: as :func:`minimise`.
     steps: the most steps (static).
     tol: the least drop that counts as an improvement (absolute, in the loss's units).
     patience: steps without such an improvement before stopping.

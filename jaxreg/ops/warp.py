@@ -184,7 +184,11 @@ def warp_batch(image: jax.Array, disp: jax.Array, *, order: int = 1,
   Args:
     image: ``[B, X, Y, Z]`` or ``[B, X, Y, Z, C]``.
     disp: ``[B, X, Y, Z, 3]`` displacements in voxels.
-    order, padding, cval, implementation, threads: as in :func:`warp`.
+    order: as in :func:`warp`.
+    padding: as in :func:`warp`.
+    cval: as in :func:`warp`.
+    implementation: as in :func:`warp`.
+    threads: as in :func:`warp`.
 
   Returns:
     ``[B, ...]`` warped volumes, same shape as ``image``.

@@ -143,7 +143,8 @@ def load(cache: str | None = None, *, compiler: str | None = None,
   After this, warps with ``implementation=None`` use the kernel where it applies.
 
   Args:
-    cache, compiler: as :func:`build`.
+    cache: as :func:`build`.
+    compiler: as :func:`build`.
     required: raise instead of returning False when it cannot be built.
 
   Returns:

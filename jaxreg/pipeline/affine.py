@@ -205,7 +205,8 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
   """Affine or rigid registration of ``moving`` to ``fixed`` (CT in HU, any grids).
 
   Args:
-    fixed, moving: images with their affines; they need not overlap at first
+    fixed: image with its affine.
+    moving: image with its affine; the two need not overlap at first
       (the centre-of-mass initialisation brings them together).
     model: ``"affine"`` (12 parameters) or ``"rigid"`` (6).
     similarity: ``"ncc"`` (global normalised cross-correlation) or ``"mse"``.
@@ -217,9 +218,9 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
     samples: fixed voxels (random, inside its field of view, the same at every
       step of a level) on which the similarity is computed; 0: every voxel.
     seed: of that sampling.
-    tol, patience: a level stops once its loss (1 - NCC, or the MSE of [0, 1] images)
-      has not dropped by more than ``tol`` for ``patience`` steps; ``tol=None`` runs
-      every step.
+    tol: a level stops once its loss (1 - NCC, or the MSE of [0, 1] images) has not
+      dropped by more than ``tol`` for ``patience`` steps; ``tol=None`` runs every step.
+    patience: steps without such a drop before a level stops (see ``tol``).
     implementation: the warp's (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`).
 
   Returns:

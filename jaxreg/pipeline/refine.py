@@ -106,8 +106,8 @@ class RefineOptions:
     lr: Adam learning rate (level voxels per step), decayed on a cosine to
       10% within each level.
     window: LNCC box width (level voxels, odd).
-    mind_radius, mind_dilation: MIND-SSC patch radius and neighbour
-      distance (level voxels).
+    mind_radius: MIND-SSC patch radius (level voxels).
+    mind_dilation: MIND-SSC neighbour distance (level voxels).
     mask: average the similarity over the fixed image's body only.
     control: control-grid stride in level voxels at each level (2: every 2nd
       voxel, linearly upsampled; 1: a dense field), one per level or one for all.
@@ -434,8 +434,14 @@ def _optimise_level(base, fixed, moving, weights, lr, reg_weight, moving_map=Non
       ``moving_map @ (x + u(x))``, not resampled onto the level grid first and warped
       (two trilinear interpolations, a position-dependent blur). Not with MIND (its
       descriptors are computed on the level grid).
-    steps, similarity, regulariser, window, mind_radius, mind_dilation, control:
-      see :class:`RefineOptions`.
+    steps: see :class:`RefineOptions`.
+    similarity: see :class:`RefineOptions`.
+    regulariser: see :class:`RefineOptions`.
+    window: see :class:`RefineOptions`.
+    mind_radius: see :class:`RefineOptions`.
+    mind_dilation: see :class:`RefineOptions`.
+    control: see :class:`RefineOptions`.
+    smooth: see :class:`RefineOptions`.
     implementation: the warp's (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`).
 
   Returns:

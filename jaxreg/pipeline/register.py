@@ -254,7 +254,8 @@ def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, s
 
   Args:
     disp: ``[X, Y, Z, 3]`` starting displacement in voxels (e.g. the network's).
-    fixed, moving: ``[X, Y, Z]`` images on that grid (intensities in [0, 1]).
+    fixed: ``[X, Y, Z]`` image on that grid (intensities in [0, 1]).
+    moving: ``[X, Y, Z]`` image on that grid (intensities in [0, 1]).
     steps: Adam steps (one jitted ``lax.scan``).
     lr: Adam learning rate, voxels per step.
     reg_weight: weight of the diffusion regulariser.
@@ -337,17 +338,21 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
   """Register ``moving`` to ``fixed`` (see the module docstring).
 
   Args:
-    fixed, moving: CT volumes in HU with their affines (any shape, spacing,
-      orientation; they must overlap in world space).
-    net, config: a network and its training config (default: the shipped demo model).
+    fixed: CT volume in HU with its affine (any shape, spacing, orientation).
+    moving: CT volume in HU with its affine (any shape, spacing, orientation; it must
+      overlap ``fixed`` in world space).
+    net: a network (default: the shipped demo model).
+    config: the training config of ``net`` (with the default ``net``, the demo model's).
     fixed_labels: the fixed label map, needed only by a model that takes labels as input.
     moving_labels: the moving label map: warped with the image (and a model input if
       the model takes labels).
     affine: global pre-alignment, ``"affine"`` (12 parameters), ``"rigid"`` or ``"none"``.
     refine: :class:`~jaxreg.pipeline.refine.RefineOptions` of the fine-resolution
       refinement, or None for the network's field alone.
-    io_steps, io_lr, io_reg_weight: the older dense instance optimisation on the
-      model grid before refinement (0 steps: off).
+    io_steps: steps of the older dense instance optimisation on the model grid before
+      refinement (:func:`instance_optimise`; 0 steps: off).
+    io_lr: its learning rate (``lr`` of :func:`instance_optimise`).
+    io_reg_weight: its regulariser weight (``reg_weight`` of :func:`instance_optimise`).
     reg_weight: lambda, the smoothness trade-off of a network trained with lambda
       conditioning (within its ``config.model.reg_range``; default:
       :func:`default_reg_weight`, 20 when the refinement follows, else the config's
@@ -359,8 +364,9 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       local devices; :func:`jaxreg.ops.sharding.inference_mesh`). None: one device.
     names: file names for error messages.
     implementation: the warp's in the affine, network and refinement stages
-      (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`); ``None`` runs the C++ kernel on CPU where
-      :func:`jaxreg.load_kernel` has loaded it (the CLI does), else XLA.
+      (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`); ``None`` runs the
+      C++ kernel on CPU where :func:`jaxreg.load_kernel` has loaded it (the CLI does),
+      else XLA.
 
   Returns:
     :class:`Registration`; its ``metrics`` hold seconds per stage, the XLA
