@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxreg import training
+from jaxreg.nn import inputs
 from jaxreg.types import InputError
 from jaxreg.training import config as config_lib, sharding, sources, state as state_lib, step as step_lib
 
@@ -218,7 +219,7 @@ def test_label_inputs_feed_organ_masks_to_the_network(tmp_path):
   assert net.unet.encoder[0][0].in_features == 2 + 2 * len(config.data.label_ids)
   graphdef, template, state = state_lib.init_state(config)
   batch = _batch(config, 2)
-  extra = step_lib.label_channels(config, batch["fixed_labels"], batch["moving_labels"])
+  extra = inputs.label_channels(config, batch["fixed_labels"], batch["moving_labels"])
   assert extra.shape == batch["fixed"].shape + (2 * len(config.data.label_ids),)
   np.testing.assert_array_equal(np.asarray(extra[..., 0]), batch["fixed_labels"] == 1)
   loss, _ = step_lib.make_loss_fn(graphdef, template, config)(state.params, batch)

@@ -149,10 +149,10 @@ def restore_latest(workdir: str):
     jaxreg.types.InputError: not a training workdir, or no checkpoint in it.
   """
   from jaxreg.types import InputError
-  from jaxreg.training import config as _config
+  from jaxreg.io.configjson import read_config_json
   from jaxreg.training import state as _state
 
-  config = _config.read_config_json(os.path.join(workdir, "config.json"))
+  config = read_config_json(os.path.join(workdir, "config.json"))
   ckpts = Checkpoints(workdir)
   try:
     step = ckpts.latest_step()

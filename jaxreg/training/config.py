@@ -14,12 +14,9 @@ import sys
 import ml_collections
 
 from jaxreg.nn import model as _model
-from jaxreg.io.configjson import (config_from_dict, read_config_json, to_json,  # noqa: F401
-                               write_config)  # re-exported: they moved to jaxreg.io.configjson
 from jaxreg.types import InputError
 
-__all__ = ["load_config", "shipped_configs", "override", "to_json", "write_config", "check_config",
-           "config_from_dict", "read_config_json"]
+__all__ = ["load_config", "shipped_configs", "override", "check_config"]
 
 
 def shipped_configs() -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from jaxreg import data as _data
 from jaxreg.ops import sharding as _mesh
 from jaxreg.types import InputError
 from jaxreg.training import checkpoint as _checkpoint
+from jaxreg.io import configjson as _configjson
 from jaxreg.training import config as _config
 from jaxreg.training import sharding as _sharding
 from jaxreg.training import sources as _sources
@@ -189,9 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finally:
       probe.close()
   os.makedirs(workdir, exist_ok=True)  # only once every check has passed
-  config_dict = json.loads(_config.to_json(config))
+  config_dict = json.loads(_configjson.to_json(config))
   if pid == 0:
-    _config.write_config(config, os.path.join(workdir, "config.json"))
+    _configjson.write_config(config, os.path.join(workdir, "config.json"))
   log(f"jaxreg train: {mesh.devices.size} device(s) in {n_proc} process(es) "
       f"(mesh data={mesh.shape['data']} x space={mesh.shape['space']}), "
       f"{jax.devices()[0].platform}; workdir {workdir}")

@@ -16,7 +16,7 @@ from jaxreg import data as _data
 from jaxreg.nn import model as _model
 from jaxreg import io as _io
 from jaxreg.io import resample as _preprocess
-from jaxreg.nn.inputs import class_lut, to_classes  # re-exported: they moved to jaxreg.nn.inputs
+from jaxreg.nn.inputs import class_lut, to_classes
 from jaxreg.types import InputError
 
 __all__ = ["class_lut", "to_classes", "make_sources", "demo_pair_for"]

@@ -23,7 +23,7 @@ from jaxreg.ops import sharding as _mesh
 from jaxreg.nn import model as _model
 from jaxreg.ops import warp as _warp
 from jaxreg.types import InputError
-from jaxreg.nn.inputs import label_channels, num_classes  # re-exported: they moved to jaxreg.nn.inputs
+from jaxreg.nn.inputs import label_channels, num_classes
 from jaxreg.training import sharding as _sharding
 from jaxreg.training.state import TrainState, merge
 
