@@ -114,6 +114,7 @@ BY_NAME = {op.name: op for op in OPS}
 # Exported names that are not array operators, and why.
 NOT_OPS = {
     "warp.PADDINGS": "a tuple of names", "decompose.METHODS": "a tuple of names",
+    "warp.IMPLEMENTATIONS": "a tuple of names",
     "losses.box_counts": "takes a shape, not arrays (a constant of the grid)",
     **{f"losses.{n}": "the loss registry" for n in (
         "register_similarity", "register_regulariser", "get_similarity", "get_regulariser",

@@ -57,6 +57,7 @@ from jax.interpreters import ad, batching, mlir
 from jaxreg.ops import trilinear as _tri
 
 __all__ = ["SOURCE", "IMPLEMENTATIONS", "KernelError", "build", "load", "loaded", "reason",
+           "check_implementation",
            "runs", "sample", "warp", "nearest"]
 
 SOURCE = Path(__file__).parent / "csrc" / "warp_kernel.cc"

@@ -24,7 +24,7 @@ from jaxreg import metrics as _metrics
 from jaxreg.io import resample as _preprocess
 from jaxreg.types import Grid, InputError, Volume
 
-__all__ = ["write_registration", "OUTPUT_FORMATS"]
+__all__ = ["write_registration", "label_scores", "OUTPUT_FORMATS"]
 
 OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 
