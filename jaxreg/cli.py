@@ -16,6 +16,7 @@ import numpy as np
 import jaxreg
 from jaxreg.types import Volume
 
+
 class UserError(Exception):
   """An error caused by the user's input: reported as one line, exit code 2."""
 
@@ -23,10 +24,8 @@ class UserError(Exception):
 def _write_example(folder: str, net, config, implementation: str | None) -> None:
   """Demo evaluation pair 0 (the embedded CT's own 2.5 mm grid) through :func:`register`:
   its outputs and report.png, plus the pair itself and the true displacement."""
-  from jaxreg import data
-  from jaxreg import io
-  from jaxreg.pipeline import outputs
-  from jaxreg.pipeline import register
+  from jaxreg import data, io
+  from jaxreg.pipeline import outputs, register
 
   d = config.data
   pair = data.demo_pair(0, split="eval", max_disp_mm=d.max_disp_mm,
@@ -55,8 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 
   from flax import nnx
 
-  from jaxreg import io
-  from jaxreg import training
+  from jaxreg import io, training
   from jaxreg.io import weights
   from jaxreg.pipeline import environment, stages
 
@@ -104,8 +102,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _refine_options(args):
   """RefineOptions from the register flags (None with --no-refine)."""
-  from jaxreg.types import InputError
   from jaxreg.pipeline.refine import RefineOptions
+  from jaxreg.types import InputError
   if args.no_refine:
     return None
 

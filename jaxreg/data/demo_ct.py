@@ -10,10 +10,9 @@ import importlib.resources
 
 import numpy as np
 
+from jaxreg.data.synthetic import SyntheticPair, synthetic_pair
 from jaxreg.io import load, load_labels
 from jaxreg.types import Volume
-from jaxreg.data.synthetic import SyntheticPair, synthetic_pair
-
 
 TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 1_000_000_000
@@ -60,7 +59,9 @@ def demo() -> Demo:
 
 @functools.lru_cache(maxsize=4)
 def _demo_on_grid(spacing: float | None, divisor: int, shape: tuple[int, int, int] | None):
-  from jaxreg.io import resample as preprocess  # preprocess imports io only; kept local to stay light
+  from jaxreg.io import (
+    resample as preprocess,  # preprocess imports io only; kept local to stay light
+  )
   d = demo()
   if spacing is None:
     return d.ct.array.astype(np.float32), d.labels.array, d.ct.affine

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 
-
 class Loader:
   """Batches of ``source(i)`` in a seeded order, prefetched, with a restorable position.
 

@@ -17,7 +17,6 @@ from jaxreg.ops import fields as _fields
 from jaxreg.ops import grid as _grid
 from jaxreg.ops import warp as _warp
 
-
 _compose = jax.jit(_fields.compose)
 _warp_jit = jax.jit(_warp.warp, static_argnames=("order", "padding", "cval"))
 

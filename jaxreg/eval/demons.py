@@ -47,8 +47,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxreg.types import Volume
 from jaxreg.ops.grid import LPS
+from jaxreg.types import Volume
 
 __all__ = ["available", "displacement_field", "run", "to_ras", "to_sitk", "MISSING"]
 

@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from jaxreg.types import Volume
 from jaxreg.ops.grid import LPS
+from jaxreg.types import Volume
 
 __all__ = ["available", "parameter_map", "run", "to_itk", "MISSING"]
 

@@ -43,12 +43,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxreg import data as _data
-from jaxreg.ops import grid as _grid
 from jaxreg import io as _io
 from jaxreg import metrics as _metrics
-from jaxreg.ops import points as _points
 from jaxreg.io import resample as _preprocess
-from jaxreg.types import InputError, Volume, Grid
+from jaxreg.ops import grid as _grid
+from jaxreg.ops import points as _points
+from jaxreg.types import Grid, InputError, Volume
 
 __all__ = ["Case", "METHODS", "METRICS", "demo_cases", "file_cases", "load_cases",
            "run_method", "case_metrics", "evaluate", "summarise", "write_outputs", "main"]

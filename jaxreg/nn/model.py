@@ -31,7 +31,6 @@ range, so one network serves every smoothness trade-off. lambda enters as
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 
 import jax

@@ -35,12 +35,12 @@ import numpy as np
 import optax
 from nibabel.affines import apply_affine
 
-from jaxreg.pipeline import stages as _exported
 from jaxreg import io as _io
-from jaxreg.ops import optim as _optim
 from jaxreg.io import resample as _preprocess
 from jaxreg.ops import grid as _grid
+from jaxreg.ops import optim as _optim
 from jaxreg.ops import warp as _warp
+from jaxreg.pipeline import stages as _stages
 from jaxreg.types import Grid, InputError, Volume
 
 __all__ = ["AffineResult", "PARAM_SCALES", "matrix_from_params", "align", "displacement_mm",
@@ -192,7 +192,7 @@ def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, mov
   return _optim.minimise_until(loss, theta, tx, steps, tol=tol, patience=patience)
 
 
-_optimise_stage = _exported.Stage(_optimise, static_argnames=("steps", "similarity",
+_optimise_stage = _stages.Stage(_optimise, static_argnames=("steps", "similarity",
                                                               "implementation"))
 
 

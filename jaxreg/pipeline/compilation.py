@@ -16,7 +16,7 @@ import threading
 
 import jax
 
-from jaxreg.pipeline import stages as _exported
+from jaxreg.pipeline import stages as _stages
 
 __all__ = ["DEFAULT_CACHE", "cache_dir", "enable_cache", "CompileCounter"]
 
@@ -102,13 +102,13 @@ class CompileCounter:
     with self._lock:
       self._register()
       self._active.append(self)
-    self._stages0 = _exported.status()
+    self._stages0 = _stages.status()
     return self
 
   def __exit__(self, *exc) -> None:
     with self._lock:
       self._active.remove(self)
-    now = _exported.status()
+    now = _stages.status()
     self.stages = {k: now[k] - self._stages0[k] for k in self.stages}
 
   def as_dict(self) -> dict:

@@ -18,10 +18,10 @@ import os
 
 import numpy as np
 
-from jaxreg.pipeline import affine as _affine
 from jaxreg import io as _io
 from jaxreg import metrics as _metrics
 from jaxreg.io import resample as _preprocess
+from jaxreg.pipeline import affine as _affine
 from jaxreg.types import Grid, InputError, Volume
 
 __all__ = ["write_registration", "label_scores", "OUTPUT_FORMATS"]

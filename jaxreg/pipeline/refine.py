@@ -60,14 +60,14 @@ import numpy as np
 import optax
 import scipy.ndimage as ndi
 
-from jaxreg.pipeline import stages as _exported
+from jaxreg.io import resample as _preprocess
 from jaxreg.ops import grid as _grid
-from jaxreg.ops import sharding as _mesh
 from jaxreg.ops import losses as _losses
 from jaxreg.ops import optim as _optim
-from jaxreg.io import resample as _preprocess
+from jaxreg.ops import sharding as _mesh
 from jaxreg.ops import warp as _warp
-from jaxreg.types import InputError, Volume, Grid
+from jaxreg.pipeline import stages as _stages
+from jaxreg.types import Grid, InputError, Volume
 
 __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "level_grids",
            "on_lattice", "upsample2", "smooth3", "refine", "optimise_level", "level_objective",
@@ -462,7 +462,7 @@ _LEVEL_STATICS = ("steps", "similarity", "regulariser", "window", "mind_radius",
 optimise_level = jax.jit(_optimise_level, static_argnames=_LEVEL_STATICS)
 # The same program as a pipeline stage, kept across processes inside
 # jaxreg.pipeline.stages.enabled (refine() calls this one).
-_level_stage = _exported.Stage(_optimise_level, static_argnames=_LEVEL_STATICS)
+_level_stage = _stages.Stage(_optimise_level, static_argnames=_LEVEL_STATICS)
 
 
 def _body_weights(fixed_hu: np.ndarray, mask: bool) -> np.ndarray:

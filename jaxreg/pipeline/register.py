@@ -44,21 +44,21 @@ import numpy as np
 import optax
 from nibabel.affines import apply_affine
 
-from jaxreg.pipeline import affine as _affine
-from jaxreg.io import configjson as _configjson
-from jaxreg.pipeline import stages as _exported
-from jaxreg.nn import inputs as _inputs
-from jaxreg.ops import losses as _losses
-from jaxreg.ops import sharding as _mesh
-from jaxreg.ops import optim as _optim
 from jaxreg import metrics as _metrics
-from jaxreg.nn import model as _model
+from jaxreg.io import configjson as _configjson
 from jaxreg.io import resample as _preprocess
-from jaxreg.pipeline import refine as _refine
+from jaxreg.nn import inputs as _inputs
+from jaxreg.nn import model as _model
+from jaxreg.ops import losses as _losses
+from jaxreg.ops import optim as _optim
+from jaxreg.ops import sharding as _mesh
 from jaxreg.ops import warp as _warp
+from jaxreg.pipeline import affine as _affine
+from jaxreg.pipeline import refine as _refine
+from jaxreg.pipeline import stages as _stages
 from jaxreg.pipeline.compilation import CompileCounter
-from jaxreg.types import InputError, Volume, Grid
 from jaxreg.pipeline.refine import RefineOptions
+from jaxreg.types import Grid, InputError, Volume
 
 __all__ = ["Registration", "RefineOptions", "register", "register_many",
            "affine_stage", "aligned", "to_model_grid", "network_stage", "refine_stage",
@@ -156,7 +156,7 @@ def _predict(leaves, fixed, moving, extra, reg_weight, *, graphdef, treedef, mod
                                      implementation=implementation)[0][0]
 
 
-_predict_stage = _exported.Stage(
+_predict_stage = _stages.Stage(
     _predict, static_argnames=("graphdef", "treedef", "model", "method", "steps", "implementation"),
     unkeyed=("graphdef", "treedef"))
 
@@ -243,7 +243,7 @@ def _optimise(disp, fixed, moving, steps, lr, reg_weight, window, implementation
   return _optim.minimise(loss, disp, tx, steps)
 
 
-_optimise_stage = _exported.Stage(_optimise, static_argnames=("steps", "window", "implementation"))
+_optimise_stage = _stages.Stage(_optimise, static_argnames=("steps", "window", "implementation"))
 
 
 def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, steps: int = 50,
@@ -503,8 +503,14 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
   show = sys.stderr.isatty() if progress is None else progress
   bar = None
   if show:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+      BarColumn,
+      MofNCompleteColumn,
+      Progress,
+      TextColumn,
+      TimeElapsedColumn,
+      TimeRemainingColumn,
+    )
     bar = Progress(TextColumn("register"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn(), transient=True)
     bar.start()

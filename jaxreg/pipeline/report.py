@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from jaxreg.ops import grid as _grid
 from jaxreg import io as _io
 from jaxreg import metrics as _metrics
+from jaxreg.ops import grid as _grid
 
 __all__ = ["to_ras", "plane_slices", "checkerboard", "label_edges", "save_report",
            "save_box_plot", "import_in_background"]

@@ -80,8 +80,8 @@ class Checkpoints:
     from flax import nnx
 
     from jaxreg.io.configjson import config_from_dict
-    from jaxreg.types import InputError
     from jaxreg.training import state as _state
+    from jaxreg.types import InputError
     step = self.latest_step()
     if step is None:
       return
@@ -148,9 +148,9 @@ def restore_latest(workdir: str):
   Raises:
     jaxreg.types.InputError: not a training workdir, or no checkpoint in it.
   """
-  from jaxreg.types import InputError
   from jaxreg.io.configjson import read_config_json
   from jaxreg.training import state as _state
+  from jaxreg.types import InputError
 
   config = read_config_json(os.path.join(workdir, "config.json"))
   ckpts = Checkpoints(workdir)

@@ -24,15 +24,15 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
-from jaxreg.ops import sharding as _mesh
-from jaxreg.types import InputError
-from jaxreg.training import checkpoint as _checkpoint
 from jaxreg.io import configjson as _configjson
+from jaxreg.ops import sharding as _mesh
+from jaxreg.training import checkpoint as _checkpoint
 from jaxreg.training import config as _config
 from jaxreg.training import sharding as _sharding
 from jaxreg.training import sources as _sources
 from jaxreg.training import state as _state
 from jaxreg.training import step as _step
+from jaxreg.types import InputError
 
 __all__ = ["train_and_evaluate", "evaluate"]
 
@@ -51,7 +51,9 @@ class _Writer:
         kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(kept)
-    from tensorboardX import SummaryWriter  # imported lazily: optional for library users
+    from tensorboardX import (
+      SummaryWriter,  # imported lazily: optional for library users
+    )
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, kind: str, metrics: dict[str, float]) -> None:
@@ -133,8 +135,14 @@ def evaluate(config: ml_collections.ConfigDict, params) -> dict[str, float]:
 
 
 def _progress(enabled: bool, total: int, start: int):
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                             TimeElapsedColumn, TimeRemainingColumn)
+  from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+  )
   progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                       TimeRemainingColumn(), disable=not enabled)

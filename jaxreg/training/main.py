@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
   args = build_parser(prog).parse_args(rest)
 
   from jaxreg.ops.warp_kernel import KernelError
-  from jaxreg.training import checkpoint, config as config_lib
+  from jaxreg.training import checkpoint
+  from jaxreg.training import config as config_lib
   from jaxreg.types import InputError
   try:
     if args.distributed:

@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
-from jaxreg.nn import model as _model
 from jaxreg import io as _io
 from jaxreg.io import resample as _preprocess
+from jaxreg.nn import model as _model
 from jaxreg.nn.inputs import class_lut, to_classes
 from jaxreg.types import InputError
 

@@ -17,15 +17,15 @@ import ml_collections
 import optax
 from flax import nnx
 
+from jaxreg.nn import model as _model
+from jaxreg.nn.inputs import label_channels, num_classes
 from jaxreg.ops import fields as _fields
 from jaxreg.ops import losses as _losses
 from jaxreg.ops import sharding as _mesh
-from jaxreg.nn import model as _model
 from jaxreg.ops import warp as _warp
-from jaxreg.types import InputError
-from jaxreg.nn.inputs import label_channels, num_classes
 from jaxreg.training import sharding as _sharding
 from jaxreg.training.state import TrainState, merge
+from jaxreg.types import InputError
 
 __all__ = ["make_loss_fn", "make_train_step", "make_eval_step", "jit_train_step",
            "jit_eval_step", "resolve_objective", "conditioned", "batch_reg_weight",
