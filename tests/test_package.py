@@ -215,3 +215,12 @@ def test_train_py_config_by_name_from_another_folder(tmp_path):
                                 "config (shipped: default, demo, demo_6mm, learn2reg_abdomen, "
                                 "test)")
   assert sorted(os.listdir(tmp_path)) == []
+  # a model folder's config.json (what weights are saved with) is not a config to train from
+  model_config = os.path.join(ROOT, "jaxreg", "demo_model", "config.json")
+  out = _train_py("--config", model_config, "--workdir", tmp_path / "run", cwd=tmp_path)
+  assert out.returncode == 2
+  assert out.stderr.strip() == (
+      f"train.py: error: {model_config}: a JSON file (a model folder's or a run's resolved "
+      "config.json) is not a training config: give a Python config file or a shipped name "
+      "(default, demo, demo_6mm, learn2reg_abdomen, test)")
+  assert sorted(os.listdir(tmp_path)) == []

@@ -37,10 +37,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   ones import each other as ``from jaxreg.configs import demo``.
 
   Raises:
-    InputError: neither a file nor a shipped name, no ``get_config``, or an error while
-      running it.
+    InputError: neither a file nor a shipped name, a ``.json`` file (a model folder's or a
+      run's resolved config, not a config to train from), no ``get_config``, or an error
+      while running it.
   """
   path, _, arg = spec.partition(":")
+  if os.path.isfile(path) and path.endswith(".json"):
+    raise InputError(f"{path}: a JSON file (a model folder's or a run's resolved config.json) "
+                     "is not a training config: give a Python config file or a shipped name "
+                     f"({', '.join(shipped_configs())})")
   if os.path.isfile(path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     module_name = f"jaxreg_config_{abs(hash(os.path.abspath(path)))}"
