@@ -9,12 +9,15 @@ Python runs a signal handler between any two bytecodes, including inside a garba
 callback or a ``__del__``, where an exception is printed as "Exception ignored" and dropped
 (JAX registers such a callback; a SIGTERM was measured lost this way). So the handlers also
 record the signal, and :func:`check` raises it again: the atomic writers call it just before
-they rename their output into place, so a dropped signal still stops the commit.
+they rename their output into place, so a dropped signal still stops the commit. While
+:func:`interruptible` runs, Python's report of such a dropped interrupt (a traceback on
+stderr, ``sys.unraisablehook``) is silenced: it is not lost, only deferred.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 __all__ = ["Interrupted", "check", "interruptible"]
 
@@ -55,10 +58,17 @@ def interruptible():
     global _pending
     _pending = signal.Signals(signum).name
     check()
+  def on_unraisable(unraisable):
+    if not (_pending and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+      hook(unraisable)  # anything else is reported as usual
+
   _pending = None
+  hook = sys.unraisablehook
+  sys.unraisablehook = on_unraisable
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
+    sys.unraisablehook = hook
