@@ -1,6 +1,7 @@
 """Registration accuracy and time on hard, varied pairs: jaxreg vs elastix vs demons, one run.
 
-Run: ``python benchmarks/register.py [--per-family 2] [--out bench-register]``
+Run: ``python benchmarks/register.py [--per-family 2] [--set whole|acquired|all]
+[--out bench-register]``
 (elastix needs the ``baselines`` extra, demons SimpleITK).
 
 Pairs: :mod:`benchmarks.families` (the embedded CT at 2.5 mm, 144x144x133,
@@ -38,8 +39,29 @@ the refinement stage's and the whole registration's median seconds per path, the
 and each path's Dice/TRE (the two paths agree to rounding per step; the optimiser's steps let the
 fields drift apart in flat background, not in the organs).
 
+``--set acquired`` registers the pairs of :mod:`benchmarks.acquired` instead (``--set all``:
+both sets, one after the other): scans as they are acquired (crops, a cut cranio-caudal
+field of view, thick slices, partial overlap) whose moving image is on its own grid,
+with the true field and the region where data define it (``shared``: fixed voxels whose
+true point lies inside the moving scan; ``edge``: its outer 3 voxels; ``interior``: the
+rest). Scored on the fixed grid:
+
+* ``dice_shared``: mean Dice inside ``shared`` over the labels present in both scans (the
+  moving labels warped with nearest neighbour through the method's field);
+* ``tre_shared``: mean ``|d_method(x) - d_true(x)|`` (mm) over the labelled voxels
+  (label > 0) inside ``shared``; ``tre_edge``, ``tre_interior``: the same over the body
+  voxels (fixed image above -500 HU) of ``edge`` and ``interior``;
+* ``fold_body``: fraction of the body voxels inside ``shared`` with ``det J <= 0``;
+  ``fold_grid``: the same over the whole fixed grid (Jacobian of the field in fixed voxels);
+* ``max_disp_mm``: the largest ``|d_method|`` on the grid; ``seconds`` as above (the
+  pairs differ in shape: jaxreg's include compiling any shape bucket not met before).
+
+Per family it also counts the pairs where jaxreg's ``tre_shared`` is worse than demons'
+and gives jaxreg's ``tre_edge / tre_interior`` (ratio of the family means).
+
 Outputs: per-pair rows and the per-family table on stdout, and
-``--out``/``per_pair.csv`` + ``tables.md``.
+``--out``/``per_pair.csv`` + ``tables.md`` (``--set acquired``: ``per_pair_acquired.csv`` +
+``tables_acquired.md``).
 """
 
 from __future__ import annotations
@@ -56,10 +78,23 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import acquired  # noqa: E402
 import families  # noqa: E402
 
 METHODS = ("before", "network", "jaxreg", "jaxreg-mind", "jaxreg-bending", "elastix", "demons")
 COLUMNS = ("dice12", "dice_all", "hd95", "tre", "sdlogj", "folding", "seconds")
+ACQUIRED_COLUMNS = ("dice_shared", "tre_shared", "tre_edge", "tre_interior", "fold_body",
+                    "fold_grid", "max_disp_mm", "seconds")
+# column -> (table header, format)
+_HEADERS = {"dice12": ("Dice 12 organs", "{:.3f}"), "dice_all": ("Dice all labels", "{:.3f}"),
+            "hd95": ("HD95 (mm)", "{:.2f}"), "tre": ("TRE (mm)", "{:.2f}"),
+            "sdlogj": ("SDlogJ", "{:.3f}"), "folding": ("folding", "{:.5f}"),
+            "seconds": ("seconds", "{:.1f}"), "dice_shared": ("Dice shared", "{:.3f}"),
+            "tre_shared": ("TRE shared (mm)", "{:.2f}"), "tre_edge": ("TRE edge (mm)", "{:.2f}"),
+            "tre_interior": ("TRE interior (mm)", "{:.2f}"),
+            "fold_body": ("folding body", "{:.5f}"), "fold_grid": ("folding grid", "{:.5f}"),
+            "max_disp_mm": ("max disp (mm)", "{:.1f}")}
+_BODY_HU = -500.0  # acquired set: body voxels are fixed voxels above this
 
 
 def _run(method: str, case, net, config, implementation=None):
@@ -90,62 +125,136 @@ def _score(case, disp):
           "tre": organs["tre"], "sdlogj": organs["sdlogj"], "folding": organs["folding"]}
 
 
-def accuracy(per_family: int, methods, out: str | None) -> list[dict]:
-  from jaxreg.eval import demons
-  from jaxreg.eval import elastix
+def _score_acquired(acase, disp) -> dict:
+  """The acquired set's scores (module docstring) of ``disp`` (``[*fixed.shape, 3]`` world
+  mm) for an :class:`acquired.AcquiredCase`."""
+  from jaxreg import metrics
+  from jaxreg.ops import grid
+  case = acase.case
+  disp = np.asarray(disp, np.float32)
+  error = np.linalg.norm(disp - acase.true_mm, axis=-1)  # [X, Y, Z] mm
+  body = case.fixed.array > _BODY_HU
+  folded = metrics.jacobian_determinant(
+      np.asarray(grid.disp_mm_to_voxel(disp, case.fixed.affine))) <= 0
+  mean = lambda values, mask: float(values[mask].mean()) if mask.any() else float("nan")
+  return {"dice_shared": acquired.dice_shared(acase, disp),
+          "tre_shared": mean(error, acase.shared & (case.fixed_labels.array > 0)),
+          "tre_edge": mean(error, acase.edge & body),
+          "tre_interior": mean(error, acase.interior & body),
+          "fold_body": mean(folded, acase.shared & body), "fold_grid": float(folded.mean()),
+          "max_disp_mm": float(np.linalg.norm(disp, axis=-1).max())}
+
+
+def _available(methods) -> list[str]:
+  """``methods`` without elastix or demons where they are not installed."""
+  from jaxreg.eval import demons, elastix
+  return [m for m in methods
+          if not (m == "elastix" and not elastix.available())
+          and not (m == "demons" and not demons.available())]
+
+
+def _registrations(pairs, methods, score, columns) -> list[dict]:
+  """Every method registers every pair, one row per pair and method, printed as it comes.
+
+  Args:
+    pairs: ``(Case, truth)`` tuples; ``score(truth, disp_mm)`` gives a row's metrics.
+    methods: names of :data:`METHODS` (jaxreg's are compiled on the first pair, untimed).
+    score: ``(truth, [*fixed.shape, 3] world mm) -> {column: value}``.
+    columns: the columns printed per row.
+  """
   from jaxreg.io import weights
-  from jaxreg.pipeline import environment
-  from jaxreg.pipeline import stages
+  from jaxreg.pipeline import environment, stages
   settings = environment.configure()
-  methods = [m for m in methods
-             if not (m == "elastix" and not elastix.available())
-             and not (m == "demons" and not demons.available())]
-  cases = families.make_cases(per_family=per_family)
   net, config = weights.demo_model()
   run = lambda m, case: _run(m, case, net, config, settings.implementation)
   rows = []
   with stages.enabled(settings.stage_folder):
     for m in methods:  # compile (or read the cache) once, untimed
-      if m.startswith("network") or m.startswith("jaxreg"):
-        run(m, cases[0])
-    for case in cases:
+      if m.startswith(("network", "jaxreg")):
+        run(m, pairs[0][0])
+    for case, truth in pairs:
       for m in methods:
         t0 = time.time()
         disp = run(m, case)
         seconds = time.time() - t0
         row = {"pair": case.name, "family": case.name.rsplit("_", 1)[0], "method": m,
-               **_score(case, disp), "seconds": seconds if m != "before" else 0.0}
+               **score(truth, disp), "seconds": seconds if m != "before" else 0.0}
         rows.append(row)
-        print(f"{case.name:14s} {m:12s} " + " ".join(f"{k} {row[k]:.4g}" for k in COLUMNS),
+        print(f"{case.name:14s} {m:12s} " + " ".join(f"{k} {row[k]:.4g}" for k in columns),
               flush=True)
-  table = tables(rows, methods)
-  print(table)
-  if out:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "per_pair.csv"), "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=list(rows[0]))
-      w.writeheader()
-      w.writerows(rows)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-      f.write(table)
   return rows
 
 
-def tables(rows, methods) -> str:
+def _write(out: str | None, rows, table: str, suffix: str = "") -> None:
+  """``per_pair{suffix}.csv`` and ``tables{suffix}.md`` in ``out`` (nothing without it)."""
+  if not out:
+    return
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"per_pair{suffix}.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  with open(os.path.join(out, f"tables{suffix}.md"), "w") as f:
+    f.write(table)
+
+
+def accuracy(per_family: int, methods, out: str | None) -> list[dict]:
+  """The whole-CT families (:mod:`benchmarks.families`): rows, tables, files."""
+  methods = _available(methods)
+  cases = families.make_cases(per_family=per_family)
+  rows = _registrations([(c, c) for c in cases], methods, _score, COLUMNS)
+  table = tables(rows, methods)
+  print(table)
+  _write(out, rows, table)
+  return rows
+
+
+def accuracy_acquired(per_family: int, methods, out: str | None) -> list[dict]:
+  """The acquired families (:mod:`benchmarks.acquired`): rows, tables and the jaxreg
+  lines, files."""
+  methods = _available(methods)
+  cases = acquired.make_cases(per_family=per_family)
+  rows = _registrations([(a.case, a) for a in cases], methods, _score_acquired,
+                        ACQUIRED_COLUMNS)
+  table = tables(rows, methods, ACQUIRED_COLUMNS) + jaxreg_lines(rows)
+  print(table)
+  _write(out, rows, table, "_acquired")
+  return rows
+
+
+def tables(rows, methods, columns=COLUMNS) -> str:
   """One markdown table per family: the mean over its pairs of every column."""
-  fmt = {"dice12": "{:.3f}", "dice_all": "{:.3f}", "hd95": "{:.2f}", "tre": "{:.2f}",
-         "sdlogj": "{:.3f}", "folding": "{:.5f}", "seconds": "{:.1f}"}
   out = []
   for family in dict.fromkeys(r["family"] for r in rows):
     n = len({r["pair"] for r in rows if r["family"] == family})
     out += [f"\n**{family}** ({n} pairs)\n",
-            "| method | Dice 12 organs | Dice all labels | HD95 (mm) | TRE (mm) | SDlogJ | "
-            "folding | seconds |", "| --- |" + " ---: |" * 7]
+            "| method | " + " | ".join(_HEADERS[c][0] for c in columns) + " |",
+            "| --- |" + " ---: |" * len(columns)]
     for m in methods:
       sel = [r for r in rows if r["family"] == family and r["method"] == m]
-      cells = [fmt[c].format(np.nanmean([r[c] for r in sel])) for c in COLUMNS]
+      cells = [_HEADERS[c][1].format(np.nanmean([r[c] for r in sel])) for c in columns]
       out.append(f"| {m} | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n"
+
+
+def jaxreg_lines(rows) -> str:
+  """Per family: the pairs where jaxreg's ``tre_shared`` is worse than demons', and
+  jaxreg's ``tre_edge / tre_interior`` (ratio of the family means); n/a without them."""
+  value = {(r["pair"], r["method"]): r for r in rows}
+  lines = []
+  for family in dict.fromkeys(r["family"] for r in rows):
+    pairs = list(dict.fromkeys(r["pair"] for r in rows if r["family"] == family))
+    both = [p for p in pairs if (p, "jaxreg") in value and (p, "demons") in value]
+    worse = sum(value[p, "jaxreg"]["tre_shared"] > value[p, "demons"]["tre_shared"]
+                for p in both)
+    mine = [value[p, "jaxreg"] for p in pairs if (p, "jaxreg") in value]
+    ratio = (np.nanmean([r["tre_edge"] for r in mine])
+             / np.nanmean([r["tre_interior"] for r in mine])) if mine else float("nan")
+    lines.append(f"{family}: jaxreg's TRE shared worse than demons' on "
+                 + (f"{worse} of {len(both)} pairs" if both else "n/a (run both)")
+                 + "; jaxreg's TRE edge / interior "
+                 + (f"{ratio:.2f}" if np.isfinite(ratio) else "n/a"))
+  return "\n" + "\n".join(lines) + "\n"
 
 
 def _write_pair(folder: str, case, crop=None) -> list[str]:
@@ -254,7 +363,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--per-family", type=int, default=2)
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--out", default=None, help="folder for per_pair.csv and tables.md")
+  parser.add_argument("--set", choices=("whole", "acquired", "all"), default="whole",
+                      help="the pairs: whole-CT families, acquired scans, or both")
+  parser.add_argument("--out", default=None, help="folder for per_pair.csv and tables.md "
+                      "(acquired set: per_pair_acquired.csv and tables_acquired.md)")
   parser.add_argument("--process", action="store_true", help="also time whole processes")
   parser.add_argument("--process-only", action="store_true")
   parser.add_argument("--warp-paths", action="store_true",
@@ -263,8 +375,11 @@ def main() -> None:
   if args.warp_paths:
     print(warp_paths(args.per_family))
     return
-  if not args.process_only:
-    accuracy(args.per_family, [m for m in args.methods.split(",") if m], args.out)
+  methods = [m for m in args.methods.split(",") if m]
+  if not args.process_only and args.set in ("whole", "all"):
+    accuracy(args.per_family, methods, args.out)
+  if not args.process_only and args.set in ("acquired", "all"):
+    accuracy_acquired(args.per_family, methods, args.out)
   if args.process or args.process_only:
     print(process_times())
 

@@ -153,9 +153,10 @@ def _register_locked(args: argparse.Namespace) -> int:
   specs = data.read_pairs_csv(args.pairs) if args.pairs else None
   pair = None
   if specs is None:
-    pair = register.load_pair(
-        data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels),
-        series=args.series)
+    spec = data.PairSpec(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
+                         fixed_mask=args.fixed_mask, moving_mask=args.moving_mask)
+    pair = register.load_pair(spec, series=args.series)
+    pair = (*pair, *register.load_masks(spec, pair[0], pair[1]))
   try:
     net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
                    else weights.demo_model())
@@ -187,16 +188,18 @@ def _register_pairs(args, specs, kwargs, write) -> int:
 
 def _register_one(args, pair, kwargs, write) -> int:
   from jaxreg.pipeline import register
-  fixed, moving, fixed_labels, moving_labels = pair
+  fixed, moving, fixed_labels, moving_labels, fixed_mask, moving_mask = pair
   result = register.register(fixed, moving, fixed_labels=fixed_labels,
-                             moving_labels=moving_labels, names=(args.fixed, args.moving),
+                             moving_labels=moving_labels, fixed_mask=fixed_mask,
+                             moving_mask=moving_mask, names=(args.fixed, args.moving),
                              **kwargs)
   m = write(
       result, args.out, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
       moving_labels=moving_labels,
       title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
   line = (f"jaxreg register: {args.out} in {m['seconds']:.1f} s, folding "
-          f"{m['folding_fraction']:.5f}, SDlogJ {m['sdlogj']:.3f}")
+          f"{m['folding_fraction']:.5f} (body {m['folding_fraction_body']:.5f}), "
+          f"SDlogJ {m['sdlogj']:.3f}")
   if "mean_dice" in m:
     line += f", mean Dice {m['mean_dice_before']:.3f} -> {m['mean_dice']:.3f}"
   print(line)
@@ -221,11 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--fixed", help="fixed CT: NIfTI, NRRD, MetaImage, or a DICOM series folder")
   reg.add_argument("--moving", help="moving CT (the same formats)")
   reg.add_argument("--pairs", help="a CSV of pairs (columns fixed,moving[,fixed_labels,"
-                   "moving_labels]) registered in one process: one sub-folder per pair in "
+                   "moving_labels,fixed_mask,moving_mask]) registered in one process: one "
+                   "sub-folder per pair in "
                    "--out and summary.csv; complete pairs are skipped on a re-run")
   reg.add_argument("--out", required=True, help="output folder (written atomically)")
   reg.add_argument("--fixed-labels", help="fixed label map (for Dice/HD95)")
   reg.add_argument("--moving-labels", help="moving label map (warped with the moving image)")
+  reg.add_argument("--fixed-mask", help="where the fixed image may be compared (a binary map "
+                   "on its grid; default: its whole field of view)")
+  reg.add_argument("--moving-mask", help="where the moving image may be compared (a binary map "
+                   "on its grid; default: its whole field of view)")
   reg.add_argument("--checkpoint", help="model folder (default: the shipped demo model)")
   reg.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine",
                    help="global pre-alignment before the deformable step (written as affine.txt, "

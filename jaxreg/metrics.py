@@ -238,12 +238,18 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
   return np.asarray(_jitted_determinant()(padded))[tuple(slice(0, n) for n in shape)]
 
 
-def field_quality(disp: np.ndarray) -> dict[str, float]:
+def field_quality(disp: np.ndarray, body: np.ndarray | None = None) -> dict[str, float]:
   """``{"folding_fraction", "sdlogj"}`` of a ``[X, Y, Z, 3]`` voxel field from one Jacobian
-  (:func:`jacobian_determinant`): the values of :func:`folding_fraction` and :func:`sdlogj`."""
+  (:func:`jacobian_determinant`): the values of :func:`folding_fraction` and :func:`sdlogj`
+  over the whole grid; with ``body`` (``[X, Y, Z]`` bool, e.g. the fixed image above
+  -500 HU) also ``"folding_fraction_body"``, the fraction of those voxels with det J <= 0."""
   det = jacobian_determinant(disp)
-  return {"folding_fraction": float(np.mean(det <= 0)),
-          "sdlogj": _sdlogj_of(det, crop=2 if min(det.shape) > 4 else 0)}
+  out = {"folding_fraction": float(np.mean(det <= 0)),
+         "sdlogj": _sdlogj_of(det, crop=2 if min(det.shape) > 4 else 0)}
+  if body is not None:
+    body = np.asarray(body, bool)
+    out["folding_fraction_body"] = float(np.mean(det[body] <= 0)) if body.any() else 0.0
+  return out
 
 
 def score(fixed_labels: np.ndarray, warped_labels: np.ndarray, *, spacing=(1.0, 1.0, 1.0),

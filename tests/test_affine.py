@@ -145,3 +145,49 @@ def test_bad_options_raise(kwargs, match):
   ct = data.demo().ct
   with pytest.raises(ValueError, match=match):
     AF.align(ct, ct, **kwargs)
+
+
+def _cut(volume, axis, lo, hi):
+  """The voxels ``lo:hi`` along ``axis`` with their world positions (origin moved)."""
+  box = [slice(None)] * 3
+  box[axis] = slice(lo, hi)
+  affine = volume.affine.copy()
+  affine[:3, 3] = volume.affine[:3, :3] @ np.eye(3)[axis] * lo + volume.affine[:3, 3]
+  return Volume(volume.array[tuple(box)], affine)
+
+
+def test_partial_overlap_and_a_crop_align_where_their_centres_of_mass_mislead(ct_and_moved):
+  """Moving = the fixed CT's upper 60% (and a crop of a known affine's image): their body
+  centres of mass lie tens of mm from the fixed one's, yet the first level also starts from
+  the identity and keeps the better run, and only voxels where both have data count."""
+  ct, moving, true = ct_and_moved
+  lo = int(0.4 * ct.shape[2])
+  upper = _cut(ct, 2, lo, ct.shape[2])
+  shift = np.linalg.norm(AF.centre_of_mass(upper) - AF.centre_of_mass(ct))
+  assert shift > 30  # the centre-of-mass start is far from the answer (the identity)
+  overlap = _cut(ct, 2, lo, ct.shape[2])  # scored where both have data
+  assert _mean_error_mm(overlap, AF.align(ct, upper).matrix, np.eye(4)) < 1.0
+  with pytest.raises(ValueError, match="init must be one of"):
+    AF.align(ct, upper, init="centre")
+  # a crop of the moved image: the same affine, from the fixed voxels the crop covers
+  crop = _cut(_cut(moving, 2, 30, 110), 0, 20, 120)
+  assert _mean_error_mm(ct, AF.align(ct, crop).matrix, true) < 1.0
+
+
+def test_masks_restrict_the_comparison_to_where_the_user_says():
+  """A moving scan whose upper half is replaced by noise: with a moving mask over its lower
+  half the identity is found; the noise cannot pull the map (a mask of the region with
+  data is the same as having no other data there)."""
+  ct = data.demo().ct
+  rng = np.random.default_rng(0)
+  noisy = ct.array.copy()
+  half = ct.shape[2] // 2
+  noisy[:, :, half:] = rng.uniform(-1000, 1000, noisy[:, :, half:].shape)
+  mask = np.zeros(ct.shape, bool)
+  mask[:, :, :half - 2] = True
+  result = AF.align(ct, Volume(noisy, ct.affine), moving_mask=mask, init="identity")
+  assert _mean_error_mm(ct, result.matrix, np.eye(4)) < 0.5
+  fixed_mask = np.zeros(ct.shape, bool)
+  fixed_mask[:, :, :half - 2] = True
+  result = AF.align(Volume(noisy, ct.affine), ct, fixed_mask=fixed_mask, init="identity")
+  assert _mean_error_mm(ct, result.matrix, np.eye(4)) < 0.5

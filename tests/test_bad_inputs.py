@@ -125,6 +125,12 @@ CASES = {
         d / "l.nii.gz", -np.ones(SHAPE, np.int16))}, "negative values", "labels"),
     "empty labels": (lambda d: {"--fixed-labels": _nifti(d / "l.nii.gz", np.zeros(SHAPE, np.uint8))},
                      "label map is empty", "labels"),
+    "mask of another grid": (lambda d: {"--moving-mask": _nifti(
+        d / "m.nii.gz", np.ones((20, 24, 24), np.uint8))}, "differs from", "mask"),
+    "mask of another affine": (lambda d: {"--fixed-mask": _nifti(
+        d / "m.nii.gz", np.ones(SHAPE, np.uint8), _aff(0, 3, 7.0))}, "affine differs", "mask"),
+    "empty mask": (lambda d: {"--fixed-mask": _nifti(d / "m.nii.gz", np.zeros(SHAPE, np.uint8))},
+                   "the mask is empty", "mask"),
     "output is a file": (lambda d: {"--out": _text(d / "out")}, "exists and is not a folder", None),
     "output folder missing": (lambda d: {"--out": d / "no" / "out"}, "parent folder", None),
     "unwritable output": (lambda d: {"--out": "/proc/jaxreg-out"}, "cannot write in /proc", None),
@@ -228,9 +234,19 @@ def test_register_rejects_bad_input(files, tmp_path, capsys, case):
   bad = [v for k, v in args.items() if k != "--out" and os.fspath(v) in err[0]]
   if api is not None:
     assert bad, f"the message should name the file: {err}"
+    if api == "mask":  # the mask's file, first
+      bad = [args.get("--fixed-mask") or args.get("--moving-mask")]
+      assert err[0].startswith(f"jaxreg register: error: {bad[0]}"), err
     with pytest.raises(InputError, match="^" + str(bad[0])):
       if api == "load":
         io.load(bad[0])
+      elif api == "mask":
+        from jaxreg import data
+        from jaxreg.pipeline import register
+        spec = data.PairSpec(str(args["--fixed"]), str(args["--moving"]),
+                             fixed_mask=str(args.get("--fixed-mask") or "") or None,
+                             moving_mask=str(args.get("--moving-mask") or "") or None)
+        register.load_masks(spec, io.load(spec.fixed), io.load(spec.moving))
       else:
         io.load_labels(bad[0], like=io.load(files / "moving.nii.gz"))
 

@@ -284,3 +284,25 @@ def test_field_of_view_crop_cuts_the_fixed_image_at_one_end_per_axis():
     assert ct.shape[axis] - idx.size <= int(0.3 * ct.shape[axis])
   assert np.all(cut.fixed_labels[~kept] == 0)
   np.testing.assert_array_equal(cut.fixed_labels[kept], full.fixed_labels[kept])
+
+
+def test_masks_come_from_a_csv_column_and_from_a_learn2reg_masksTr_folder(l2r, tmp_path):
+  root, names, meta = l2r
+  assert D.read_learn2reg(str(root))[0].fixed_mask is None  # no masks: none
+  _nii(str(root / "masksTr" / names[1]), np.ones(SHAPE, np.uint8))
+  (spec,) = D.read_learn2reg(str(root))
+  assert spec.fixed_mask is None and spec.moving_mask == str(root / "masksTr" / names[1])
+  meta["training"][0]["mask"] = f"./other/{names[0]}"  # a training entry's mask field wins
+  _nii(str(root / "other" / names[0]), np.ones(SHAPE, np.uint8))
+  (root / "AbdomenCTCT_dataset.json").write_text(json.dumps(meta))
+  assert D.read_learn2reg(str(root))[0].fixed_mask == str(root / "other" / names[0])
+  for n in ("f.nii.gz", "m.nii.gz", "mm.nii.gz"):
+    _nii(str(tmp_path / "imgs" / n), np.ones(SHAPE, np.float32))
+  (tmp_path / "p.csv").write_text("fixed,moving,moving_mask\nimgs/f.nii.gz,imgs/m.nii.gz,"
+                                  "imgs/mm.nii.gz\n")
+  (spec,) = D.read_pairs_csv(str(tmp_path / "p.csv"))
+  assert spec.moving_mask == str(tmp_path / "imgs" / "mm.nii.gz") and spec.fixed_mask is None
+  (tmp_path / "q.csv").write_text("fixed,moving,fixed_mask\nimgs/f.nii.gz,imgs/m.nii.gz,"
+                                  "imgs/gone.nii.gz\n")
+  with pytest.raises(InputError, match=r"q.csv: line 2: fixed_mask file .*gone.nii.gz"):
+    D.read_pairs_csv(str(tmp_path / "q.csv"))

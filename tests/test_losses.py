@@ -321,3 +321,32 @@ def test_registry_refuses_bad_entries_with_one_line_errors(scratch_registry):
   message = str(e.value)
   assert "\n" not in message and "'nope'" in message
   assert all(name in message for name in ("diffusion", "bending", "smooth"))
+
+
+def test_masked_local_ncc_map_counts_only_the_masked_voxels_of_each_box():
+  """Against a numpy loop: at every voxel, the squared correlation of the two images over the
+  masked voxels of its in-volume box (sums, as local_ncc); and a mask of ones is no mask."""
+  a, b = (x[:9, :8, :7] for x in _images(7))
+  rng = np.random.default_rng(8)
+  mask = (rng.uniform(size=a.shape) > 0.3).astype(np.float32)
+  mask[:, :, 5:] = 0.0  # a cut field of view: the last slices have no data
+  window, eps = 3, 1e-5
+  got = np.asarray(L.local_ncc_map(a, b, window=window, eps=eps, mask=mask))
+  want = np.zeros(a.shape)
+  r = window // 2
+  for i, j, k in np.ndindex(*a.shape):
+    box = tuple(slice(max(c - r, 0), c + r + 1) for c in (i, j, k))
+    m = mask[box].astype(bool)
+    f, w = a[box][m].astype(np.float64), b[box][m].astype(np.float64)
+    if f.size == 0:
+      continue
+    cross = np.sum((f - f.mean()) * (w - w.mean()))
+    want[i, j, k] = cross ** 2 / (np.sum((f - f.mean()) ** 2) * np.sum((w - w.mean()) ** 2) + eps)
+  np.testing.assert_allclose(got, want, atol=2e-4)
+  # values where the mask is 0 do not matter
+  changed = np.where(mask > 0, b, 99.0).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(L.local_ncc_map(a, changed, window=window, mask=mask)),
+                             got, atol=1e-5)
+  ones = np.ones(a.shape, np.float32)
+  np.testing.assert_allclose(np.asarray(L.local_ncc_map(a, b, window=window, mask=ones)),
+                             np.asarray(L.local_ncc_map(a, b, window=window)), atol=1e-5)

@@ -304,3 +304,63 @@ def test_a_level_objective_and_its_gradient_on_8_devices_equal_one_device(mapped
   assert grad_max > 0
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0,
                              atol=bound * grad_max)
+
+
+def test_a_level_compares_only_where_both_images_have_data():
+  """With ``moving_valid``/``fixed_valid`` the first loss is the MSE weighted by
+  fixed_valid(x) * moving_valid(moving_map (x + u(x))) (scipy's order-1 samples, 0 outside
+  the moving grid), normalised by the weights actually used, plus the diffusion everywhere;
+  values of the moving image where it has no data change nothing, gradient included."""
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(4)
+  level = (16, 16, 16)
+  native = ndi.gaussian_filter(rng.uniform(0, 1, (20, 18, 14)), 1.5).astype(np.float32)
+  to_moving = np.array([[0.9, 0.1, 0, 1.0], [-0.1, 0.8, 0, -0.5], [0, 0, 0.7, 1.5],
+                        [0, 0, 0, 1]], np.float32)
+  base = rng.normal(0, 0.7, level + (3,)).astype(np.float32)
+  fixed = rng.uniform(0, 1, level).astype(np.float32)
+  valid = refine.data_weights(native.shape, np.arange(14)[None, None, :] < 9
+                              + np.zeros(native.shape, bool))  # cut after slice 8
+  f_valid = np.ones(level, np.float32)
+  f_valid[:, :2] = 0.0  # the fixed image's field of view ends here
+  ones = np.ones(level, np.float32)
+  args = lambda m: (jnp.asarray(base), jnp.asarray(fixed), jnp.asarray(m), jnp.asarray(ones),
+                    0.5, jnp.asarray(to_moving), jnp.asarray(valid), jnp.asarray(f_valid))
+  loss, _ = refine.level_objective(*args(native), similarity="mse", control=2, smooth=0)
+  c0 = jnp.zeros((8, 8, 8, 3), jnp.float32)
+  x = np.indices(level).transpose(1, 2, 3, 0) + base
+  points = (x @ to_moving[:3, :3].T.astype(np.float64) + to_moving[:3, 3]).reshape(-1, 3).T
+  sample = lambda v: ndi.map_coordinates(v.astype(np.float64), points, order=1,
+                                         mode="grid-constant", cval=0.0).reshape(level)
+  w = f_valid * sample(valid)
+  assert 0.2 < w.mean() < 0.9  # both cuts matter here
+  rot = to_moving[:3, :3] / np.linalg.norm(to_moving[:3, :3], axis=1)[:, None]
+  v = base @ rot.T.astype(np.float64)
+  diffusion = sum(np.mean(np.sum(np.diff(v, axis=j) ** 2, axis=-1)) for j in range(3)) / 3
+  want = np.sum(w * (fixed - sample(native)) ** 2) / np.sum(w) + 0.5 * diffusion
+  assert float(loss(c0)) == pytest.approx(want, rel=1e-4)
+  # beyond the cut nothing counts (a sample blended with it has weight 0)
+  garbage = native.copy()
+  garbage[:, :, 9:] = rng.uniform(0, 1, garbage[:, :, 9:].shape)
+  loss2, _ = refine.level_objective(*args(garbage), similarity="mse", control=2, smooth=0)
+  c1 = jnp.asarray(rng.normal(0, 0.3, (8, 8, 8, 3)), jnp.float32)
+  for name in ("mse", "lncc"):
+    l1, _ = refine.level_objective(*args(native), similarity=name, control=2, smooth=0)
+    l2, _ = refine.level_objective(*args(garbage), similarity=name, control=2, smooth=0)
+    assert float(l1(c1)) == pytest.approx(float(l2(c1)), rel=1e-5)
+    np.testing.assert_allclose(jax.grad(l1)(c1), jax.grad(l2)(c1), atol=1e-6)
+  assert float(loss2(c0)) == pytest.approx(want, rel=1e-4)
+
+
+def test_data_weights_are_the_mask_eroded_by_one_voxel():
+  mask = np.zeros((7, 8, 9), bool)
+  mask[1:6, 2:8, 0:9] = True
+  got = refine.data_weights(mask.shape, mask)
+  want = np.zeros(mask.shape)
+  for i, j, k in np.ndindex(*mask.shape):  # every neighbour (the box's outside counts as no data)
+    want[i, j, k] = all(0 <= a < n and mask[a, b, c] for a, b, c, n in
+                        ((i + di, j + dj, k + dk, 7) for di in (-1, 0, 1) for dj in (-1, 0, 1)
+                         for dk in (-1, 0, 1))
+                        if 0 <= b < 8 and 0 <= c < 9) and 0 < j < 7 and 0 < k < 8
+  np.testing.assert_array_equal(got, want)

@@ -23,6 +23,8 @@ class PairSpec:
   moving_labels: str | None = None
   fixed_keypoints: str | None = None
   moving_keypoints: str | None = None
+  fixed_mask: str | None = None
+  moving_mask: str | None = None
 
   def check_exist(self, manifest: str) -> "PairSpec":
     for name, path in dataclasses.asdict(self).items():
@@ -49,12 +51,14 @@ def _find_json(folder: str) -> str:
 def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
   """Pairs of a Learn2Reg-style dataset folder.
 
-  Layout: ``NAME_dataset.json`` beside ``imagesTr/``, optional ``labelsTr/``
-  (same file names as the images) and ``keypointsTr/`` (``<image stem>.csv``).
+  Layout: ``NAME_dataset.json`` beside ``imagesTr/``, optional ``labelsTr/`` and
+  ``masksTr/`` (same file names as the images) and ``keypointsTr/`` (``<image stem>.csv``).
   ``split="train"`` reads ``training_paired_images``; if that is empty (unpaired
   tasks such as AbdomenCTCT), every ordered pair of distinct ``training`` images
   not used by ``registration_val``. ``split="val"`` reads ``registration_val``.
-  Labels come from a ``training`` entry's ``label`` field, else ``labelsTr/``.
+  Labels come from a ``training`` entry's ``label`` field, else ``labelsTr/``; masks
+  (where an image may be compared, e.g. NLST's lung masks) from its ``mask`` field, else
+  ``masksTr/``.
 
   Args:
     folder: the dataset folder (or its JSON file).
@@ -78,15 +82,23 @@ def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
   if not isinstance(meta, dict):
     raise InputError(f"{path}: expected a JSON object at the top level")
 
-  labels_of = {}
+  labels_of, masks_of = {}, {}
   for entry in meta.get("training", []) or []:
     if isinstance(entry, dict) and "image" in entry and entry.get("label"):
       labels_of[_resolve(root, entry["image"])] = _resolve(root, entry["label"])
+    if isinstance(entry, dict) and "image" in entry and entry.get("mask"):
+      masks_of[_resolve(root, entry["image"])] = _resolve(root, entry["mask"])
 
   def labels_for(image: str) -> str | None:
     if image in labels_of:
       return labels_of[image]
     guess = os.path.join(root, "labelsTr", os.path.basename(image))
+    return guess if os.path.isfile(guess) else None
+
+  def mask_for(image: str) -> str | None:
+    if image in masks_of:
+      return masks_of[image]
+    guess = os.path.join(root, "masksTr", os.path.basename(image))
     return guess if os.path.isfile(guess) else None
 
   def keypoints_for(image: str) -> str | None:
@@ -119,14 +131,16 @@ def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
       pairs = list(itertools.permutations(images, 2))
   if not pairs:
     raise InputError(f"{path}: no {split} pairs listed")
-  return [PairSpec(f, m, labels_for(f), labels_for(m), keypoints_for(f),
-                   keypoints_for(m)).check_exist(path) for f, m in pairs]
+  return [PairSpec(f, m, labels_for(f), labels_for(m), keypoints_for(f), keypoints_for(m),
+                   mask_for(f), mask_for(m)).check_exist(path) for f, m in pairs]
 
 
 def read_pairs_csv(path: str) -> list[PairSpec]:
   """Pairs from a CSV with header ``fixed,moving`` and optional columns
-  ``fixed_labels, moving_labels, fixed_keypoints, moving_keypoints`` (keypoints:
-  Learn2Reg-style CSVs of voxel coordinates, see :func:`read_keypoints`).
+  ``fixed_labels, moving_labels, fixed_keypoints, moving_keypoints, fixed_mask,
+  moving_mask`` (keypoints: Learn2Reg-style CSVs of voxel coordinates, see
+  :func:`read_keypoints`; masks: binary maps on their image's grid, where it may be
+  compared).
 
   Relative paths are relative to the CSV's folder; empty cells mean "none".
 

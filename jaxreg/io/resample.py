@@ -41,6 +41,7 @@ __all__ = [
     "map_field",
     "field_at_points",
     "resample_moving",
+    "spacing_along",
 ]
 
 
@@ -150,19 +151,45 @@ def _sample_bucketed(array, matrix, target_shape, *, order: int, padding: str, c
   return out + np.float32(shift) if shift else out
 
 
-def antialiased(array: np.ndarray, source_spacing, target_spacing) -> np.ndarray:
+def antialiased(array: np.ndarray, source_spacing, target_spacing,
+                mask: np.ndarray | None = None) -> np.ndarray:
   """Gaussian pre-filter of ``array`` (spacing ``source_spacing`` mm per axis) before
   sampling it at ``target_spacing`` mm: sigma = 0.5 * (ratio - 1) source voxels along each
-  axis that is downsampled (ratio > 1); ``array`` itself where none is."""
+  axis that is downsampled (ratio > 1); ``array`` itself where none is.
+
+  ``mask``: ``array.shape`` bool, the voxels with data: the filter then averages only
+  those (normalised convolution, ``G(a m) / G(m)`` inside the mask, ``array`` outside),
+  so values outside a user's mask never reach a voxel inside it.
+  """
   ratio = np.asarray(target_spacing) / np.asarray(source_spacing)
   sigma = np.where(ratio > 1, 0.5 * (ratio - 1), 0.0)
   if not np.any(sigma > 0.1):
     return array
-  return ndi.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
+  if mask is None:
+    return ndi.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
+  mask = np.asarray(mask, bool)
+  weights = mask.astype(np.float32)
+  total = ndi.gaussian_filter(weights, sigma, mode="nearest")
+  summed = ndi.gaussian_filter(np.where(mask, array, 0).astype(np.float32), sigma, mode="nearest")
+  return np.where(mask, summed / np.maximum(total, 1e-12), array).astype(np.float32)
+
+
+def spacing_along(volume: Volume | Grid, axes_of: Volume | Grid) -> np.ndarray:
+  """``[3]`` mm: the extent of ``volume``'s voxels along each array axis of ``axes_of``
+  (``sqrt(sum_k (e . d_k)^2 s_k^2)`` for the unit axis ``e`` and ``volume``'s unit axes
+  ``d_k`` and spacings ``s_k``) -- its resolution seen along another image's axes: a
+  5 mm slice thickness along the axis of another scan that runs cranio-caudally."""
+  lin = np.asarray(volume.affine, np.float64)[:3, :3]
+  spacing = np.linalg.norm(lin, axis=0)
+  dirs = lin / spacing
+  other = np.asarray(axes_of.affine, np.float64)[:3, :3]
+  axes = other / np.linalg.norm(other, axis=0)
+  return np.sqrt(((axes.T @ dirs) ** 2) @ (spacing ** 2))
 
 
 def resample(volume: Volume, target: Grid, *, order: int = 1, cval: float = 0.0,
-             antialias: bool = True) -> np.ndarray:
+             antialias: bool = True, smooth_to=None, mask: np.ndarray | None = None
+             ) -> np.ndarray:
   """Resample a volume onto another grid through world coordinates.
 
   Args:
@@ -172,13 +199,19 @@ def resample(volume: Volume, target: Grid, *, order: int = 1, cval: float = 0.0,
     cval: value outside the source's field of view (per-corner, see
       :mod:`jaxreg.ops.warp`).
     antialias: Gaussian pre-filter along axes that are downsampled (order 1 only).
+    smooth_to: ``[3]`` mm per axis of ``volume``: the resolution to pre-filter it to
+      (:func:`antialiased`) instead of ``target``'s spacing, e.g. a coarser image's
+      (:func:`spacing_along`) so that both are compared at the same resolution.
+    mask: ``volume.shape`` bool: the pre-filter averages only these voxels (see
+      :func:`antialiased`); the samples are not masked.
 
   Returns:
     ``target.shape`` numpy array.
   """
   array = volume.array
   if order == 1 and antialias:
-    array = antialiased(array, volume.spacing, Grid(target.shape, target.affine).spacing)
+    to = Grid(target.shape, target.affine).spacing if smooth_to is None else smooth_to
+    array = antialiased(array, volume.spacing, to, mask)
   return _sample_bucketed(array, _voxel_map(volume.affine, target), target.shape, order=order,
                           padding="constant", cval=cval)
 
@@ -230,7 +263,9 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
                  moving_labels: Volume | None = None, *, spacing: float = 2.0,
                  divisor: int = 16, max_shape=None, shape=None,
                  hu_window: tuple[float, float] = (-1000.0, 1000.0),
-                 names: tuple[str, str] = ("fixed", "moving")) -> PreparedPair:
+                 names: tuple[str, str] = ("fixed", "moving"),
+                 fixed_mask: np.ndarray | None = None,
+                 moving_mask: np.ndarray | None = None) -> PreparedPair:
   """Resample a CT pair (and labels) onto the fixed image's model grid.
 
   Args:
@@ -247,6 +282,9 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
     hu_window: HU clipping range, scaled to ``[0, 1]``; outside its field of
       view an image is ``hu_window[0]`` (air), i.e. 0.
     names: how to name the two images in error messages (e.g. file names).
+    fixed_mask: ``fixed.shape`` bool, its voxels with data: the antialiasing filter
+      averages only these (None: all).
+    moving_mask: the same for ``moving``.
 
   Returns:
     :class:`PreparedPair`.
@@ -257,8 +295,8 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
   grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape)
   check_overlap(grid, Grid.of(moving), names)
   lo, hi = hu_window
-  images = [window(resample(v, grid, cval=lo), lo, hi).astype(np.float32)
-            for v in (fixed, moving)]
+  images = [window(resample(v, grid, cval=lo, mask=m), lo, hi).astype(np.float32)
+            for v, m in ((fixed, fixed_mask), (moving, moving_mask))]
   labels = [None if v is None else resample(v, grid, order=0).astype(np.int32)
             for v in (fixed_labels, moving_labels)]
   return PreparedPair(images[0], images[1], labels[0], labels[1], grid, Grid.of(fixed))

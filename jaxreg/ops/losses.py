@@ -117,33 +117,49 @@ def box_counts(shape, window: int, dtype=jnp.float32) -> jax.Array:
   return cx[:, None, None] * cy[None, :, None] * cz[None, None, :]
 
 
-def fixed_box_stats(fixed: jax.Array, window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def fixed_box_stats(fixed: jax.Array, window: int, mask: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(counts, box sums, box variances)`` of the fixed image for :func:`local_ncc_map`.
 
   They do not depend on the warped image: an optimisation loop computes them
   once instead of at every step (2 of LNCC's 5 box sums). Computed in
   float32 at least (bfloat16 input is upcast).
+
+  ``mask``: ``[X, Y, Z]`` weights in [0, 1] of the voxels that count (where both
+  images have data); None: every in-volume voxel. Each box then counts only the
+  masked voxels (``counts`` is the box sum of the mask).
   """
   fixed = _f32(fixed)
-  n = box_counts(fixed.shape, window, fixed.dtype)  # in-volume voxels per box
-  sf = box_sum(fixed, window)
-  var_f = jnp.maximum(box_sum(fixed * fixed, window) - sf * sf / n, 0.0)
-  return n, sf, var_f
+  if mask is None:
+    n = box_counts(fixed.shape, window, fixed.dtype)  # in-volume voxels per box
+    sf = box_sum(fixed, window)
+    var_f = jnp.maximum(box_sum(fixed * fixed, window) - sf * sf / n, 0.0)
+    return n, sf, var_f
+  mask = _f32(mask)
+  n = box_sum(mask, window)
+  safe = jnp.maximum(n, 1e-6)
+  sf = box_sum(mask * fixed, window)
+  var_f = jnp.maximum(box_sum(mask * fixed * fixed, window) - sf * sf / safe, 0.0)
+  return safe, sf, var_f
 
 
 def local_ncc_map(fixed: jax.Array, warped: jax.Array, *, window: int = 9,
-                  eps: float = 1e-5, stats=None) -> jax.Array:
+                  eps: float = 1e-5, stats=None, mask: jax.Array | None = None) -> jax.Array:
   """``[X, Y, Z]`` squared local NCC at every voxel (see :func:`local_ncc`, its mean).
 
-  ``stats``: :func:`fixed_box_stats` of ``fixed`` (computed here if None).
+  ``stats``: :func:`fixed_box_stats` of ``fixed`` (with the same ``mask``; computed here
+  if None). ``mask``: ``[X, Y, Z]`` weights in [0, 1] of the voxels that count in each box
+  (where both images have data: a box straddling the edge of a field of view compares
+  only the voxels inside it); None: every in-volume voxel.
   """
   _check_volume(fixed, "fixed")
   _check_same(fixed, warped, "fixed", "warped")
   fixed, warped = _f32(fixed), _f32(warped)
-  n, sf, var_f = fixed_box_stats(fixed, window) if stats is None else stats
-  sw = box_sum(warped, window)
-  sww = box_sum(warped * warped, window)
-  sfw = box_sum(fixed * warped, window)
+  n, sf, var_f = fixed_box_stats(fixed, window, mask) if stats is None else stats
+  weighted = warped if mask is None else _f32(mask) * warped
+  sw = box_sum(weighted, window)
+  sww = box_sum(weighted * warped, window)
+  sfw = box_sum(fixed * weighted, window)  # the fixed sums carry the mask already
   cross = sfw - sf * sw / n
   var_w = jnp.maximum(sww - sw * sw / n, 0.0)
   return cross * cross / (var_f * var_w + eps)

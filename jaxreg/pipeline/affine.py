@@ -12,12 +12,14 @@ The optimiser works on parameters divided by :data:`PARAM_SCALES` (10 mm,
 0.1 rad, 0.1, 0.1) so one Adam learning rate suits them all.
 
 :func:`align`: both images are windowed and resampled onto RAS grids at each
-level of a coarse-to-fine pyramid (default 8 mm then 4 mm), the translation
-starts from the difference of the centres of mass of the body (HU above
--500), and at each level a jitted ``lax.scan`` runs Adam on the similarity
-(``"ncc"``: negative global NCC, or ``"mse"``), both taken over the fixed voxels
-that map inside the moving image's field of view (a soft mask), so a partial
-overlap is not penalised. As elastix does, the similarity is computed on a
+level of a coarse-to-fine pyramid (default 8 mm then 4 mm), the first level
+starts both from the identity and from the difference of the centres of mass of
+the body (HU above -500) and keeps the better (``init="auto"``), and at each
+level a jitted ``lax.scan`` runs Adam on the similarity (``"ncc"``: negative
+global NCC, or ``"mse"``), taken over the fixed voxels with data (inside its
+field of view and a mask, not blended with the air beyond its edge) that map
+where the moving image has data (a soft mask), so a partial overlap or a crop
+is not penalised. As elastix does, the similarity is computed on a
 random sample of fixed voxels (32768 by default, the same ones at every step
 of a level), which makes each step cost the same whatever the image size.
 The learning rate decays on a cosine within each level.
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.ndimage as ndi
 from nibabel.affines import apply_affine
 
 from jaxreg import io as _io
@@ -49,6 +52,7 @@ __all__ = ["AffineResult", "PARAM_SCALES", "matrix_from_params", "align", "displ
 # translation (mm), rotation (rad), log-scale, shear
 PARAM_SCALES = np.array([10.0] * 3 + [0.1] * 3 + [0.1] * 3 + [0.1] * 3, np.float32)
 MODELS = {"affine": 12, "rigid": 6}
+INITS = ("auto", "com", "identity")
 TOL = 3e-6  # default early-stopping tolerance on the loss (see register)
 
 
@@ -106,9 +110,12 @@ def matrix_from_params(params: jax.Array, centre: jax.Array) -> jax.Array:
   return jnp.concatenate([top, jnp.array([[0.0, 0.0, 0.0, 1.0]])], axis=0)
 
 
-def centre_of_mass(volume: Volume, threshold_hu: float = -500.0) -> np.ndarray:
-  """World centre (mm) of the voxels above ``threshold_hu`` (the body), else of the grid."""
-  mask = np.asarray(volume.array) > threshold_hu
+def centre_of_mass(volume: Volume, threshold_hu: float = -500.0,
+                   mask: np.ndarray | None = None) -> np.ndarray:
+  """World centre (mm) of the voxels above ``threshold_hu`` (the body; inside ``mask`` if
+  given), else of the grid."""
+  inside = np.asarray(volume.array) > threshold_hu
+  mask = inside if mask is None else inside & np.asarray(mask, bool)
   idx = np.argwhere(mask).mean(0) if mask.any() else (np.array(volume.shape) - 1) / 2
   return apply_affine(volume.affine, idx)
 
@@ -137,13 +144,26 @@ def field_of_view(world, volume_shape, world_to_voxel):
   return w[0] * w[1] * w[2]
 
 
-def _level(volume: Volume, spacing: float, hu_window):
+def _level(volume: Volume, spacing: float, hu_window, mask: np.ndarray | None = None,
+           other: Volume | None = None):
   """The image windowed to [0, 1] on its RAS grid at ``spacing`` (shape padded to a multiple
-  of 16 with zeros) and the grid."""
+  of 16 with zeros), where it has data on that grid (1 where every trilinear corner lies
+  inside its voxel box and ``mask``, else 0: the level voxels at its edge, blended with
+  the air outside, do not count), and the grid. Filtered for ``spacing``, or for
+  ``other``'s resolution along each axis where that is coarser (a thick-slice scan)."""
   grid = _preprocess.model_grid(volume, spacing=spacing, divisor=16)
   lo, hi = hu_window
-  image = _preprocess.window(_preprocess.resample(volume, grid, cval=lo), lo, hi)
-  return image.astype(np.float32), grid
+  to = np.full(3, float(spacing))
+  if other is not None:
+    to = np.maximum(to, _preprocess.spacing_along(other, volume))
+  image = _preprocess.window(
+      _preprocess.resample(volume, grid, cval=lo, smooth_to=to, mask=mask), lo, hi)
+  inside = np.ones(volume.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
+  valid = _preprocess.resample(Volume(inside, volume.affine), grid, antialias=False) > 0.999
+  # and one level voxel in from its edge: a positive (trilinear) weight then never blends
+  # in a level voxel without data
+  valid = ndi.binary_erosion(valid, np.ones((3, 3, 3), bool), border_value=0)
+  return image.astype(np.float32), valid.astype(np.float32), grid
 
 
 def _grid_world(grid) -> np.ndarray:
@@ -171,8 +191,9 @@ def _weighted_ncc(a, b, w, eps=1e-8):
 
 
 def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, moving_inv,
-              moving_shape, moving_world_to_voxel, tol, patience, steps, lr, similarity,
-              implementation=None):
+              tol, patience, steps, lr, similarity, implementation=None):
+  """Adam on the similarity; ``moving``: ``[X, Y, Z, 2]`` the level image and where it has
+  data (sampled together: a soft mask, 1 inside, ramping to 0 over one level voxel)."""
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
   scales = jnp.asarray(PARAM_SCALES)
 
@@ -180,10 +201,10 @@ def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, mov
     m = matrix_from_params(th * mask * scales, centre)
     q = _apply(m, fixed_world)
     coords = jnp.stack(_apply(moving_inv, q), -1)
-    warped = _warp.sample(moving, coords, padding="constant", cval=0.0,
-                          implementation=implementation)
+    sampled = _warp.sample(moving, coords, padding="constant", cval=0.0,
+                           implementation=implementation)
     # compare only where the moving image has data (a soft mask: differentiable at its edge)
-    inside = fixed_inside * field_of_view(q, moving_shape, moving_world_to_voxel)
+    warped, inside = sampled[..., 0], fixed_inside * sampled[..., 1]
     if similarity == "ncc":
       return -_weighted_ncc(fixed, warped, inside)
     return jnp.sum(inside * (fixed - warped) ** 2) / (jnp.sum(inside) + 1e-6)
@@ -198,9 +219,10 @@ _optimise_stage = _stages.Stage(_optimise, static_argnames=("steps", "similarity
 
 def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: str = "ncc",
              levels: Sequence[float] = (8.0, 4.0), steps: Sequence[int] = (200, 100),
-             lr: float = 0.05, init: str = "com",
+             lr: float = 0.05, init: str = "auto",
              hu_window: tuple[float, float] = (-1000.0, 1000.0), samples: int = 32768,
              seed: int = 0, tol: float | None = TOL, patience: int = 20,
+             fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
              implementation: str | None = None) -> AffineResult:
   """Affine or rigid registration of ``moving`` to ``fixed`` (CT in HU, any grids).
 
@@ -213,7 +235,10 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
     levels: pyramid voxel sizes (mm), coarse to fine.
     steps: Adam steps per level.
     lr: Adam learning rate on the scaled parameters.
-    init: ``"com"`` (translation = difference of body centres of mass) or ``"identity"``.
+    init: ``"com"`` (translation = difference of body centres of mass), ``"identity"``,
+      or ``"auto"``: the first level runs from both and the one with the lower loss goes
+      on (the centres of mass of two scans that cover different ranges, a cut field of
+      view or a partial overlap, are not the same anatomy).
     hu_window: HU range scaled to [0, 1] before comparing.
     samples: fixed voxels (random, inside its field of view, the same at every
       step of a level) on which the similarity is computed; 0: every voxel.
@@ -221,6 +246,10 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
     tol: a level stops once its loss (1 - NCC, or the MSE of [0, 1] images) has not
       dropped by more than ``tol`` for ``patience`` steps; ``tol=None`` runs every step.
     patience: steps without such a drop before a level stops (see ``tol``).
+    fixed_mask: ``fixed.shape`` bool, the fixed voxels to compare (None: all).
+    moving_mask: ``moving.shape`` bool, where the moving image may be compared (None:
+      its whole field of view). Only fixed voxels inside both images' data (and masks)
+      count, so a partial overlap or a crop is not penalised.
     implementation: the warp's (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`).
 
   Returns:
@@ -234,8 +263,8 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
     raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
   if similarity not in ("ncc", "mse"):
     raise ValueError(f"similarity must be 'ncc' or 'mse', got {similarity!r}")
-  if init not in ("com", "identity"):
-    raise ValueError(f"init must be 'com' or 'identity', got {init!r}")
+  if init not in INITS:
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
   if samples < 0:
     raise ValueError(f"samples must be >= 0, got {samples}")
   if patience < 1 or (tol is not None and not tol >= 0):
@@ -244,32 +273,37 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
     raise ValueError(f"levels (mm) and steps need equal lengths and positive values, got "
                      f"{tuple(levels)} and {tuple(steps)}")
   t0 = time.time()
-  centre = centre_of_mass(fixed).astype(np.float32)
-  theta = np.zeros(12, np.float32)
-  if init == "com":
-    theta[:3] = (centre_of_mass(moving) - centre) / PARAM_SCALES[:3]
+  centre = centre_of_mass(fixed, mask=fixed_mask).astype(np.float32)
+  starts = []
+  if init in ("identity", "auto"):
+    starts.append(np.zeros(12, np.float32))
+  com = np.zeros(12, np.float32)
+  com[:3] = (centre_of_mass(moving, mask=moving_mask) - centre) / PARAM_SCALES[:3]
+  if init == "com" or (init == "auto" and np.linalg.norm(com[:3] * PARAM_SCALES[:3]) > 1.0):
+    starts.append(com)
   mask = jnp.asarray(np.arange(12) < MODELS[model], jnp.float32)
-  theta = jnp.asarray(theta)
   losses = []
-  moving_world_to_voxel = jnp.asarray(np.linalg.inv(moving.affine), jnp.float32)
-  fixed_world_to_voxel = np.linalg.inv(fixed.affine).astype(np.float32)
   for level, (spacing, n) in enumerate(zip(levels, steps)):
-    f, fgrid = _level(fixed, float(spacing), hu_window)
-    m, mgrid = _level(moving, float(spacing), hu_window)
+    f, f_inside, fgrid = _level(fixed, float(spacing), hu_window, fixed_mask, moving)
+    m, m_inside, mgrid = _level(moving, float(spacing), hu_window, moving_mask, fixed)
     world = _grid_world(fgrid)
-    f_inside = field_of_view(world, fixed.shape, fixed_world_to_voxel)
     if samples:
       f, f_inside, world = _samples(f, f_inside, world, int(samples), seed + level)
-    theta, values, count = _optimise_stage(theta, mask, jnp.asarray(centre), jnp.asarray(f),
-                              jnp.asarray(f_inside),
-                              [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
-                              jnp.asarray(m), jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
-                              jnp.asarray(moving.shape, jnp.float32), moving_world_to_voxel,
-                              jnp.float32(-np.inf if tol is None else tol),
-                              jnp.int32(patience), steps=int(n), lr=float(lr),
-                              similarity=similarity, implementation=implementation)
-    losses.append(np.asarray(values)[:int(count)])
-  params = np.asarray(theta * mask) * PARAM_SCALES
+    runs = []
+    for start in starts:  # several only at the first level: the best one goes on
+      theta, values, count = _optimise_stage(
+          jnp.asarray(start), mask, jnp.asarray(centre), jnp.asarray(f), jnp.asarray(f_inside),
+          [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
+          jnp.asarray(np.stack([m, m_inside], -1)),
+          jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
+          jnp.float32(-np.inf if tol is None else tol), jnp.int32(patience), steps=int(n),
+          lr=float(lr), similarity=similarity, implementation=implementation)
+      values = np.asarray(values)[:int(count)]
+      runs.append((float(values[-1]), np.asarray(theta), values))
+    _, theta, values = min(runs, key=lambda r: r[0] if np.isfinite(r[0]) else np.inf)
+    starts = [theta]
+    losses.append(values)
+  params = np.asarray(theta) * np.asarray(mask) * PARAM_SCALES
   matrix = np.asarray(matrix_from_params(params, centre), np.float64)
   if not np.all(np.isfinite(matrix)):
     raise InputError("affine registration diverged (non-finite matrix); check the images")

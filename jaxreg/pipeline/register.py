@@ -63,10 +63,12 @@ from jaxreg.types import Grid, InputError, Volume
 __all__ = ["Registration", "RefineOptions", "register", "register_many",
            "affine_stage", "aligned", "to_model_grid", "network_stage", "refine_stage",
            "to_fixed_grid", "warp_outputs", "inverse_stage", "instance_optimise",
-           "check_images", "load_pair", "default_reg_weight", "REFINE_START_REG_WEIGHT",
+           "check_images", "check_mask", "load_pair", "load_masks", "default_reg_weight",
+           "REFINE_START_REG_WEIGHT",
            "AFFINE_MODELS"]
 
 AFFINE_MODELS = ("affine", "rigid", "none")
+BODY_HU = -500.0  # the body, for metrics.json's folding_fraction_body: fixed voxels above it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,17 +116,45 @@ def check_images(fixed: Volume, moving: Volume, names: tuple[str, str] = ("fixed
   _preprocess.check_overlap(Grid.of(fixed), Grid.of(moving), names)
 
 
+def check_mask(mask: Volume | np.ndarray | None, image: Volume, name: str
+               ) -> np.ndarray | None:
+  """A mask as a bool array on ``image``'s grid (None stays None).
+
+  Raises:
+    InputError: a mask of another shape or (for a :class:`Volume`) another affine than
+      its image, or one with no voxel set (``name``: the mask's file, for the message).
+  """
+  if mask is None:
+    return None
+  if isinstance(mask, Volume):
+    if mask.shape == image.shape and not np.allclose(mask.affine, image.affine, atol=1e-3):
+      raise InputError(f"{name}: the mask's affine differs from its image's (max difference "
+                       f"{np.abs(mask.affine - image.affine).max():.3g} mm): it must lie on "
+                       "the image's grid")
+    mask = mask.array
+  mask = np.asarray(mask)
+  if mask.shape != image.shape:
+    raise InputError(f"{name}: mask grid {mask.shape} differs from its image's grid "
+                     f"{image.shape}: it must lie on the image's grid")
+  if not mask.any():
+    raise InputError(f"{name}: the mask is empty (no voxel set): nothing to compare")
+  return mask.astype(bool)
+
+
 def affine_stage(fixed: Volume, moving: Volume, *, model: str = "affine",
                  hu_window: tuple[float, float] = (-1000.0, 1000.0),
+                 fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
                  implementation: str | None = None) -> np.ndarray:
   """``[4, 4]`` world map (RAS+ mm) fixed ``p`` -> moving ``M p``; the identity for ``"none"``.
-  ``implementation``: the warp's (``None``, ``"xla"``, ``"ffi"``; see :mod:`jaxreg.ops.warp`)."""
+  ``fixed_mask``/``moving_mask``: where each image may be compared (on its grid; None: its
+  whole field of view). ``implementation``: the warp's (``None``, ``"xla"``, ``"ffi"``; see
+  :mod:`jaxreg.ops.warp`)."""
   if model not in AFFINE_MODELS:
     raise ValueError(f"affine must be one of {AFFINE_MODELS}, got {model!r}")
   if model == "none":
     return np.eye(4)
-  return _affine.align(fixed, moving, model=model, hu_window=hu_window,
-                          implementation=implementation).matrix
+  return _affine.align(fixed, moving, model=model, hu_window=hu_window, fixed_mask=fixed_mask,
+                       moving_mask=moving_mask, implementation=implementation).matrix
 
 
 def aligned(volume: Volume | None, matrix: np.ndarray) -> Volume | None:
@@ -134,15 +164,35 @@ def aligned(volume: Volume | None, matrix: np.ndarray) -> Volume | None:
 
 
 def to_model_grid(fixed: Volume, moving: Volume, config, *, fixed_labels: Volume | None = None,
-                  moving_labels: Volume | None = None,
+                  moving_labels: Volume | None = None, fixed_mask: np.ndarray | None = None,
+                  moving_mask: np.ndarray | None = None,
                   names: tuple[str, str] = ("fixed", "moving")) -> _preprocess.PreparedPair:
-  """Both images (and labels, if the model takes them) on the model grid of ``config``."""
+  """Both images (and labels, if the model takes them) on the model grid of ``config``.
+
+  Where only one of the two scans has data (outside the other's field of view, or
+  outside a mask: ``fixed_mask`` on the fixed grid, ``moving_mask`` on the moving one),
+  both are shown as air (0), so the network sees the same cut in both and does not
+  squeeze anatomy into a region the other scan never covered.
+  """
   needs = config.model.get("label_inputs", False)
   shape = None if config.data.shape is None else tuple(config.data.shape)
-  return _preprocess.prepare_pair(
+  pair = _preprocess.prepare_pair(
       fixed, moving, fixed_labels if needs else None, moving_labels if needs else None,
       spacing=config.data.spacing, divisor=_model.unet_stride(config.model.widths), shape=shape,
-      hu_window=tuple(config.data.hu_window), names=names)
+      hu_window=tuple(config.data.hu_window), names=names, fixed_mask=fixed_mask,
+      moving_mask=moving_mask)
+  both = (_domain_on(fixed, fixed_mask, pair.grid) * _domain_on(moving, moving_mask, pair.grid))
+  if both.all():
+    return pair
+  return dataclasses.replace(pair, fixed=pair.fixed * both, moving=pair.moving * both)
+
+
+def _domain_on(volume: Volume, mask: np.ndarray | None, grid: Grid) -> np.ndarray:
+  """``grid.shape`` float32: 1 where ``grid``'s voxels lie inside ``volume``'s voxel box (and
+  ``mask``, on ``volume``'s grid), else 0."""
+  inside = np.ones(volume.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
+  sampled = _preprocess.resample(Volume(inside, volume.affine), grid, antialias=False)
+  return (sampled > 0.999).astype(np.float32)  # every trilinear corner inside
 
 
 def _predict(leaves, fixed, moving, extra, reg_weight, *, graphdef, treedef, model, method,
@@ -275,11 +325,14 @@ def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, s
 def refine_stage(fixed: Volume, moving_aligned: Volume, disp: np.ndarray,
                  grid: Grid, options: RefineOptions, *,
                  hu_window: tuple[float, float] = (-1000.0, 1000.0), mesh=None,
+                 fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
                  implementation: str | None = None) -> _refine.RefineResult:
   """The field refined coarse to fine up to the fixed resolution (:func:`jaxreg.pipeline.refine.refine`),
-  split along X over ``mesh`` when given."""
+  split along X over ``mesh`` when given, compared only where both images have data (and
+  their masks)."""
   return _refine.refine(fixed, moving_aligned, disp, grid, options, hu_window=hu_window,
-                        mesh=mesh, implementation=implementation)
+                        mesh=mesh, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                        implementation=implementation)
 
 
 def _fixed_world(fixed_grid: Grid) -> np.ndarray:
@@ -330,6 +383,8 @@ def _peak_mib() -> float:
 
 def register(fixed: Volume, moving: Volume, *, net=None, config=None,
              fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
+             fixed_mask: Volume | np.ndarray | None = None,
+             moving_mask: Volume | np.ndarray | None = None,
              affine: str = "affine", refine: RefineOptions | None = RefineOptions(),
              io_steps: int = 0, io_lr: float = 0.05, io_reg_weight: float = 1.0,
              reg_weight: float | None = None, inverse: bool = False, mesh=None,
@@ -346,6 +401,11 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
     fixed_labels: the fixed label map, needed only by a model that takes labels as input.
     moving_labels: the moving label map: warped with the image (and a model input if
       the model takes labels).
+    fixed_mask: where the fixed image may be compared (bool, on its grid: a
+      :class:`~jaxreg.types.Volume` or an array; None: its whole field of view).
+    moving_mask: the same for the moving image. Every stage compares the images only
+      where both have data (inside each field of view and mask, followed through the
+      field at each step); the field elsewhere is the regulariser's continuation.
     affine: global pre-alignment, ``"affine"`` (12 parameters), ``"rigid"`` or ``"none"``.
     refine: :class:`~jaxreg.pipeline.refine.RefineOptions` of the fine-resolution
       refinement, or None for the network's field alone.
@@ -375,7 +435,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
 
   Raises:
     InputError: constant images, no overlap (the images must share a world
-      frame), a model that needs labels without them, bad refinement options,
+      frame), a mask off its image's grid or empty, a model that needs labels
+      without them, bad refinement options,
       a diverging refinement or a non-finite field.
     ValueError: unknown ``affine``.
   """
@@ -408,12 +469,15 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
 
   with CompileCounter() as compiles:
     check_images(fixed, moving, names)
+    fixed_mask = check_mask(fixed_mask, fixed, f"{names[0]} (its mask)")
+    moving_mask = check_mask(moving_mask, moving, f"{names[1]} (its mask)")
+    masks = dict(fixed_mask=fixed_mask, moving_mask=moving_mask)
     fixed_grid = Grid.of(fixed)
     matrix = timed("affine", affine_stage, fixed, moving, model=affine, hu_window=hu_window,
-                   implementation=implementation)
+                   implementation=implementation, **masks)
     moving_a = aligned(moving, matrix)
     pair = timed("model_grid", to_model_grid, fixed, moving_a, config, fixed_labels=fixed_labels,
-                 moving_labels=aligned(moving_labels, matrix), names=names)
+                 moving_labels=aligned(moving_labels, matrix), names=names, **masks)
     _mesh.check_space(pair.grid.shape, _mesh.space_size(mesh), "the model grid")
     disp = timed("network", network_stage, net, config, pair, reg_weight, mesh, implementation)
     grid, io_losses, refine_losses = pair.grid, [], []
@@ -424,7 +488,7 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
       disp, io_losses = np.asarray(disp), np.asarray(values).tolist()
     if refine is not None:
       result = timed("refine", refine_stage, fixed, moving_a, disp, grid, refine,
-                     hu_window=hu_window, mesh=mesh, implementation=implementation)
+                     hu_window=hu_window, mesh=mesh, implementation=implementation, **masks)
       disp, grid = result.disp, result.grid
       refine_losses = [[float(v[0]), float(v[-1])] for v in result.losses]
     if not np.all(np.isfinite(disp)):
@@ -454,7 +518,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
           "similarity": refine.similarity, "regulariser": refine.regulariser,
           "reg_weight": refine.reg_weight, "lr": refine.lr,
           "loss_first_last": refine_losses},
-      **_metrics.field_quality(d_vox),
+      **_metrics.field_quality(d_vox, body=np.asarray(fixed.array) > BODY_HU),
+      "max_displacement_mm": float(np.sqrt(np.max(np.sum(d_mm * d_mm, axis=-1)))),
   }
   if inverse:
     metrics["inverse_residual_voxels"] = residual
@@ -563,11 +628,34 @@ def load_pair(spec, series: str | None = None
   return fixed, moving, fl, ml
 
 
+def load_masks(spec, fixed: Volume, moving: Volume
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """``(fixed_mask, moving_mask)`` bool arrays of a :class:`jaxreg.data.PairSpec`'s
+  ``fixed_mask``/``moving_mask`` files (absent: None), each checked to lie on its image's
+  grid and to hold a voxel (:func:`check_mask`).
+
+  Raises:
+    InputError: an unreadable file, a mask on another grid or an empty one (the message
+      names the file).
+  """
+  from jaxreg import io as _io
+  out = []
+  for path, image, image_path in ((spec.fixed_mask, fixed, spec.fixed),
+                                  (spec.moving_mask, moving, spec.moving)):
+    if not path:
+      out.append(None)
+      continue
+    volume = _io.load_labels(path, like=image, like_path=image_path, allow_empty=True)
+    out.append(check_mask(volume, image, path))
+  return out[0], out[1]
+
+
 def _register_one(spec, folder: str, write: Callable, kwargs: dict,
                   series: str | None = None) -> None:
   fixed, moving, fl, ml = load_pair(spec, series)
-  result = register(fixed, moving, fixed_labels=fl, moving_labels=ml,
-                    names=(spec.fixed, spec.moving), **kwargs)
+  fm, mm = load_masks(spec, fixed, moving)
+  result = register(fixed, moving, fixed_labels=fl, moving_labels=ml, fixed_mask=fm,
+                    moving_mask=mm, names=(spec.fixed, spec.moving), **kwargs)
   write(result, folder, fixed=fixed, moving=moving, fixed_labels=fl, moving_labels=ml,
         title=f"{os.path.basename(spec.moving)} -> {os.path.basename(spec.fixed)}")
 
