@@ -556,10 +556,12 @@ def _level_moving(moving: Volume, valid: np.ndarray, mask: np.ndarray | None, ta
 
 
 def _fixed_domain(fixed: Volume, fixed_mask: np.ndarray | None, target: Grid) -> np.ndarray:
-  """``target.shape`` float32: 1 where a level voxel lies inside the fixed image's voxel box
-  (and its mask), 0 where the level grid extends beyond the fixed field of view."""
-  return _preprocess.resample(Volume(data_weights(fixed.shape, fixed_mask), fixed.affine), target,
-                              antialias=False).astype(np.float32)
+  """``target.shape`` float32: 1 where a level voxel's trilinear corners all lie inside the
+  fixed image's voxel box (and its mask), else 0 (where the level grid extends beyond the
+  fixed field of view). Constant through a level, so a hard edge: its outermost voxels count."""
+  inside = np.ones(fixed.shape, np.float32) if fixed_mask is None else fixed_mask.astype(np.float32)
+  sampled = _preprocess.resample(Volume(inside, fixed.affine), target, antialias=False)
+  return (sampled > 0.999).astype(np.float32)
 
 
 def data_weights(shape, mask: np.ndarray | None = None) -> np.ndarray:
