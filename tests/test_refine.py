@@ -364,3 +364,29 @@ def test_data_weights_are_the_mask_eroded_by_one_voxel():
                          for dk in (-1, 0, 1))
                         if 0 <= b < 8 and 0 <= c < 9) and 0 < j < 7 and 0 < k < 8
   np.testing.assert_array_equal(got, want)
+
+
+def test_a_moving_box_weighs_as_its_data_weights_sampled():
+  """No mask: the moving scan's box weighed in closed form (moving_box, no gather) equals
+  the trilinear sample of data_weights of that box (moving_valid), value and gradient, also
+  with the moving image padded beyond its box (a shape bucket)."""
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(5)
+  level = (16, 16, 16)
+  native = ndi.gaussian_filter(rng.uniform(0, 1, (20, 18, 14)), 1.5).astype(np.float32)
+  padded = np.pad(native, ((0, 12), (0, 14), (0, 2)))
+  to_moving = np.array([[1.1, 0.1, 0, -1.0], [-0.1, 1.0, 0, -0.5], [0, 0, 0.9, 1.5],
+                        [0, 0, 0, 1]], np.float32)
+  base = rng.normal(0, 1.0, level + (3,)).astype(np.float32)
+  fixed = rng.uniform(0, 1, level).astype(np.float32)
+  valid = np.pad(refine.data_weights(native.shape), ((0, 12), (0, 14), (0, 2)))
+  common = (jnp.asarray(base), jnp.asarray(fixed), jnp.asarray(padded),
+            jnp.ones(level, jnp.float32), 0.5, jnp.asarray(to_moving))
+  c = jnp.asarray(rng.normal(0, 0.5, (8, 8, 8, 3)), jnp.float32)
+  for name in ("lncc", "mse"):
+    by_box, _ = refine.level_objective(*common, None, None, jnp.asarray(native.shape, jnp.float32),
+                                       similarity=name, smooth=1)
+    by_valid, _ = refine.level_objective(*common, jnp.asarray(valid), similarity=name, smooth=1)
+    assert float(by_box(c)) == pytest.approx(float(by_valid(c)), rel=1e-5)
+    np.testing.assert_allclose(jax.grad(by_box)(c), jax.grad(by_valid)(c), atol=1e-6)

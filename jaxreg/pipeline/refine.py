@@ -357,7 +357,7 @@ def _weighted_mean(x, weights):
 
 
 def level_objective(base, fixed, moving, weights, reg_weight, moving_map=None,
-                    moving_valid=None, fixed_valid=None, *,
+                    moving_valid=None, fixed_valid=None, moving_box=None, *,
                     similarity: str = "lncc", regulariser: str = "diffusion", window: int = 5,
                     mind_radius: int = 1, mind_dilation: int = 2, control: int = 2,
                     smooth: int = 0, implementation: str | None = None):
@@ -410,27 +410,30 @@ def level_objective(base, fixed, moving, weights, reg_weight, moving_map=None,
       return fixed_domain
     return overlap if fixed_domain is None else fixed_domain * overlap
 
-  if similarity == "lncc" and moving_valid is None:
+  per_step = moving_valid is not None or (moving_box is not None and moving_map is not None)
+  if similarity == "lncc" and not per_step:
     stats = _losses.fixed_box_stats(fixed, window, fixed_domain)
-  if moving_valid is not None and similarity != "mind":
-    # one gather of both channels: the image and where it has data
-    moving = jnp.stack([moving, moving_valid.astype(moving.dtype)], axis=-1)
+
+  def overlap_at(u):
+    """Where x + u(x) has moving data: weights in [0, 1], or None (everywhere)."""
+    if moving_valid is not None:  # a mask: gathered (forward only: no gradient is taken)
+      return overlap_of(sample(moving_valid.astype(base.dtype), u))
+    if moving_box is None or moving_map is None:
+      return None
+    p = points + scale * u  # moving voxels
+    n = moving_box.astype(base.dtype)
+    inside = jnp.clip(p, 0.0, 1.0) * jnp.clip(n - 1.0 - p, 0.0, 1.0)
+    return overlap_of(jnp.prod(inside, axis=-1))
 
   def similarity_loss(u):
-    if similarity == "mind":
-      overlap = None if moving_valid is None else overlap_of(
-          sample(moving_valid.astype(base.dtype), u))
-      domain = domain_of(overlap)
-      return _losses.mind_ssd(fixed_feat, _warp.warp(moving_feat, u, implementation=implementation),
-                              mask=weights if domain is None else weights * domain)
-    warped = sample(moving, u)
-    overlap = None
-    if moving_valid is not None:
-      warped, overlap = warped[..., 0], overlap_of(warped[..., 1])
-    domain = domain_of(overlap)
+    domain = domain_of(overlap_at(u))
     w = weights if domain is None else weights * domain
+    if similarity == "mind":
+      return _losses.mind_ssd(fixed_feat, _warp.warp(moving_feat, u, implementation=implementation),
+                              mask=w)
+    warped = sample(moving, u)
     if similarity == "lncc":
-      st = stats if moving_valid is None else _losses.fixed_box_stats(fixed, window, domain)
+      st = _losses.fixed_box_stats(fixed, window, domain) if per_step else stats
       lncc = _losses.local_ncc_map(fixed, warped, window=window, stats=st, mask=domain)
       return -_weighted_mean(lncc, w)
     if sim_fn is not None:
@@ -457,7 +460,7 @@ def level_objective(base, fixed, moving, weights, reg_weight, moving_map=None,
 
 
 def _optimise_level(base, fixed, moving, weights, lr, reg_weight, moving_map=None,
-                    moving_valid=None, fixed_valid=None, *,
+                    moving_valid=None, fixed_valid=None, moving_box=None, *,
                     steps: int, similarity: str = "lncc", regulariser: str = "diffusion",
                     window: int = 5, mind_radius: int = 1, mind_dilation: int = 2,
                     control: int = 2, smooth: int = 0, implementation: str | None = None):
@@ -484,6 +487,11 @@ def _optimise_level(base, fixed, moving, weights, lr, reg_weight, moving_map=Non
     fixed_valid: ``[X, Y, Z]``, 1 where the level voxel has fixed data (inside the fixed
       image's voxel box and a user's mask), 0 where the level grid extends beyond it;
       None: everywhere.
+    moving_box: ``[3]`` the moving scan's shape (with ``moving_map``; ``moving`` may be
+      padded beyond it): where there is no ``moving_valid``, its data are its voxel box,
+      weighted in closed form as ``moving_valid = data_weights(moving_box)`` would be
+      (:func:`data_weights`, sampled: ``prod_a clip(p_a, 0, 1) clip(n_a - 1 - p_a, 0, 1)``
+      at the point ``p`` in moving voxels), with no gather.
     steps: see :class:`RefineOptions`.
     similarity: see :class:`RefineOptions`.
     regulariser: see :class:`RefineOptions`.
@@ -498,7 +506,7 @@ def _optimise_level(base, fixed, moving, weights, lr, reg_weight, moving_map=Non
     ``(field [X, Y, Z, 3] level voxels, loss per step [steps])``.
   """
   loss, field = level_objective(base, fixed, moving, weights, reg_weight, moving_map,
-                                moving_valid, fixed_valid, similarity=similarity,
+                                moving_valid, fixed_valid, moving_box, similarity=similarity,
                                 regulariser=regulariser, window=window,
                                 mind_radius=mind_radius, mind_dilation=mind_dilation,
                                 control=control, smooth=smooth, implementation=implementation)
@@ -525,34 +533,37 @@ def _body_weights(fixed_hu: np.ndarray, mask: bool) -> np.ndarray:
   return body.astype(np.float32)
 
 
-def _level_moving(moving: Volume, valid: np.ndarray, mask: np.ndarray | None, target: Grid,
-                  fixed_grid: Grid, similarity: str, lo: float, hi: float, mesh):
-  """The moving image a level samples, where it has data (``valid``, on the moving grid: 1
-  inside its voxel box and a user's mask), and its map from level voxels (None: on the
+def _level_moving(moving: Volume, mask: np.ndarray | None, target: Grid, fixed_grid: Grid,
+                  similarity: str, lo: float, hi: float, mesh):
+  """``(image, valid, map, box)``: the moving image a level samples; where it has data
+  (:func:`data_weights` of its ``mask``: with a mask, or for MIND, else None); its map from
+  level voxels (None: on the level grid); its shape (None for MIND, whose image is on the
   level grid). LNCC and MSE sample the moving image on its own grid (antialiased for the
   level's spacing, windowed to [0, 1], padded with 0 to a shape bucket, whole on every
   device); MIND needs it on the level grid."""
-  if similarity == "mind":
-    to = np.maximum(target.spacing, _preprocess.spacing_along(fixed_grid, moving))
-    m = _preprocess.window(_preprocess.resample(moving, target, cval=lo, smooth_to=to,
-                                                mask=mask), lo, hi)
-    v = _preprocess.resample(Volume(valid, moving.affine), target, antialias=False)
-    return (_mesh.put_volume(m.astype(np.float32), mesh),
-            _mesh.put_volume(v.astype(np.float32), mesh), None)
-  # Not decimated to the level's spacing: sampling the full-resolution filtered image at
-  # 5 mm measured better (TRE breathing 0.32 vs 0.53 mm) for 1.5x that level's time.
   # filtered for the level's spacing, or the fixed image's resolution along each axis where
   # that is coarser (a thick-slice fixed scan): both are compared at the same resolution
   to = np.maximum(target.spacing, _preprocess.spacing_along(fixed_grid, moving))
+  if similarity == "mind":
+    m = _preprocess.window(_preprocess.resample(moving, target, cval=lo, smooth_to=to,
+                                                mask=mask), lo, hi)
+    v = _preprocess.resample(Volume(data_weights(moving.shape, mask), moving.affine), target,
+                             antialias=False)
+    return (_mesh.put_volume(m.astype(np.float32), mesh),
+            _mesh.put_volume(v.astype(np.float32), mesh), None, None)
+  # Not decimated to the level's spacing: sampling the full-resolution filtered image at
+  # 5 mm measured better (TRE breathing 0.32 vs 0.53 mm) for 1.5x that level's time.
   m = _preprocess.antialiased(np.asarray(moving.array, np.float32), moving.spacing, to, mask)
   m = _preprocess.window(m, lo, hi).astype(np.float32)
   pad = [(0, b - n) for n, b in zip(m.shape, _preprocess.bucket_shape(m.shape))]
   m = np.pad(m, pad)  # 0 is the window's floor, as outside the image
-  v = np.pad(valid.astype(np.float32), pad)  # no data in the padding
+  v = None if mask is None else np.pad(data_weights(moving.shape, mask), pad)
   moving_map = (np.linalg.inv(np.asarray(moving.affine, np.float64)) @ target.affine
                 ).astype(np.float32)
+  box = np.asarray(moving.shape, np.float32)
   where = None if mesh is None else _mesh.replicated(mesh)
-  return jax.device_put(m, where), jax.device_put(v, where), jax.device_put(moving_map, where)
+  put = lambda x: None if x is None else jax.device_put(x, where)
+  return put(m), put(v), put(moving_map), put(box)
 
 
 def _fixed_domain(fixed: Volume, fixed_mask: np.ndarray | None, target: Grid) -> np.ndarray:
@@ -620,7 +631,6 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: Grid,
   lo, hi = hu_window
   disp, grid, losses = np.asarray(init, np.float32), init_grid, []
   grids = level_grids(fixed, options.levels_mm, fixed_mask)
-  moving_valid = data_weights(moving.shape, moving_mask)
   for level, (spacing, steps, control, smooth, target) in enumerate(
       zip(options.levels_mm, options.steps, options.control, options.smooth, grids)):
     base = _field_on(disp, grid, target)
@@ -631,14 +641,13 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: Grid,
     f = _preprocess.window(fixed_hu, lo, hi).astype(np.float32)
     f_valid = _fixed_domain(fixed, fixed_mask, target)
     weights = _body_weights(np.where(f_valid > 0, fixed_hu, lo), options.mask)
-    m, m_valid, moving_map = _level_moving(moving, moving_valid, moving_mask, target,
-                                           Grid.of(fixed),
-                                           options.similarity, lo, hi, mesh)
+    m, m_valid, moving_map, box = _level_moving(moving, moving_mask, target, Grid.of(fixed),
+                                                options.similarity, lo, hi, mesh)
     with _mesh.context(mesh):
       out, values = _level_stage(
           *(_mesh.put_volume(x, mesh) for x in (base, f)), m, _mesh.put_volume(weights, mesh),
           float(options.lr), float(options.reg_weight), moving_map, m_valid,
-          _mesh.put_volume(f_valid, mesh),
+          _mesh.put_volume(f_valid, mesh), box,
           steps=int(steps), similarity=options.similarity,
           regulariser=options.regulariser, window=int(options.window),
           mind_radius=int(options.mind_radius), mind_dilation=int(options.mind_dilation),
