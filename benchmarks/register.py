@@ -50,7 +50,9 @@ rest). Scored on the fixed grid:
   moving labels warped with nearest neighbour through the method's field);
 * ``tre_shared``: mean ``|d_method(x) - d_true(x)|`` (mm) over the labelled voxels
   (label > 0) inside ``shared``; ``tre_edge``, ``tre_interior``: the same over the body
-  voxels (fixed image above -500 HU) of ``edge`` and ``interior``;
+  voxels (fixed image above -500 HU) of ``edge`` and ``interior`` (the CT table and its
+  pad count as body); ``tre_edge_labels``, ``tre_interior_labels``: over their labelled
+  voxels (anatomy, as ``tre_shared``);
 * ``fold_body``: fraction of the body voxels inside ``shared`` with ``det J <= 0``;
   ``fold_grid``: the same over the whole fixed grid (Jacobian of the field in fixed voxels);
 * ``max_disp_mm``: the largest ``|d_method|`` on the grid; ``seconds`` as above (the
@@ -83,8 +85,8 @@ import families  # noqa: E402
 
 METHODS = ("before", "network", "jaxreg", "jaxreg-mind", "jaxreg-bending", "elastix", "demons")
 COLUMNS = ("dice12", "dice_all", "hd95", "tre", "sdlogj", "folding", "seconds")
-ACQUIRED_COLUMNS = ("dice_shared", "tre_shared", "tre_edge", "tre_interior", "fold_body",
-                    "fold_grid", "max_disp_mm", "seconds")
+ACQUIRED_COLUMNS = ("dice_shared", "tre_shared", "tre_edge", "tre_interior", "tre_edge_labels",
+                    "tre_interior_labels", "fold_body", "fold_grid", "max_disp_mm", "seconds")
 # column -> (table header, format)
 _HEADERS = {"dice12": ("Dice 12 organs", "{:.3f}"), "dice_all": ("Dice all labels", "{:.3f}"),
             "hd95": ("HD95 (mm)", "{:.2f}"), "tre": ("TRE (mm)", "{:.2f}"),
@@ -92,6 +94,8 @@ _HEADERS = {"dice12": ("Dice 12 organs", "{:.3f}"), "dice_all": ("Dice all label
             "seconds": ("seconds", "{:.1f}"), "dice_shared": ("Dice shared", "{:.3f}"),
             "tre_shared": ("TRE shared (mm)", "{:.2f}"), "tre_edge": ("TRE edge (mm)", "{:.2f}"),
             "tre_interior": ("TRE interior (mm)", "{:.2f}"),
+            "tre_edge_labels": ("TRE edge, labels (mm)", "{:.2f}"),
+            "tre_interior_labels": ("TRE interior, labels (mm)", "{:.2f}"),
             "fold_body": ("folding body", "{:.5f}"), "fold_grid": ("folding grid", "{:.5f}"),
             "max_disp_mm": ("max disp (mm)", "{:.1f}")}
 _BODY_HU = -500.0  # acquired set: body voxels are fixed voxels above this
@@ -134,13 +138,16 @@ def _score_acquired(acase, disp) -> dict:
   disp = np.asarray(disp, np.float32)
   error = np.linalg.norm(disp - acase.true_mm, axis=-1)  # [X, Y, Z] mm
   body = case.fixed.array > _BODY_HU
+  labelled = case.fixed_labels.array > 0
   folded = metrics.jacobian_determinant(
       np.asarray(grid.disp_mm_to_voxel(disp, case.fixed.affine))) <= 0
   mean = lambda values, mask: float(values[mask].mean()) if mask.any() else float("nan")
   return {"dice_shared": acquired.dice_shared(acase, disp),
-          "tre_shared": mean(error, acase.shared & (case.fixed_labels.array > 0)),
+          "tre_shared": mean(error, acase.shared & labelled),
           "tre_edge": mean(error, acase.edge & body),
           "tre_interior": mean(error, acase.interior & body),
+          "tre_edge_labels": mean(error, acase.edge & labelled),
+          "tre_interior_labels": mean(error, acase.interior & labelled),
           "fold_body": mean(folded, acase.shared & body), "fold_grid": float(folded.mean()),
           "max_disp_mm": float(np.linalg.norm(disp, axis=-1).max())}
 
@@ -248,12 +255,14 @@ def jaxreg_lines(rows) -> str:
     worse = sum(value[p, "jaxreg"]["tre_shared"] > value[p, "demons"]["tre_shared"]
                 for p in both)
     mine = [value[p, "jaxreg"] for p in pairs if (p, "jaxreg") in value]
-    ratio = (np.nanmean([r["tre_edge"] for r in mine])
-             / np.nanmean([r["tre_interior"] for r in mine])) if mine else float("nan")
+    ratio = lambda e, i: (np.nanmean([r[e] for r in mine]) / np.nanmean([r[i] for r in mine])
+                          if mine else float("nan"))
+    text = lambda v: f"{v:.2f}" if np.isfinite(v) else "n/a"
     lines.append(f"{family}: jaxreg's TRE shared worse than demons' on "
                  + (f"{worse} of {len(both)} pairs" if both else "n/a (run both)")
                  + "; jaxreg's TRE edge / interior "
-                 + (f"{ratio:.2f}" if np.isfinite(ratio) else "n/a"))
+                 + text(ratio("tre_edge", "tre_interior")) + " (body voxels), "
+                 + text(ratio("tre_edge_labels", "tre_interior_labels")) + " (labelled voxels)")
   return "\n" + "\n".join(lines) + "\n"
 
 
