@@ -335,6 +335,28 @@ def make_cases(*, per_family: int = 2, seed: int = SEED, keypoints: int = 100
           for f in FAMILIES for i in range(per_family)]
 
 
+def on_one_grid(acase: AcquiredCase) -> AcquiredCase:
+  """The same pair with the moving scan on the CT's own 2.5 mm grid: the CT's voxels inside
+  the world box of ``acase``'s moving scan (its labels too), named ``<family>-one-grid_<i>``;
+  the fixed image, the truth and ``shared``/``edge`` unchanged, so both are scored on the
+  same voxels -- the reference a thick-slice scan is measured against ("as well as the same
+  pair on one grid")."""
+  ct, labels, affine, _ = families._source()
+  moving = acase.case.moving
+  to_ct = np.linalg.inv(affine) @ moving.affine
+  corners = np.array([[a, b, c, 1.0] for a in (0, moving.shape[0] - 1)
+                      for b in (0, moving.shape[1] - 1) for c in (0, moving.shape[2] - 1)])
+  ct_corners = (corners @ to_ct.T)[:, :3]
+  lo = np.ceil(ct_corners.min(0) - 1e-6).astype(int)
+  hi = np.floor(ct_corners.max(0) + 1e-6).astype(int) + 1
+  box = (np.maximum(lo, 0), np.minimum(hi, ct.shape))
+  one, one_labels = _crop(ct, affine, box), _crop(labels, affine, box)
+  family, index = acase.case.name.rsplit("_", 1)
+  case = dataclasses.replace(acase.case, name=f"{family}-one-grid_{index}", moving=one,
+                             moving_labels=one_labels)
+  return dataclasses.replace(acase, case=case)
+
+
 def dice_shared(acase: AcquiredCase, disp_mm: np.ndarray) -> float:
   """Mean Dice inside ``acase.shared`` of the moving labels warped (nearest neighbour)
   through ``disp_mm`` (``[*fixed.shape, 3]`` world mm) against the fixed labels, over the

@@ -61,6 +61,10 @@ rest). Scored on the fixed grid:
 Per family it also counts the pairs where jaxreg's ``tre_shared`` is worse than demons'
 and gives jaxreg's ``tre_edge / tre_interior`` (ratio of the family means).
 
+``--set thick-margin`` registers each ``thick`` pair and the same pair with its moving scan
+on the CT's own 2.5 mm grid (:func:`acquired.on_one_grid`: the CT's voxels in the same world
+box), scored on the same voxels: the cost of the thick slices.
+
 Outputs: per-pair rows and the per-family table on stdout, and
 ``--out``/``per_pair.csv`` + ``tables.md`` (``--set acquired``: ``per_pair_acquired.csv`` +
 ``tables_acquired.md``).
@@ -244,6 +248,22 @@ def tables(rows, methods, columns=COLUMNS) -> str:
   return "\n".join(out) + "\n"
 
 
+def thick_margin(per_family: int, methods, out: str | None) -> list[dict]:
+  """Each ``thick`` pair of :mod:`benchmarks.acquired` beside the same pair with its moving
+  scan on the CT's own 2.5 mm grid (:func:`acquired.on_one_grid`), scored on the same
+  voxels: how much the thick slices cost."""
+  methods = _available(methods)
+  pairs = []
+  for i in range(per_family):
+    thick = acquired.make_case("thick", i)
+    pairs += [(thick.case, thick), (acquired.on_one_grid(thick).case, acquired.on_one_grid(thick))]
+  rows = _registrations(pairs, methods, _score_acquired, ACQUIRED_COLUMNS)
+  table = tables(rows, methods, ACQUIRED_COLUMNS)
+  print(table)
+  _write(out, rows, table, "_thick_margin")
+  return rows
+
+
 def jaxreg_lines(rows) -> str:
   """Per family: the pairs where jaxreg's ``tre_shared`` is worse than demons', and
   jaxreg's ``tre_edge / tre_interior`` (ratio of the family means); n/a without them."""
@@ -372,8 +392,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--per-family", type=int, default=2)
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--set", choices=("whole", "acquired", "all"), default="whole",
-                      help="the pairs: whole-CT families, acquired scans, or both")
+  parser.add_argument("--set", choices=("whole", "acquired", "all", "thick-margin"),
+                      default="whole", help="the pairs: whole-CT families, acquired scans, "
+                      "both, or each thick-slice pair beside the same pair on one grid")
   parser.add_argument("--out", default=None, help="folder for per_pair.csv and tables.md "
                       "(acquired set: per_pair_acquired.csv and tables_acquired.md)")
   parser.add_argument("--process", action="store_true", help="also time whole processes")
@@ -389,6 +410,8 @@ def main() -> None:
     accuracy(args.per_family, methods, args.out)
   if not args.process_only and args.set in ("acquired", "all"):
     accuracy_acquired(args.per_family, methods, args.out)
+  if args.set == "thick-margin":
+    thick_margin(args.per_family, methods, args.out)
   if args.process or args.process_only:
     print(process_times())
 

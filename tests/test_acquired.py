@@ -178,3 +178,23 @@ def test_seeds_and_errors():
     acquired.make_case("local", 0)
   with pytest.raises(ValueError, match="index"):
     acquired.make_case("crop", 1000)
+
+
+def test_one_grid_twin_holds_the_ct_voxels_inside_the_thick_scans_box():
+  ct, labels, affine = _source()
+  thick = _case("thick", 0)
+  twin = acquired.on_one_grid(thick)
+  assert twin.case.name == "thick-one-grid_0"
+  m, t = thick.case.moving, twin.case.moving
+  np.testing.assert_allclose(t.spacing, 2.5, rtol=1e-6)
+  lo = np.rint(_voxels(t.affine[:3, 3], affine)).astype(int)  # its first voxel, on the CT grid
+  box = tuple(slice(a, a + n) for a, n in zip(lo, t.shape))
+  np.testing.assert_array_equal(t.array, ct[box].astype(np.float32))
+  np.testing.assert_array_equal(twin.case.moving_labels.array, labels[box])
+  # inside the thick scan's world box, and less than one CT voxel from each of its faces
+  corners = lambda v: _world(np.array(list(itertools.product(*[(0, n - 1) for n in v.shape])),
+                                      float), v.affine)
+  (a_lo, a_hi), (b_lo, b_hi) = ((c.min(0), c.max(0)) for c in (corners(m), corners(t)))
+  assert np.all(b_lo >= a_lo - 1e-4) and np.all(b_hi <= a_hi + 1e-4)
+  assert np.all(b_lo - a_lo < 2.5) and np.all(a_hi - b_hi < 2.5)
+  assert twin.case.fixed is thick.case.fixed and twin.shared is thick.shared

@@ -356,6 +356,16 @@ def _weighted_mean(x, weights):
   return jnp.sum(weights * x) / (jnp.sum(weights) + 1e-6)
 
 
+def _eroded(weights: jax.Array, reach: int) -> jax.Array:
+  """``weights`` ``[X, Y, Z]`` replaced by their minimum over the ``2 reach + 1`` cube
+  around each voxel (0 beyond the volume)."""
+  if not reach:
+    return weights
+  outside = jnp.pad(-weights, reach)  # beyond the volume: weight 0, so -0 wins the max
+  return -jax.lax.reduce_window(outside, -jnp.inf, jax.lax.max, (2 * reach + 1,) * 3,
+                                (1, 1, 1), "valid")
+
+
 def level_objective(base, fixed, moving, weights, reg_weight, moving_map=None,
                     moving_valid=None, fixed_valid=None, moving_box=None, *,
                     similarity: str = "lncc", regulariser: str = "diffusion", window: int = 5,
@@ -378,6 +388,13 @@ def level_objective(base, fixed, moving, weights, reg_weight, moving_map=None,
       raise ValueError("MIND-SSC needs the moving image on the level grid (moving_map=None)")
     fixed_feat = _losses.mind_ssc(fixed, radius=mind_radius, dilation=mind_dilation)
     moving_feat = _losses.mind_ssc(moving, radius=mind_radius, dilation=mind_dilation)
+    # a descriptor reads its patches up to dilation + radius voxels away: it has data only
+    # that far inside each image's data
+    reach = mind_dilation + mind_radius
+    if moving_valid is not None:
+      moving_valid = _eroded(moving_valid, reach)
+    if fixed_valid is not None:
+      fixed_valid = _eroded(fixed_valid, reach)
 
   if moving_map is not None:
     # The field is optimised as v = R u, R = moving_map's 3x3 with its rows scaled to unit
