@@ -83,7 +83,7 @@ from jaxreg.types import Grid, InputError, Volume
 
 __all__ = ["SIMILARITIES", "REGULARISERS", "RefineOptions", "RefineResult", "level_grids",
            "on_lattice", "upsample2", "smooth3", "refine", "optimise_level", "level_objective",
-           "body_grid",
+           "body_grid", "data_weights",
            "DEFAULT_REG_WEIGHTS"]
 
 SIMILARITIES = ("lncc", "mind", "mse")
