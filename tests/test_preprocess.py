@@ -172,3 +172,21 @@ def test_no_overlap_and_bad_fields_raise():
     P.field_to_world(np.zeros((4, 4, 4, 3)), grid, Grid.of(fixed))
   with pytest.raises(ValueError, match="max_shape"):
     P.model_grid(fixed, max_shape=(30, 32, 32))
+
+
+def test_data_on_marks_target_voxels_whose_trilinear_corners_all_have_data():
+  """Against numpy: a target voxel has data iff its point in the source's voxels lies in
+  [0, n - 1] per axis (every corner inside) and, with a mask, every corner is in the mask."""
+  src = Volume(np.zeros((10, 9, 8), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+  target_affine = np.diag([1.5, 1.5, 1.5, 1.0])
+  target_affine[:3, 3] = [-2.2, -1.1, -2.9]
+  target = Grid((18, 16, 20), target_affine)
+  pts = np.moveaxis(np.indices(target.shape), 0, -1) @ target_affine[:3, :3].T + target_affine[:3, 3]
+  v = pts / np.array([2.0, 2.0, 3.0])  # source voxels
+  want = np.all((v >= -1e-6) & (v <= np.array(src.shape) - 1 + 1e-6), axis=-1)
+  np.testing.assert_array_equal(P.data_on(src, target), want)
+  mask = np.ones(src.shape, bool)
+  mask[:, :, 5:] = False
+  top = np.ceil(v[..., 2] - 1e-6)  # the highest z index among the corners
+  corners_in = want & (top <= 4)
+  np.testing.assert_array_equal(P.data_on(src, target, mask), corners_in)

@@ -42,6 +42,7 @@ __all__ = [
     "field_at_points",
     "resample_moving",
     "spacing_along",
+    "data_on",
 ]
 
 
@@ -214,6 +215,15 @@ def resample(volume: Volume, target: Grid, *, order: int = 1, cval: float = 0.0,
     array = antialiased(array, volume.spacing, to, mask)
   return _sample_bucketed(array, _voxel_map(volume.affine, target), target.shape, order=order,
                           padding="constant", cval=cval)
+
+
+def data_on(volume: Volume | Grid, target: Grid, mask: np.ndarray | None = None) -> np.ndarray:
+  """``target.shape`` float32: 1 where a voxel of ``target`` has data in ``volume`` -- every
+  trilinear corner of its sample inside ``volume``'s voxel box (and inside ``mask``, bool on
+  ``volume``'s grid) -- else 0: a sample there is never blended with the outside."""
+  inside = np.ones(volume.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
+  sampled = resample(Volume(inside, volume.affine), target, antialias=False)
+  return (sampled > 0.999).astype(np.float32)
 
 
 def window(hu, lo: float = -1000.0, hi: float = 1000.0):

@@ -158,8 +158,7 @@ def _level(volume: Volume, spacing: float, hu_window, mask: np.ndarray | None = 
     to = np.maximum(to, _preprocess.spacing_along(other, volume))
   image = _preprocess.window(
       _preprocess.resample(volume, grid, cval=lo, smooth_to=to, mask=mask), lo, hi)
-  inside = np.ones(volume.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
-  valid = _preprocess.resample(Volume(inside, volume.affine), grid, antialias=False) > 0.999
+  valid = _preprocess.data_on(volume, grid, mask) > 0
   # and one level voxel in from its edge: a positive (trilinear) weight then never blends
   # in a level voxel without data
   valid = ndi.binary_erosion(valid, np.ones((3, 3, 3), bool), border_value=0)

@@ -583,15 +583,6 @@ def _level_moving(moving: Volume, mask: np.ndarray | None, target: Grid, fixed_g
   return put(m), put(v), put(moving_map), put(box)
 
 
-def _fixed_domain(fixed: Volume, fixed_mask: np.ndarray | None, target: Grid) -> np.ndarray:
-  """``target.shape`` float32: 1 where a level voxel's trilinear corners all lie inside the
-  fixed image's voxel box (and its mask), else 0 (where the level grid extends beyond the
-  fixed field of view). Constant through a level, so a hard edge: its outermost voxels count."""
-  inside = np.ones(fixed.shape, np.float32) if fixed_mask is None else fixed_mask.astype(np.float32)
-  sampled = _preprocess.resample(Volume(inside, fixed.affine), target, antialias=False)
-  return (sampled > 0.999).astype(np.float32)
-
-
 def data_weights(shape, mask: np.ndarray | None = None) -> np.ndarray:
   """``shape`` float32: 1 on the voxels whose 3x3x3 neighbourhood has data (inside the voxel
   box and ``mask``), else 0 -- where the similarity may look, in a form to sample.
@@ -656,7 +647,8 @@ def refine(fixed: Volume, moving: Volume, init: np.ndarray, init_grid: Grid,
     fixed_hu = _preprocess.resample(fixed, target, cval=lo, mask=fixed_mask, smooth_to=np.maximum(
         target.spacing, _preprocess.spacing_along(moving, fixed)))
     f = _preprocess.window(fixed_hu, lo, hi).astype(np.float32)
-    f_valid = _fixed_domain(fixed, fixed_mask, target)
+    # the fixed data: constant through a level, so a hard edge (its outermost voxels count)
+    f_valid = _preprocess.data_on(fixed, target, fixed_mask)
     weights = _body_weights(np.where(f_valid > 0, fixed_hu, lo), options.mask)
     m, m_valid, moving_map, box = _level_moving(moving, moving_mask, target, Grid.of(fixed),
                                                 options.similarity, lo, hi, mesh)

@@ -181,18 +181,11 @@ def to_model_grid(fixed: Volume, moving: Volume, config, *, fixed_labels: Volume
       spacing=config.data.spacing, divisor=_model.unet_stride(config.model.widths), shape=shape,
       hu_window=tuple(config.data.hu_window), names=names, fixed_mask=fixed_mask,
       moving_mask=moving_mask)
-  both = (_domain_on(fixed, fixed_mask, pair.grid) * _domain_on(moving, moving_mask, pair.grid))
+  both = (_preprocess.data_on(fixed, pair.grid, fixed_mask)
+          * _preprocess.data_on(moving, pair.grid, moving_mask))
   if both.all():
     return pair
   return dataclasses.replace(pair, fixed=pair.fixed * both, moving=pair.moving * both)
-
-
-def _domain_on(volume: Volume, mask: np.ndarray | None, grid: Grid) -> np.ndarray:
-  """``grid.shape`` float32: 1 where ``grid``'s voxels lie inside ``volume``'s voxel box (and
-  ``mask``, on ``volume``'s grid), else 0."""
-  inside = np.ones(volume.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
-  sampled = _preprocess.resample(Volume(inside, volume.affine), grid, antialias=False)
-  return (sampled > 0.999).astype(np.float32)  # every trilinear corner inside
 
 
 def _predict(leaves, fixed, moving, extra, reg_weight, *, graphdef, treedef, model, method,
