@@ -558,22 +558,10 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
   out = _io.check_output_dir(out)
   os.makedirs(out, exist_ok=True)
   rows = []
+  from jaxreg.io.progress import progress_bar
   show = sys.stderr.isatty() if progress is None else progress
-  bar = None
-  if show:
-    from rich.progress import (
-      BarColumn,
-      MofNCompleteColumn,
-      Progress,
-      TextColumn,
-      TimeElapsedColumn,
-      TimeRemainingColumn,
-    )
-    bar = Progress(TextColumn("register"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), transient=True)
-    bar.start()
-    task = bar.add_task("pairs", total=len(specs))
-  try:
+  bar, task = progress_bar("register", len(specs), enabled=show, transient=True)
+  with bar:
     for i, spec in enumerate(specs):
       name = _pair_name(i, spec)
       folder = os.path.join(out, name)
@@ -594,11 +582,7 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
       rows.append(row)
       log(f"{name}: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
       _write_summary(out, rows)
-      if bar is not None:
-        bar.advance(task)
-  finally:
-    if bar is not None:
-      bar.stop()
+      bar.advance(task)
   return rows
 
 

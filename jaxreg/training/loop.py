@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxreg import data as _data
 from jaxreg.io import configjson as _configjson
+from jaxreg.io import progress as _progress
 from jaxreg.ops import sharding as _mesh
 from jaxreg.training import checkpoint as _checkpoint
 from jaxreg.training import config as _config
@@ -134,22 +135,6 @@ def evaluate(config: ml_collections.ConfigDict, params) -> dict[str, float]:
   return out
 
 
-def _progress(enabled: bool, total: int, start: int):
-  from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-  )
-  progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                      TimeRemainingColumn(), disable=not enabled)
-  task = progress.add_task("train", total=total, completed=start, info="")
-  return progress, task
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        progress: bool = True, log: Callable[[str], None] = print,
                        stop_at: int | None = None) -> dict[str, float]:
@@ -228,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       in_shardings=(jax.tree.map(lambda _: rep, state.params), rep),
                       out_shardings=rep)
   writer = _Writer(workdir, start, enabled=pid == 0)
-  bar, task = _progress(progress and pid == 0, tc.steps, start)
+  bar, task = _progress.progress_bar("train", tc.steps, enabled=progress and pid == 0,
+                                     completed=start, info=True)
   val: dict[str, float] = {}
   t0, seconds = time.time(), 0.0
   last = tc.steps if stop_at is None else min(tc.steps, stop_at)
