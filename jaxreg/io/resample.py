@@ -143,9 +143,11 @@ def _sample_bucketed(array, matrix, target_shape, *, order: int, padding: str, c
     cval = 0.0
   array = _pad_to(array, bucket_shape(np.shape(array)[:3]), padding, cval)
   if disp is not None:
-    disp = jnp.asarray(_pad_to(np.asarray(disp, np.float32), out_shape, "border", 0.0))
-    lin = jnp.asarray(lin, jnp.float32)
-  out = _sample_affine(jnp.asarray(array), jnp.asarray(matrix, jnp.float32), disp, lin,
+    disp = _pad_to(np.asarray(disp, np.float32), out_shape, "border", 0.0)
+    lin = np.asarray(lin, np.float32)
+  # numpy arguments: jit transfers them (jnp.asarray outside a trace compiles a small
+  # program per shape and dtype, each a few ms of a process)
+  out = _sample_affine(array, np.asarray(matrix, np.float32), disp, lin,
                        shape=out_shape, order=order, padding=padding, cval=float(cval))
   crop = tuple(slice(0, n) for n in target_shape)
   out = np.asarray(out)[crop]
@@ -335,8 +337,8 @@ def map_field(disp: np.ndarray, grid: Grid, target: Grid, out_lin: np.ndarray,
     raise ValueError(f"disp must be {tuple(grid.shape) + (3,)}, got {np.shape(disp)}")
   out_affine = np.zeros((4, 4)) if out_affine is None else np.asarray(out_affine)
   padded = _pad_to(np.asarray(disp, np.float32), bucket_shape(grid.shape), "border", 0.0)
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  out = _sample_field(jnp.asarray(padded), f32(_voxel_map(grid.affine, target)), f32(out_lin),
+  f32 = lambda a: np.asarray(a, np.float32)
+  out = _sample_field(padded, f32(_voxel_map(grid.affine, target)), f32(out_lin),
                       f32(out_affine), shape=bucket_shape(target.shape))
   return np.asarray(out)[tuple(slice(0, n) for n in target.shape)]
 

@@ -159,7 +159,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_volume(x, mesh: Mesh | None, batched: bool = False) -> jax.Array:
   """``x`` on ``mesh``, split along X when ``space`` divides it, else replicated."""
   if mesh is None:
-    return jax.numpy.asarray(x)
+    return jax.device_put(x)  # (jnp.asarray of a numpy array compiles a copy program)
   space = space_size(mesh)
   axis = int(batched)
   if space > 1 and np.shape(x)[axis] % space == 0:

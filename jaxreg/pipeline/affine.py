@@ -75,15 +75,25 @@ class AffineResult:
   seconds: float
 
 
-def _rotation(rx, ry, rz):
-  cx, sx = jnp.cos(rx), jnp.sin(rx)
-  cy, sy = jnp.cos(ry), jnp.sin(ry)
-  cz, sz = jnp.cos(rz), jnp.sin(rz)
-  one, zero = jnp.ones_like(rx), jnp.zeros_like(rx)
-  x = jnp.array([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
-  y = jnp.array([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
-  z = jnp.array([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
+def _rotation(xp, rx, ry, rz):
+  cx, sx = xp.cos(rx), xp.sin(rx)
+  cy, sy = xp.cos(ry), xp.sin(ry)
+  cz, sz = xp.cos(rz), xp.sin(rz)
+  one, zero = xp.ones_like(rx), xp.zeros_like(rx)
+  x = xp.array([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+  y = xp.array([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+  z = xp.array([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
   return z @ y @ x
+
+
+def _matrix(xp, params, centre):
+  """:func:`matrix_from_params` in the array module ``xp`` (jax.numpy or numpy)."""
+  t, r, s, h = params[:3], params[3:6], params[6:9], params[9:]
+  one, zero = xp.ones_like(h[0]), xp.zeros_like(h[0])
+  shear = xp.array([[one, h[0], h[1]], [zero, one, h[2]], [zero, zero, one]])
+  lin = _rotation(xp, *r) @ xp.diag(xp.exp(s)) @ shear
+  top = xp.concatenate([lin, (centre + t - lin @ centre)[:, None]], axis=1)
+  return xp.concatenate([top, xp.asarray([[0.0, 0.0, 0.0, 1.0]], top.dtype)], axis=0)
 
 
 def matrix_from_params(params: jax.Array, centre: jax.Array) -> jax.Array:
@@ -103,11 +113,7 @@ def matrix_from_params(params: jax.Array, centre: jax.Array) -> jax.Array:
   centre = jnp.asarray(centre, jnp.float32)
   if params.shape != (12,) or centre.shape != (3,):
     raise ValueError(f"params must be [12] and centre [3], got {params.shape}, {centre.shape}")
-  t, r, s, h = params[:3], params[3:6], params[6:9], params[9:]
-  shear = jnp.eye(3).at[0, 1].set(h[0]).at[0, 2].set(h[1]).at[1, 2].set(h[2])
-  lin = _rotation(*r) @ jnp.diag(jnp.exp(s)) @ shear
-  top = jnp.concatenate([lin, (centre + t - lin @ centre)[:, None]], axis=1)
-  return jnp.concatenate([top, jnp.array([[0.0, 0.0, 0.0, 1.0]])], axis=0)
+  return _matrix(jnp, params, centre)
 
 
 def centre_of_mass(volume: Volume, threshold_hu: float = -500.0,
@@ -197,7 +203,7 @@ def _optimise(theta, mask, centre, fixed, fixed_inside, fixed_world, moving, mov
   scales = jnp.asarray(PARAM_SCALES)
 
   def loss(th):
-    m = matrix_from_params(th * mask * scales, centre)
+    m = _matrix(jnp, th * mask * scales, centre)
     q = _apply(m, fixed_world)
     coords = jnp.stack(_apply(moving_inv, q), -1)
     sampled = _warp.sample(moving, coords, padding="constant", cval=0.0,
@@ -280,7 +286,7 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
   com[:3] = (centre_of_mass(moving, mask=moving_mask) - centre) / PARAM_SCALES[:3]
   if init == "com" or (init == "auto" and np.linalg.norm(com[:3] * PARAM_SCALES[:3]) > 1.0):
     starts.append(com)
-  mask = jnp.asarray(np.arange(12) < MODELS[model], jnp.float32)
+  mask = (np.arange(12) < MODELS[model]).astype(np.float32)
   losses = []
   for level, (spacing, n) in enumerate(zip(levels, steps)):
     f, f_inside, fgrid = _level(fixed, float(spacing), hu_window, fixed_mask, moving)
@@ -290,20 +296,22 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
       f, f_inside, world = _samples(f, f_inside, world, int(samples), seed + level)
     runs = []
     for start in starts:  # several only at the first level: the best one goes on
+      # numpy arguments: the jitted stage transfers them (jnp.asarray here would compile
+      # a small program per shape in every process)
       theta, values, count = _optimise_stage(
-          jnp.asarray(start), mask, jnp.asarray(centre), jnp.asarray(f), jnp.asarray(f_inside),
-          [jnp.asarray(world[..., k], jnp.float32) for k in range(3)],
-          jnp.asarray(np.stack([m, m_inside], -1)),
-          jnp.asarray(np.linalg.inv(mgrid.affine), jnp.float32),
-          jnp.float32(-np.inf if tol is None else tol), jnp.int32(patience), steps=int(n),
+          np.asarray(start, np.float32), mask, centre, f, f_inside,
+          [np.ascontiguousarray(world[..., k], np.float32) for k in range(3)],
+          np.stack([m, m_inside], -1),
+          np.linalg.inv(mgrid.affine).astype(np.float32),
+          np.float32(-np.inf if tol is None else tol), np.int32(patience), steps=int(n),
           lr=float(lr), similarity=similarity, implementation=implementation)
       values = np.asarray(values)[:int(count)]
       runs.append((float(values[-1]), np.asarray(theta), values))
     _, theta, values = min(runs, key=lambda r: r[0] if np.isfinite(r[0]) else np.inf)
     starts = [theta]
     losses.append(values)
-  params = np.asarray(theta) * np.asarray(mask) * PARAM_SCALES
-  matrix = np.asarray(matrix_from_params(params, centre), np.float64)
+  params = np.asarray(theta, np.float64) * mask * PARAM_SCALES
+  matrix = _matrix(np, params, np.asarray(centre, np.float64))  # numpy: no small programs
   if not np.all(np.isfinite(matrix)):
     raise InputError("affine registration diverged (non-finite matrix); check the images")
   return AffineResult(matrix, params, centre, tuple(losses), time.time() - t0)
