@@ -112,6 +112,11 @@ class CompileCounter:
     self.stages = {k: now[k] - self._stages0[k] for k in self.stages}
 
   def as_dict(self) -> dict:
-    return {"xla_compilations": self.compilations, "xla_cache_hits": self.cache_hits,
+    """The counts as ``metrics.json`` writes them: ``programs_compiled`` (XLA compiled
+    them here) and ``programs_loaded`` (read from the persistent cache) split
+    ``xla_compilations``; ``stages_*`` count the exported stages."""
+    return {"programs_compiled": self.compilations - self.cache_hits,
+            "programs_loaded": self.cache_hits,
+            "xla_compilations": self.compilations, "xla_cache_hits": self.cache_hits,
             "compile_seconds": round(self.seconds, 3),
             **{f"stages_{k}": v for k, v in self.stages.items()}}

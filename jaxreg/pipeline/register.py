@@ -270,7 +270,7 @@ def network_stage(net, config, pair: _preprocess.PreparedPair,
   with _mesh.context(mesh):
     fixed, moving = (_mesh.put_volume(x, mesh) for x in (pair.fixed, pair.moving))
     return np.asarray(_predict_stage(leaves, fixed, moving, extra,
-                               None if lam is None else jnp.full((1,), lam, jnp.float32),
+                               None if lam is None else np.full((1,), lam, np.float32),
                                graphdef=graphdef, treedef=treedef, model=model,
                                method=config.decomposition, steps=config.svf_steps,
                                implementation=implementation))
@@ -310,7 +310,8 @@ def instance_optimise(disp: jax.Array, fixed: jax.Array, moving: jax.Array, *, s
   """
   if steps < 1:
     return disp, jnp.zeros((0,))
-  return _optimise_stage(jnp.asarray(disp), jnp.asarray(fixed), jnp.asarray(moving),
+  return _optimise_stage(np.asarray(disp, np.float32), np.asarray(fixed, np.float32),
+                         np.asarray(moving, np.float32),
                          steps=steps, lr=float(lr), reg_weight=float(reg_weight), window=window,
                          implementation=implementation)
 
@@ -423,7 +424,8 @@ def register(fixed: Volume, moving: Volume, *, net=None, config=None,
 
   Returns:
     :class:`Registration`; its ``metrics`` hold seconds per stage, the XLA
-    compilations made (``xla_compilations``, ``xla_cache_hits``), peak
+    programs compiled here (``programs_compiled``) and loaded from the persistent
+    cache (``programs_loaded``; both: ``xla_compilations``, ``xla_cache_hits``), peak
     memory, folding fraction and SDlogJ.
 
   Raises:
