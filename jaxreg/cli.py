@@ -167,7 +167,8 @@ def _register_locked(args: argparse.Namespace) -> int:
   kwargs = dict(net=net, config=config, affine=args.affine, refine=options,
                 io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse,
                 mesh=_mesh.inference_mesh(args.mesh), implementation=settings.implementation)
-  write = functools.partial(outputs.write_registration, fmt=args.output_format)
+  write = functools.partial(outputs.write_registration, fmt=args.output_format,
+                            learn2reg=args.learn2reg)
   with stages.enabled(settings.stage_folder):
     if specs is not None:
       return _register_pairs(args, specs, kwargs, write)
@@ -214,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   demo = sub.add_parser("demo", help="run the demo job on the embedded data")
   demo.add_argument("--out", default="jaxreg-demo", help="output folder (replaced atomically)")
-  demo.add_argument("--steps", type=int, default=150, help="training steps of the short run")
+  demo.add_argument("--steps", type=int, default=60, help="training steps of the short run")
   demo.add_argument("--pairs", type=int, default=4, help="held-out evaluation pairs")
   demo.set_defaults(func=_demo)
   reg = sub.add_parser("register", help="register a moving CT to a fixed CT",
                        description="Outputs, all on the fixed image's grid and affine: "
                        "warped.nii.gz, warped_labels.nii.gz, displacement.nii.gz (ITK/ANTs/Slicer: "
-                       "vector, mm, LPS), displacement_voxel.nii.gz (Learn2Reg), metrics.json.")
+                       "vector, mm, LPS), affine.txt, metrics.json, report.png; "
+                       "displacement_voxel.nii.gz with --learn2reg.")
   reg.add_argument("--fixed", help="fixed CT: NIfTI, NRRD, MetaImage, or a DICOM series folder")
   reg.add_argument("--moving", help="moving CT (the same formats)")
   reg.add_argument("--pairs", help="a CSV of pairs (columns fixed,moving[,fixed_labels,"
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--output-format", choices=("nifti", "nrrd", "mha"), default="nifti",
                    help="format of the warped images and ITK displacements (default nifti; "
                         "nrrd/mha need the itk extra)")
+  reg.add_argument("--learn2reg", action="store_true",
+                   help="also write displacement_voxel.nii.gz: the same field as Learn2Reg "
+                   "stores it ([X, Y, Z, 3] displacements in fixed voxels, array axis order)")
   reg.add_argument("--series", metavar="UID",
                    help="DICOM series instance UID, for an image folder holding several series")
   reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",

@@ -98,6 +98,26 @@ def test_displacement_round_trip(tmp_path, convention):
   np.testing.assert_allclose(affine, a, atol=1e-5)
 
 
+def test_fields_are_stored_uncompressed_in_a_gzip_that_readers_read_back(tmp_path):
+  """save_displacement's default gzip level 0: the same bytes nibabel writes to a plain
+  .nii, inside a valid gzip stream; any level reads back to the same field."""
+  import gzip
+
+  a = oblique_affine()
+  disp = smooth_field(20, 4.0)
+  io.save_displacement(tmp_path / "plain.nii", disp, a)  # nibabel's own writer
+  io.save_displacement(tmp_path / "d.nii.gz", disp, a)
+  io.save_displacement(tmp_path / "d6.nii.gz", disp, a, compresslevel=6)
+  with gzip.open(tmp_path / "d.nii.gz", "rb") as f:
+    assert f.read() == (tmp_path / "plain.nii").read_bytes()
+  raw = (tmp_path / "plain.nii").stat().st_size
+  assert (tmp_path / "d.nii.gz").stat().st_size >= raw  # stored, not compressed
+  assert (tmp_path / "d6.nii.gz").stat().st_size < raw
+  ref = np.asarray(nib.load(tmp_path / "plain.nii").dataobj)
+  for name in ("d.nii.gz", "d6.nii.gz"):
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / name).dataobj), ref)
+
+
 def test_itk_file_layout(tmp_path):
   a = oblique_affine()
   disp = np.zeros(SHAPE + (3,), np.float32)

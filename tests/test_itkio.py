@@ -171,7 +171,7 @@ def test_register_writes_nrrd_or_mha_that_simpleitk_applies(tmp_path, capsys, fm
   rc = cli.main(["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving",
                  str(tmp_path / "moving.nii.gz"), "--moving-labels",
                  str(tmp_path / "moving_labels.nii.gz"), "--out", str(out), "--no-refine",
-                 "--output-format", fmt])
+                 "--output-format", fmt, "--learn2reg"])
   assert rc == 0, capsys.readouterr().err
   ext = "." + fmt
   assert {f"warped{ext}", f"warped_labels{ext}", f"displacement{ext}",

@@ -42,7 +42,7 @@ def registered(pair_files, tmp_path_factory):
   d, reg = pair_files, tmp_path_factory.mktemp("out") / "reg"
   out = _cli("register", "--fixed", d / "fixed.nii.gz", "--moving", d / "moving.nii.gz",
              "--fixed-labels", d / "fixed_labels.nii.gz", "--moving-labels",
-             d / "moving_labels.nii.gz", "--out", reg)
+             d / "moving_labels.nii.gz", "--out", reg, "--learn2reg")
   assert out.returncode == 0, out.stderr[-3000:]
   return reg
 

@@ -175,16 +175,16 @@ def test_installed_register_runs_on_a_demo_pair(installed):
               "--moving-labels", d / "moving_labels.nii.gz", "--out", work / "out",
               "--no-refine"], cwd=work, env=env)
   assert out.stdout.startswith(f"jaxreg register: {work / 'out'} in ")
-  assert sorted(os.listdir(work / "out")) == [
-      "affine.txt", "displacement.nii.gz", "displacement_voxel.nii.gz", "metrics.json",
+  assert sorted(os.listdir(work / "out")) == [  # displacement_voxel only with --learn2reg
+      "affine.txt", "displacement.nii.gz", "metrics.json",
       "report.png", "warped.nii.gz", "warped_labels.nii.gz"]
   fixed = nib.load(d / "fixed.nii.gz")
-  for name in ("displacement.nii.gz", "displacement_voxel.nii.gz", "warped.nii.gz"):
+  for name in ("displacement.nii.gz", "warped.nii.gz"):
     image = nib.load(work / "out" / name)
     assert image.shape[:3] == fixed.shape, name
     np.testing.assert_allclose(image.affine, fixed.affine, atol=1e-5, err_msg=name)
-  field = np.asarray(nib.load(work / "out" / "displacement_voxel.nii.gz").dataobj)
-  assert field.shape == (*fixed.shape, 3) and np.isfinite(field).all()
+  field = np.asarray(nib.load(work / "out" / "displacement.nii.gz").dataobj)  # mm, LPS
+  assert field.shape == (*fixed.shape, 1, 3) and np.isfinite(field).all()
   assert np.abs(field).max() > 0.1  # the network moved something
   metrics = json.load(open(work / "out" / "metrics.json"))
   assert np.isfinite(metrics["mean_dice"]) and np.isfinite(metrics["mean_dice_before"])

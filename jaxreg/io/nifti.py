@@ -21,6 +21,7 @@ convention their readers expect:
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import nibabel as nib
@@ -261,10 +262,16 @@ def _nifti(array: np.ndarray, affine: np.ndarray, intent: str | None = None) -> 
   return img
 
 
-def _write(img: nib.Nifti1Image, path) -> None:
+def _write(img: nib.Nifti1Image, path, compresslevel: int | None = None) -> None:
+  """``img`` to ``path`` atomically; a ``.nii.gz`` at gzip ``compresslevel`` (None:
+  nibabel's, 1)."""
   path = os.fspath(path)
   with atomic_path(path, _suffix(path)) as tmp:
-    nib.save(img, tmp)
+    if compresslevel is None or not path.endswith(".gz"):
+      nib.save(img, tmp)
+      return
+    with gzip.open(tmp, "wb", compresslevel=compresslevel) as f:
+      f.write(img.to_bytes())
 
 
 def save(path, array, affine) -> None:
@@ -292,7 +299,15 @@ def _check_convention(convention: str) -> None:
     raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
-def save_displacement(path, disp_vox, affine, convention: str = "itk") -> None:
+FIELD_COMPRESSLEVEL = 0
+"""gzip level of the displacement fields :func:`save_displacement` writes: 0 (stored).
+Float32 fields hardly compress (level 1 saved 8% of a 144x144x133 field's 33 MB and cost
+0.95 s of a 2-core machine's time, level 6 8%, 1.1 s; 2026-12-07); the ``.gz`` file is
+read like any other."""
+
+
+def save_displacement(path, disp_vox, affine, convention: str = "itk", *,
+                      compresslevel: int = FIELD_COMPRESSLEVEL) -> None:
   """Write a displacement field in the convention its readers expect, atomically.
 
   Args:
@@ -303,12 +318,14 @@ def save_displacement(path, disp_vox, affine, convention: str = "itk") -> None:
       (the fixed image's).
     convention: ``"itk"`` (vector NIfTI ``[X, Y, Z, 1, 3]``, mm, LPS; for
       SimpleITK / ANTs / 3D Slicer) or ``"voxel"`` (``[X, Y, Z, 3]`` voxels).
+    compresslevel: gzip level of a ``.nii.gz`` (0-9; default
+      :data:`FIELD_COMPRESSLEVEL`, 0: stored, the fastest).
 
   Raises:
     ValueError: bad shape, affine or convention; InputError: bad path.
   """
   _check_convention(convention)
-  disp = np.asarray(disp_vox, dtype=np.float64)
+  disp = np.asarray(disp_vox, dtype=np.float32)
   if disp.ndim != 4 or disp.shape[-1] != 3:
     raise ValueError(f"disp_vox must be [X, Y, Z, 3] voxels, got shape {disp.shape}")
   if not np.all(np.isfinite(disp)):
@@ -316,10 +333,12 @@ def save_displacement(path, disp_vox, affine, convention: str = "itk") -> None:
   _grid.check_affine(affine)
   affine = np.asarray(affine, np.float64)
   if convention == "voxel":
-    _write(_nifti(disp.astype(np.float32), affine), path)
+    _write(_nifti(disp, affine), path, compresslevel)
     return
-  lps_mm = disp @ affine[:3, :3].T @ _grid.LPS
-  _write(_nifti(lps_mm[:, :, :, None, :].astype(np.float32), affine, intent="vector"), path)
+  # one float32 product with the float64 matrix rounded once (~1e-7 relative)
+  lps_mm = disp @ (affine[:3, :3].T @ _grid.LPS).astype(np.float32)
+  _write(_nifti(lps_mm[:, :, :, None, :], affine, intent="vector"), path,
+         compresslevel)
 
 
 def load_displacement(path, convention: str = "itk") -> tuple[np.ndarray, np.ndarray]:

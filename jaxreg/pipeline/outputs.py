@@ -3,7 +3,8 @@
 All on the fixed image's grid and affine: ``warped.nii.gz``,
 ``warped_labels.nii.gz`` (with moving labels), ``displacement.nii.gz`` (the
 total transform for ITK/ANTs/3D Slicer: vector NIfTI, mm, LPS),
-``displacement_voxel.nii.gz`` (Learn2Reg: voxels), ``affine.txt`` (the affine
+``displacement_voxel.nii.gz`` (on request, ``learn2reg=True``: the same field as
+Learn2Reg stores it, ``[X, Y, Z, 3]`` fixed voxels), ``affine.txt`` (the affine
 stage alone, ITK format), ``inverse_displacement.nii.gz`` (with an inverse),
 ``metrics.json`` (runtime per stage, XLA compilations, field quality and, with
 both label maps, Dice/HD95 from :func:`jaxreg.metrics.score`) and
@@ -49,13 +50,16 @@ def label_scores(result, fixed_labels: Volume, moving_labels: Volume, *,
 
 def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
                        fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
-                       title: str = "", label_ids=None, fmt: str = "nifti") -> dict:
+                       title: str = "", label_ids=None, fmt: str = "nifti",
+                       learn2reg: bool = False) -> dict:
   """Write ``result`` (a :class:`jaxreg.pipeline.register.Registration`) into ``folder``.
 
   The folder appears only when complete (:func:`jaxreg.io.atomic_dir`). ``fmt``
   (:data:`OUTPUT_FORMATS`): the format of the warped images and the ITK displacement(s):
-  NIfTI, or NRRD / MetaImage (through SimpleITK, the ``itk`` extra); the Learn2Reg
-  ``displacement_voxel.nii.gz`` is NIfTI in every case.
+  NIfTI, or NRRD / MetaImage (through SimpleITK, the ``itk`` extra). ``learn2reg``: also
+  write ``displacement_voxel.nii.gz`` (Learn2Reg's form of the same field, NIfTI in every
+  case; off by default: it is the displacement a second time). The fields are written
+  uncompressed inside their ``.gz`` (:data:`jaxreg.io.nifti.FIELD_COMPRESSLEVEL`).
 
   Returns:
     the metrics written to ``metrics.json`` (the registration's, plus scores).
@@ -88,8 +92,9 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
                                 result.warped_labels.astype(np.int16), result.affine))
     writes.append(pool.submit(save_field, out("displacement" + ext), result.displacement_mm,
                               result.displacement_voxel))
-    writes.append(pool.submit(_io.save_displacement, out("displacement_voxel.nii.gz"),
-                              result.displacement_voxel, result.affine, convention="voxel"))
+    if learn2reg:
+      writes.append(pool.submit(_io.save_displacement, out("displacement_voxel.nii.gz"),
+                                result.displacement_voxel, result.affine, convention="voxel"))
     if result.inverse_mm is not None:
       writes.append(pool.submit(save_field, out("inverse_displacement" + ext),
                                 result.inverse_mm))
