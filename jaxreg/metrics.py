@@ -63,35 +63,114 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict[int, float
 
 def _surface(mask: np.ndarray) -> np.ndarray:
   """Voxels of ``mask`` with a 6-neighbour outside it (the volume border counts as outside)."""
-  return mask & ~ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(3, 1),
+  return mask & ~ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(mask.ndim, 1),
                                     border_value=0)
 
 
-def _label_boxes(m: np.ndarray, labels: Sequence[int]) -> dict:
-  """Bounding box (a tuple of slices) of each label in ``m``, ``None`` where it is absent.
+def _surfaces(m: np.ndarray) -> np.ndarray:
+  """Voxels of ``m`` with a 6-neighbour of another value or outside the volume: the
+  :func:`_surface` of every label at once."""
+  out = np.zeros(m.shape, bool)
+  for axis in range(m.ndim):
+    lo = (slice(None),) * axis + (slice(0, -1),)
+    hi = (slice(None),) * axis + (slice(1, None),)
+    differ = m[lo] != m[hi]
+    out[lo] |= differ
+    out[hi] |= differ
+    out[(slice(None),) * axis + (0,)] = True
+    out[(slice(None),) * axis + (-1,)] = True
+  return out
 
-  One ``scipy.ndimage.find_objects`` pass for the positive integer labels of an
-  integer map; other labels (0, negative, non-integer values or maps) from
-  their own mask.
+
+def _edt_length(offsets: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+  """Lengths in mm of integer voxel offsets ``[..., ndim]``, rounded as
+  ``scipy.ndimage.distance_transform_edt(sampling=spacing)`` rounds its distances (scale
+  each axis, square, add the axes in order, square root)."""
+  d = offsets.astype(np.float64) * spacing
+  d *= d
+  total = d[..., 0]
+  for axis in range(1, d.shape[-1]):
+    total = total + d[..., axis]
+  return np.sqrt(total)
+
+
+# Brute force (all pairs) for the points the offset search leaves, up to this many pairs
+# per label; a k-d tree beyond.
+_MAX_PAIRS = 1 << 14
+
+
+def _nearest_exhaustive(p: np.ndarray, q: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+  """Distance in mm (:func:`_edt_length`) from each voxel of ``p`` ``[N, ndim]`` to the
+  nearest voxel of ``q`` ``[M, ndim]``."""
+  if len(p) * len(q) <= _MAX_PAIRS:
+    return _edt_length(q[None] - p[:, None], spacing).min(axis=1)
+  from scipy.spatial import cKDTree
+  _, i = cKDTree(q * spacing).query(p * spacing, workers=1)
+  return _edt_length(q[i] - p, spacing)
+
+
+# The offset search of :func:`_nearest_in_group` tries the offsets up to this many of the
+# smallest voxel size long, and stops early once, over a window of this many offsets,
+# fewer than this fraction of the points tried land on their surface.
+_SEARCH_RADIUS = 5.0
+_SEARCH_WINDOW = 8
+_SEARCH_MIN_HITS = 0.003
+
+
+def _search_offsets(spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The integer voxel offsets of the offset search, by increasing length, and the lengths."""
+  if not np.all(np.isfinite(spacing) & (spacing > 0)):
+    return np.zeros((0, len(spacing)), np.int64), np.zeros(0)
+  radius = _SEARCH_RADIUS * float(spacing.min())
+  reach = [np.arange(-int(radius // s) - 1, int(radius // s) + 2) for s in spacing]
+  grid = np.stack(np.meshgrid(*reach, indexing="ij"), -1).reshape(-1, len(spacing))
+  length = _edt_length(grid, spacing)
+  order = np.argsort(length, kind="stable")
+  order = order[length[order] <= radius]
+  return grid[order], length[order]
+
+
+def _nearest_in_group(p: np.ndarray, p_group: np.ndarray, q: np.ndarray, q_group: np.ndarray,
+                      q_start: np.ndarray, shape: tuple, spacing: np.ndarray,
+                      offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Distance in mm from each voxel of ``p`` ``[N, ndim]`` (sorted by group ``p_group``) to
+  the nearest voxel of ``q`` of the same group (``q`` sorted by group, group ``g`` at
+  ``q[q_start[g]:q_start[g + 1]]``, not empty for the groups of ``p``).
+
+  Tries the ``offsets`` (by increasing length) on a padded volume of the groups of ``q``:
+  a point's first hit is a nearest voxel. The points left when hits get rare or the
+  offsets run out go to :func:`_nearest_exhaustive`, one group at a time.
   """
-  boxes = {}
-  positive = [int(k) for k in labels if float(k) == int(k) and int(k) >= 1]
-  if positive and np.issubdtype(m.dtype, np.integer):
-    found = ndi.find_objects(m, max_label=max(positive))
-    boxes = {k: found[k - 1] for k in positive}
-  for k in labels:
-    if k in boxes:
-      continue
-    mask = m == k
-    if not mask.any():
-      boxes[k] = None
-      continue
-    box = []
-    for axis in range(m.ndim):
-      hit = np.flatnonzero(mask.any(axis=tuple(j for j in range(m.ndim) if j != axis)))
-      box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    boxes[k] = tuple(box)
-  return boxes
+  out = np.empty(len(p))
+  left = np.arange(len(p))
+  if len(offsets):
+    pad = np.abs(offsets).max(axis=0)
+    padded = [int(n + 2 * r) for n, r in zip(shape, pad)]
+    strides = np.array([int(np.prod(padded[i + 1:])) for i in range(len(padded))], np.int64)
+    volume = np.zeros(int(np.prod(padded)), q_group.dtype)
+    volume[(q + pad) @ strides] = q_group
+    steps = offsets @ strides
+    flat, group = (p + pad) @ strides, p_group
+    hits = tries = 0
+    for j, step in enumerate(steps):
+      hit = volume[flat + step] == group
+      n_hit = int(np.count_nonzero(hit))
+      hits, tries = hits + n_hit, tries + len(left)
+      if n_hit:
+        out[left[hit]] = lengths[j]
+        miss = ~hit
+        left, flat, group = left[miss], flat[miss], group[miss]
+        if not len(left):
+          break
+      if (j + 1) % _SEARCH_WINDOW == 0:
+        if hits < _SEARCH_MIN_HITS * tries:
+          break
+        hits = tries = 0
+  if len(left):
+    for part in np.split(left, np.flatnonzero(np.diff(p_group[left])) + 1):
+      g = int(p_group[part[0]])
+      out[part] = _nearest_exhaustive(p[part], q[q_start[g]:q_start[g + 1]], spacing)
+  return out
 
 
 def hd95(a: np.ndarray, b: np.ndarray, labels: Sequence[int], spacing=(1.0, 1.0, 1.0)
@@ -101,24 +180,34 @@ def hd95(a: np.ndarray, b: np.ndarray, labels: Sequence[int], spacing=(1.0, 1.0,
   The distances from every surface voxel of A to the nearest surface voxel of
   B, and from B to A, pooled; their 95th percentile (Learn2Reg's HD95). A
   surface voxel is a label voxel with a 6-neighbour outside the label or
-  outside the volume. Distances honour anisotropic ``spacing`` (exact
-  Euclidean distance transforms, ``scipy.ndimage.distance_transform_edt(
-  sampling=spacing)``).
+  outside the volume. Distances honour anisotropic ``spacing``.
 
-  Each label is computed on the bounding box of the union of its two masks,
-  grown by one voxel on every side and clipped to the volume (boxes of all
-  labels from one ``scipy.ndimage.find_objects`` pass per map), with exactly
-  the full-volume result: every voxel of both masks, hence every surface
-  voxel, lies in the box; every in-volume 6-neighbour of a mask voxel lies in
-  the grown box, so the erosion sees the same neighbours, and a neighbour
-  missing from the box is outside the volume, which the erosion's
-  ``border_value=0`` counts as outside both in the box and in the full volume
-  (the margin reaches the volume border only where a mask touches it); and
-  the nearest surface voxel that the distance transform finds for a voxel of
-  the box is one of the same surface voxels, all inside the box, at the same
-  index offsets. (The margin only keeps this argument local: a mask voxel on
-  a face of the ungrown box has its outward neighbour outside both masks
-  anyway.) Cost scales with the labels' sizes, not the volume's.
+  Each distance is the value of the exact Euclidean distance transform
+  (``scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)`` at a
+  surface voxel of A), computed without one: the nearest surface voxels are
+  found by a search, and the length of the offset ``o`` to the voxel found is
+  rounded as the transform rounds it (``sqrt(sum((o * spacing) ** 2))``, axes
+  added in order). The result equals the transform's up to the choice among
+  voxels at exactly the same distance (where rounding can differ in the last
+  bit), ~1e-15 relative. Cost scales with the surfaces and their distances,
+  not the volume: ~0.07 s for 89 labels on 144x144x133 maps, where a
+  transform per label's bounding box took ~1 s.
+
+  * Surfaces of all labels at once, one pass over each map: a voxel that
+    differs from a 6-neighbour or lies on the volume border. For a voxel of
+    label ``k`` (``m == k``), a neighbour is outside the label exactly when it
+    differs (``==`` is transitive), so these are the voxels of eroding each
+    label's mask. A label that this does not cover (``m == k`` for two
+    distinct values of a map, such as a float label and int64 values beyond
+    2**53, or a value that another label pairs with a different value of the
+    other map) is computed from its own masks (:func:`_surface`) instead.
+  * Nearest voxels: integer offsets in order of increasing (rounded) length,
+    looked up in a volume of the labels of B's surface voxels; the first
+    offset landing on B's surface of the same label gives the nearest. The
+    offsets reach ``_SEARCH_RADIUS`` smallest voxel sizes; the points left
+    (beyond, or when hits get rare) are compared with every surface voxel of
+    their label, or query a ``scipy.spatial.cKDTree`` of them (in mm) for the
+    nearest.
 
   Args:
     a: integer label map.
@@ -139,20 +228,64 @@ def hd95(a: np.ndarray, b: np.ndarray, labels: Sequence[int], spacing=(1.0, 1.0,
   a, b = np.asarray(a), np.asarray(b)
   if a.shape != b.shape:
     raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
-  spacing = tuple(float(s) for s in spacing)
-  boxes_a, boxes_b = _label_boxes(a, labels), _label_boxes(b, labels)
-  out = {}
+  spacing = np.array([float(s) for s in spacing], np.float64)
+  if len(spacing) != a.ndim:
+    raise ValueError(f"spacing {tuple(spacing)} does not match label maps of shape {a.shape}")
+  labels = list(labels)
+  if a.size == 0:
+    return {int(k): float("nan") for k in labels}
+  # The surface voxels of each map and their values; the distinct values (all the map's).
+  # In memory order (a Fortran-ordered map transposed, no copy); coordinates turned back below.
+  flipped = [m.flags.f_contiguous and not m.flags.c_contiguous for m in (a, b)]
+  maps = [m.T if f else np.ascontiguousarray(m) for m, f in zip((a, b), flipped)]
+  flats = [np.flatnonzero(_surfaces(m)) for m in maps]
+  values = [m.reshape(-1)[f] for m, f in zip(maps, flats)]
+  distinct = [np.unique(v) for v in values]
+  # Group g >= 1 of the scored labels present in both maps: the values of a and b it matches.
+  group_of = [np.zeros(len(d), np.int64) for d in distinct]
+  plan, pairs = [], {}  # per label: its group, 0 if missing, None for its own masks
   for k in labels:
-    box_a, box_b = boxes_a[k], boxes_b[k]
-    if box_a is None or box_b is None:
+    match = [np.flatnonzero(d == k) for d in distinct]
+    if not len(match[0]) or not len(match[1]):
+      plan.append(0)
+      continue
+    pair = (int(match[0][0]), int(match[1][0]))
+    if len(match[0]) > 1 or len(match[1]) > 1 or (
+        pair not in pairs and (group_of[0][pair[0]] or group_of[1][pair[1]])):
+      plan.append(None)
+      continue
+    if pair not in pairs:
+      pairs[pair] = len(pairs) + 1
+      group_of[0][pair[0]] = group_of[1][pair[1]] = pairs[pair]
+    plan.append(pairs[pair])
+  n = len(pairs)
+  dtype = np.uint8 if n < 2 ** 8 else np.uint16 if n < 2 ** 16 else np.int32
+  points, point_groups, starts = [], [], []
+  for m, flip, f, v, d, g in zip(maps, flipped, flats, values, distinct, group_of):
+    g = g.astype(dtype)[np.searchsorted(d, v)]
+    keep = np.flatnonzero(g)
+    order = keep[np.argsort(g[keep], kind="stable")]  # by group, then raster order
+    coords = np.unravel_index(f[order], m.shape)
+    points.append(np.stack(coords[::-1] if flip else coords, -1))
+    point_groups.append(g[order])
+    starts.append(np.searchsorted(g[order], np.arange(n + 2)))
+  offsets, lengths = _search_offsets(spacing)
+  to_b = _nearest_in_group(points[0], point_groups[0], points[1], point_groups[1], starts[1],
+                           a.shape, spacing, offsets, lengths)
+  to_a = _nearest_in_group(points[1], point_groups[1], points[0], point_groups[0], starts[0],
+                           a.shape, spacing, offsets, lengths)
+  out = {}
+  for k, g in zip(labels, plan):
+    if g is None:
+      p, q = (np.argwhere(_surface(m == k)) for m in (a, b))
+      d = np.concatenate([_nearest_exhaustive(p, q, spacing), _nearest_exhaustive(q, p, spacing)])
+    elif g:
+      d = np.concatenate([to_b[starts[0][g]:starts[0][g + 1]],
+                          to_a[starts[1][g]:starts[1][g + 1]]])
+    else:
       out[int(k)] = float("nan")
       continue
-    box = tuple(slice(max(min(sa.start, sb.start) - 1, 0), min(max(sa.stop, sb.stop) + 1, n))
-                for sa, sb, n in zip(box_a, box_b, a.shape))
-    surf_a, surf_b = _surface(a[box] == k), _surface(b[box] == k)
-    to_b = ndi.distance_transform_edt(~surf_b, sampling=spacing)[surf_a]
-    to_a = ndi.distance_transform_edt(~surf_a, sampling=spacing)[surf_b]
-    out[int(k)] = float(np.percentile(np.concatenate([to_b, to_a]), 95))
+    out[int(k)] = float(np.percentile(d, 95))
   return out
 
 

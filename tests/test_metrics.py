@@ -139,6 +139,91 @@ def test_hd95_on_bounding_boxes_equals_full_volume_reference():
   assert all(np.isfinite(v) and v > 0 for v in got.values())
 
 
+def _brute_hd95_labels(a, b, labels, spacing):
+  """Per label: surface voxels by an explicit 6-neighbour check, the distances from each to
+  every surface voxel of the other map (in mm), the 95th percentile of the pooled minima."""
+  def surface(m):
+    padded = np.pad(m, 1)  # outside the volume counts as outside the label
+    inner = np.ones_like(m)
+    for axis in range(3):
+      for shift in (-1, 1):
+        inner &= np.roll(padded, shift, axis)[1:-1, 1:-1, 1:-1]
+    return np.argwhere(m & ~inner) * np.asarray(spacing)
+
+  def one_way(p, q):
+    return np.concatenate([np.linalg.norm(p[i:i + 256, None] - q[None], axis=-1).min(1)
+                           for i in range(0, len(p), 256)])
+
+  out = {}
+  for k in labels:
+    pa, pb = surface(a == k), surface(b == k)
+    out[k] = (float(np.percentile(np.concatenate([one_way(pa, pb), one_way(pb, pa)]), 95))
+              if len(pa) and len(pb) else float("nan"))
+  return out
+
+
+@pytest.mark.parametrize("mode", ["default", "trees", "all_pairs"])
+def test_hd95_matches_brute_force_on_random_label_maps(monkeypatch, mode):
+  """Against all pairwise surface distances, through each way of finding the nearest voxel:
+  the offset search with its fallbacks (default), k-d trees only, all pairs only."""
+  if mode == "trees":
+    monkeypatch.setattr(M, "_SEARCH_RADIUS", 0.0)  # only the zero offset
+    monkeypatch.setattr(M, "_MAX_PAIRS", 0)
+  elif mode == "all_pairs":
+    monkeypatch.setattr(M, "_SEARCH_RADIUS", 1.0)
+    monkeypatch.setattr(M, "_MAX_PAIRS", 1 << 40)
+  rng = np.random.default_rng(7)
+  shape = (26, 22, 18)
+  a = _blob_labels(rng, shape, 5)
+  b = np.where(rng.random(shape) < 0.05, 0, _blob_labels(rng, shape, 5))
+  b = np.where((b == 0) & (np.roll(a, 2, 0) > 0), 3, b)  # label 3 spills over in b
+  a[18:25, 15:22, 11:18] = 6
+  b[0:6, 0:5, 0:4] = 6  # far apart: beyond the offset search, on opposite volume corners
+  a[9:11, 3:5, 8:10] = 7
+  b[11:14, 3:5, 8:11] = 7  # small interior label
+  a[0, 10:13, 5:9] = 8  # label 8 only in a
+  labels = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+  on_border = lambda m: any(np.take(m, [0, -1], axis).any() for axis in range(3))
+  assert all(on_border(a == k) and on_border(b == k) for k in (1, 2, 3, 4, 5, 6))
+  for spacing in [(0.7, 1.3, 2.5), (1.0, 1.0, 1.0)]:
+    got = M.hd95(a, b, labels, spacing)
+    want = _brute_hd95_labels(a, b, labels, spacing)
+    assert list(got) == labels
+    for k in labels:
+      if k in (8, 9):
+        assert np.isnan(got[k]) and np.isnan(want[k])
+      else:
+        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-9), (k, spacing)
+        assert got[k] > 0
+    assert got[6] > 10 * min(spacing)
+    # Memory order does not matter (a Fortran-ordered map is read transposed).
+    fortran = M.hd95(np.asfortranarray(a), b, labels, spacing)
+    assert [fortran[k] for k in labels] == pytest.approx([got[k] for k in labels], nan_ok=True)
+
+
+def test_hd95_of_a_label_matching_several_values_uses_its_own_masks():
+  """A float label equal to two int64 values (2**53 and 2**53 + 1 both round to it): one
+  label over both, as ``m == k`` has it, not two."""
+  rng = np.random.default_rng(8)
+  shape = (14, 12, 10)
+  a = _blob_labels(rng, shape, 3).astype(np.int64)
+  b = _blob_labels(rng, shape, 3).astype(np.int64)
+  a[a == 2], b[b == 2] = 2 ** 53, 2 ** 53
+  a[:7][a[:7] == 2 ** 53] = 2 ** 53 + 1
+  b[:, :6][b[:, :6] == 2 ** 53] = 2 ** 53 + 1
+  labels, spacing = [1, 2.0 ** 53, 3], (0.9, 1.1, 1.7)
+  got = M.hd95(a, b, labels, spacing)
+  want = _full_volume_hd95(a, b, labels, spacing)
+  assert list(got) == [1, 2 ** 53, 3]
+  for k in labels:
+    assert got[int(k)] == pytest.approx(want[k], rel=1e-9), k
+  one_value = M.hd95(a, b, [2 ** 53], spacing)[2 ** 53]  # the int matches one value
+  assert one_value == pytest.approx(_full_volume_hd95(a, b, [2 ** 53], spacing)[2 ** 53])
+  assert np.isfinite(one_value) and one_value != got[2 ** 53]
+  # Both in one call (equal as dict keys): each label by its own matches, the last one kept.
+  assert M.hd95(a, b, [2 ** 53, 2.0 ** 53], spacing) == {2 ** 53: got[2 ** 53]}
+
+
 def test_field_quality_equals_folding_fraction_and_sdlogj():
   """The jitted, bucket-padded Jacobian gives numpy's values (odd shapes, folds included)."""
   rng = np.random.default_rng(3)
