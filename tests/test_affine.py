@@ -35,6 +35,38 @@ def test_matrix_from_params_against_scipy():
   np.testing.assert_array_equal(m[3], [0, 0, 0, 1])
 
 
+def test_matrix_in_numpy_equals_matrix_from_params():
+  params = np.r_[[1.0, -2.0, 3.0], np.deg2rad([5.0, -12.0, 20.0]), [0.1, -0.1, 0.0],
+                 [0.05, 0.0, -0.02]]
+  c = np.array([10.0, -5.0, 3.0])
+  np.testing.assert_allclose(AF._matrix(np, params, c), AF.matrix_from_params(params, c),
+                             atol=1e-4)
+
+
+def test_a_small_level_is_sampled_whole_and_a_large_one_randomly():
+  rng = np.random.default_rng(3)
+  image = rng.random((12, 10, 9)).astype(np.float32)
+  inside = np.zeros(image.shape, np.float32)
+  inside[2:10, 1:9, 1:8] = 1.0
+  world = rng.normal(size=image.shape + (3,)).astype(np.float32)
+  values, weights, points = AF._samples(image, inside, world, 32768, seed=0)
+  n = int(inside.sum())  # 448 voxels with data: each once, padded with zero weights to 1024
+  assert values.shape == weights.shape == (1024,) and points.shape == (1024, 3)
+  assert weights.sum() == n and set(np.unique(weights)) == {0.0, 1.0}
+  np.testing.assert_array_equal(np.sort(values[weights > 0]), np.sort(image[inside > 0]))
+  # so the weighted NCC over the samples is the NCC over every voxel with data
+  other = rng.random(1024).astype(np.float32)
+  full = np.zeros(image.size, np.float32)
+  full[np.flatnonzero(inside)] = other[:n]
+  np.testing.assert_allclose(
+      AF._weighted_ncc(values, other, weights),
+      losses.global_ncc(image[inside > 0], full[np.flatnonzero(inside)]), rtol=1e-5)
+  # more voxels than asked for: that many, without repeats, all with data
+  values, weights, _ = AF._samples(image, inside, world, 100, seed=0)
+  assert values.shape == (100,) and weights.min() == 1.0
+  assert len(np.unique(values)) == 100
+
+
 def test_weighted_ncc_with_unit_weights_is_global_ncc():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(6, 7, 8)), rng.normal(size=(6, 7, 8))

@@ -20,8 +20,9 @@ global NCC, or ``"mse"``), taken over the fixed voxels with data (inside its
 field of view and a mask, not blended with the air beyond its edge) that map
 where the moving image has data (a soft mask), so a partial overlap or a crop
 is not penalised. As elastix does, the similarity is computed on a
-random sample of fixed voxels (32768 by default, the same ones at every step
-of a level), which makes each step cost the same whatever the image size.
+random sample of fixed voxels (at most 32768 by default, the same ones at every step
+of a level; a smaller image uses each of its voxels once), so a step costs at most that
+whatever the image size.
 The learning rate decays on a cosine within each level.
 """
 
@@ -176,15 +177,23 @@ def _grid_world(grid) -> np.ndarray:
 
 
 def _samples(image, inside, world, count: int, seed: int):
-  """``count`` random voxels of the fixed level inside its field of view (the same ones at
-  every step, as elastix's random sampler with a fixed seed): values, weights, world mm."""
+  """The fixed level's voxels inside its field of view on which the loss is computed (the
+  same ones at every step, as elastix's random sampler with a fixed seed): values, weights,
+  world mm. ``count`` random ones without replacement where there are more; otherwise every
+  one once, padded with zero-weight entries to the next power of two (at least 1024), so a
+  small image costs in proportion to its voxels and its programs come in a few sizes."""
   flat = np.flatnonzero(inside.reshape(-1) > 0.5)
   if flat.size == 0:
     flat = np.arange(inside.size)
-  rng = np.random.default_rng(seed)
-  # sorted: the gathers then run in memory order (4x faster than random order)
-  pick = np.sort(rng.choice(flat, size=count, replace=flat.size < count))
-  return image.reshape(-1)[pick], inside.reshape(-1)[pick], world.reshape(-1, 3)[pick]
+  if flat.size > count:
+    # sorted: the gathers then run in memory order (4x faster than random order)
+    pick = np.sort(np.random.default_rng(seed).choice(flat, size=count, replace=False))
+    weight = inside.reshape(-1)[pick]
+  else:
+    size = max(1024, 1 << int(np.ceil(np.log2(flat.size))))
+    pick = np.concatenate([flat, np.full(size - flat.size, flat[0])])
+    weight = np.where(np.arange(size) < flat.size, inside.reshape(-1)[pick], 0.0)
+  return image.reshape(-1)[pick], weight.astype(np.float32), world.reshape(-1, 3)[pick]
 
 
 def _weighted_ncc(a, b, w, eps=1e-8):
@@ -246,7 +255,8 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
       view or a partial overlap, are not the same anatomy).
     hu_window: HU range scaled to [0, 1] before comparing.
     samples: fixed voxels (random, inside its field of view, the same at every
-      step of a level) on which the similarity is computed; 0: every voxel.
+      step of a level) on which the similarity is computed, at most; a level with fewer
+      such voxels uses each once (a small image costs less); 0: every voxel.
     seed: of that sampling.
     tol: a level stops once its loss (1 - NCC, or the MSE of [0, 1] images) has not
       dropped by more than ``tol`` for ``patience`` steps; ``tol=None`` runs every step.
