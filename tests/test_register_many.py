@@ -131,3 +131,29 @@ def test_aligned_moving_maps_fixed_points_through_the_matrix():
   v = np.array([1.0, 2.0, 3.0])
   p = apply_affine(moved.affine, v)  # where voxel v appears after the affine stage
   np.testing.assert_allclose(apply_affine(m, p), apply_affine(vol.affine, v))
+
+
+@pytest.mark.parametrize("size", [(40, 36, 30), (144, 144, 133)])
+def test_the_network_grid_is_the_smallest_that_covers_the_image_up_to_the_models(size):
+  """A small image runs the network on a small grid (a cost in proportion to the image):
+  the smallest grid of multiples of the UNet's stride that covers the fixed image,
+  capped at the model's training shape."""
+  from jaxreg.io import weights
+  from jaxreg.nn import model as _model
+  _, config = weights.demo_model()
+  ct = data.demo().ct
+  box = tuple(slice(0, n) for n in size)
+  fixed = Volume(ct.array[box], ct.affine)
+  pair = register.to_model_grid(fixed, fixed, config)
+  stride, cap = _model.unet_stride(config.model.widths), tuple(config.data.shape)
+  corners = apply_affine(fixed.affine, np.array(np.meshgrid(*[[0, n - 1] for n in size]))
+                         .reshape(3, -1).T)
+  inside = apply_affine(np.linalg.inv(pair.grid.affine), corners)  # model-grid voxels
+  for axis, n in enumerate(pair.grid.shape):
+    assert n % stride == 0 and n <= cap[axis]
+    extent = np.ptp(inside[:, axis])
+    if n < cap[axis]:  # covers the image, and one stride less would not
+      assert inside[:, axis].min() >= -0.5 and inside[:, axis].max() <= n - 0.5
+      assert extent + 1 > n - stride
+  if size == (40, 36, 30):
+    assert np.prod(pair.grid.shape) * 8 <= np.prod(cap)  # 100 mm at 6 mm: 24-32 voxels an axis
