@@ -50,12 +50,13 @@ def test_a_small_level_is_sampled_whole_and_a_large_one_randomly():
   inside[2:10, 1:9, 1:8] = 1.0
   world = rng.normal(size=image.shape + (3,)).astype(np.float32)
   values, weights, points = AF._samples(image, inside, world, 32768, seed=0)
-  n = int(inside.sum())  # 448 voxels with data: each once, padded with zero weights to 1024
-  assert values.shape == weights.shape == (1024,) and points.shape == (1024, 3)
+  n = int(inside.sum())  # 448 voxels with data: each once, padded with zero weights
+  size = AF.SMALL_SAMPLES
+  assert values.shape == weights.shape == (size,) and points.shape == (size, 3)
   assert weights.sum() == n and set(np.unique(weights)) == {0.0, 1.0}
   np.testing.assert_array_equal(np.sort(values[weights > 0]), np.sort(image[inside > 0]))
   # so the weighted NCC over the samples is the NCC over every voxel with data
-  other = rng.random(1024).astype(np.float32)
+  other = rng.random(size).astype(np.float32)
   full = np.zeros(image.size, np.float32)
   full[np.flatnonzero(inside)] = other[:n]
   np.testing.assert_allclose(

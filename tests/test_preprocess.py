@@ -190,3 +190,27 @@ def test_data_on_marks_target_voxels_whose_trilinear_corners_all_have_data():
   top = np.ceil(v[..., 2] - 1e-6)  # the highest z index among the corners
   corners_in = want & (top <= 4)
   np.testing.assert_array_equal(P.data_on(src, target, mask), corners_in)
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_shape_buckets_double_up_to_64_then_step_by_the_multiple(multiple):
+  doubling = [multiple * 2 ** k for k in range(4) if multiple * 2 ** k <= 64]
+  candidates = doubling + list(range(64 + multiple, 2000, multiple))
+  for n in range(1, 400):
+    assert P.bucket_size(n, multiple) == min(c for c in candidates if c >= n), n
+  assert P.bucket_shape((50, 63, 49)) == (64, 64, 64)
+  assert P.bucket_shape((144, 144, 133)) == (144, 144, 144)
+
+
+def test_a_bucketed_model_grid_covers_the_image_with_a_bucket_shape():
+  fixed = Grid((50, 63, 20), np.diag([2.5, 2.5, 2.5, 1.0]))
+  plain = P.model_grid(fixed, spacing=5.0, divisor=16)
+  bucketed = P.model_grid(fixed, spacing=5.0, divisor=16, bucket=True)
+  assert plain.shape == (32, 32, 16) and bucketed.shape == (32, 32, 16)
+  big = Grid((150, 40, 90), np.diag([2.5, 2.5, 2.5, 1.0]))
+  assert P.model_grid(big, spacing=2.5, divisor=16).shape == (160, 48, 96)
+  assert P.model_grid(big, spacing=2.5, divisor=16, bucket=True).shape == (160, 64, 96)
+  # the same centre: the bucket only widens the margin
+  centre = lambda g: g.affine[:3, :3] @ ((np.array(g.shape) - 1) / 2) + g.affine[:3, 3]
+  np.testing.assert_allclose(centre(P.model_grid(big, spacing=2.5, divisor=16,
+                                                          bucket=True)), centre(big))

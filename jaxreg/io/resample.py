@@ -31,6 +31,7 @@ from jaxreg.types import Grid, InputError, Volume
 __all__ = [
     "PreparedPair",
     "bucket_shape",
+    "bucket_size",
     "model_grid",
     "check_overlap",
     "resample",
@@ -46,13 +47,13 @@ __all__ = [
 ]
 
 
-def _round_up(n: int, divisor: int) -> int:
-  return int(math.ceil(n / divisor) * divisor)
+def _round_up(n: int, multiple: int) -> int:
+  return int(math.ceil(n / multiple) * multiple)
 
 
 def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
                max_shape: tuple[int, int, int] | None = None,
-               shape: tuple[int, int, int] | None = None) -> Grid:
+               shape: tuple[int, int, int] | None = None, bucket: bool = False) -> Grid:
   """The RAS-aligned isotropic grid covering the fixed image's field of view.
 
   Args:
@@ -63,6 +64,9 @@ def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
       larger field of view is cropped symmetrically about its centre.
     shape: optional exact shape (multiples of ``divisor``): the field of view
       is padded or cropped symmetrically about its centre (to batch pairs).
+    bucket: round each axis up to a shape bucket (:func:`bucket_size` of ``divisor``)
+      rather than to the next multiple of ``divisor``: pairs of other sizes then share
+      compiled programs.
 
   Returns:
     :class:`Grid` with affine ``diag(spacing) + origin`` (RAS+).
@@ -75,8 +79,8 @@ def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
     raise ValueError(f"divisor must be >= 1, got {divisor}")
   exact = shape
   lo, hi = fixed.world_bounds()
-  shape = [_round_up(int(math.ceil((h - l) / spacing - 1e-6)) + 1, divisor)
-           for l, h in zip(lo, hi)]
+  rounded = functools.partial(bucket_size if bucket else _round_up, multiple=divisor)
+  shape = [rounded(int(math.ceil((h - l) / spacing - 1e-6)) + 1) for l, h in zip(lo, hi)]
   if max_shape is not None:
     if len(max_shape) != 3 or any(m % divisor for m in max_shape):
       raise ValueError(f"max_shape must be 3 multiples of divisor={divisor}, got {max_shape}")
@@ -97,16 +101,31 @@ def _voxel_map(source_affine: np.ndarray, target: Grid) -> np.ndarray:
 
 
 BUCKET = 16
+_SMALL = 64  # up to this many voxels an axis, buckets double (16, 32, 64)
+
+
+def bucket_size(n: int, multiple: int = BUCKET) -> int:
+  """``n`` rounded up to a shape bucket: ``multiple`` times a power of two up to 64 voxels
+  (16, 32, 64 for 16), then the next multiple of ``multiple``.
+
+  Small axes get few buckets (padding them costs little and each new shape costs a
+  compilation); large ones stay close to their size (padding costs in proportion).
+  """
+  n, multiple = int(n), int(multiple)
+  size = multiple
+  while size < n and size < _SMALL:
+    size *= 2
+  return size if size >= n else _round_up(n, multiple)
 
 
 def bucket_shape(shape, multiple: int = BUCKET) -> tuple[int, int, int]:
-  """``shape`` rounded up to multiples of ``multiple`` per axis.
+  """``shape`` rounded up to shape buckets per axis (:func:`bucket_size`).
 
   Resampling runs on arrays padded to such buckets (and crops the result), so
   pairs of similar size reuse one compiled function instead of compiling a
   new one for every shape.
   """
-  return tuple(_round_up(int(n), multiple) for n in shape)
+  return tuple(bucket_size(n, multiple) for n in shape)
 
 
 def _pad_to(array, shape, padding: str, cval: float) -> np.ndarray:
@@ -277,7 +296,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
                  hu_window: tuple[float, float] = (-1000.0, 1000.0),
                  names: tuple[str, str] = ("fixed", "moving"),
                  fixed_mask: np.ndarray | None = None,
-                 moving_mask: np.ndarray | None = None) -> PreparedPair:
+                 moving_mask: np.ndarray | None = None, bucket: bool = False) -> PreparedPair:
   """Resample a CT pair (and labels) onto the fixed image's model grid.
 
   Args:
@@ -291,6 +310,7 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
     divisor: model grid, see :func:`model_grid`.
     max_shape: model grid, see :func:`model_grid`.
     shape: model grid, see :func:`model_grid`.
+    bucket: model grid, see :func:`model_grid`.
     hu_window: HU clipping range, scaled to ``[0, 1]``; outside its field of
       view an image is ``hu_window[0]`` (air), i.e. 0.
     names: how to name the two images in error messages (e.g. file names).
@@ -304,7 +324,8 @@ def prepare_pair(fixed: Volume, moving: Volume, fixed_labels: Volume | None = No
   Raises:
     InputError: the moving image does not overlap the fixed one.
   """
-  grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape)
+  grid = model_grid(fixed, spacing=spacing, divisor=divisor, max_shape=max_shape, shape=shape,
+                    bucket=bucket)
   check_overlap(grid, Grid.of(moving), names)
   lo, hi = hu_window
   images = [window(resample(v, grid, cval=lo, mask=m), lo, hi).astype(np.float32)

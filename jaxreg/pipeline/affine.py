@@ -55,6 +55,7 @@ PARAM_SCALES = np.array([10.0] * 3 + [0.1] * 3 + [0.1] * 3 + [0.1] * 3, np.float
 MODELS = {"affine": 12, "rigid": 6}
 INITS = ("auto", "com", "identity")
 TOL = 3e-6  # default early-stopping tolerance on the loss (see register)
+SMALL_SAMPLES = 8192  # a level with at most this many fixed voxels with data uses all of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +154,12 @@ def field_of_view(world, volume_shape, world_to_voxel):
 
 def _level(volume: Volume, spacing: float, hu_window, mask: np.ndarray | None = None,
            other: Volume | None = None):
-  """The image windowed to [0, 1] on its RAS grid at ``spacing`` (shape padded to a multiple
-  of 16 with zeros), where it has data on that grid (1 where every trilinear corner lies
+  """The image windowed to [0, 1] on its RAS grid at ``spacing`` (shape rounded up to a
+  shape bucket, :func:`jaxreg.io.resample.bucket_size`, the margin zeros), where it has data on that grid (1 where every trilinear corner lies
   inside its voxel box and ``mask``, else 0: the level voxels at its edge, blended with
   the air outside, do not count), and the grid. Filtered for ``spacing``, or for
   ``other``'s resolution along each axis where that is coarser (a thick-slice scan)."""
-  grid = _preprocess.model_grid(volume, spacing=spacing, divisor=16)
+  grid = _preprocess.model_grid(volume, spacing=spacing, divisor=16, bucket=True)
   lo, hi = hu_window
   to = np.full(3, float(spacing))
   if other is not None:
@@ -180,8 +181,8 @@ def _samples(image, inside, world, count: int, seed: int):
   """The fixed level's voxels inside its field of view on which the loss is computed (the
   same ones at every step, as elastix's random sampler with a fixed seed): values, weights,
   world mm. ``count`` random ones without replacement where there are more; otherwise every
-  one once, padded with zero-weight entries to the next power of two (at least 1024), so a
-  small image costs in proportion to its voxels and its programs come in a few sizes."""
+  one once, padded with zero-weight entries to :data:`SMALL_SAMPLES` or ``count``, so a
+  small image costs less and the stage's programs come in two sizes."""
   flat = np.flatnonzero(inside.reshape(-1) > 0.5)
   if flat.size == 0:
     flat = np.arange(inside.size)
@@ -190,7 +191,7 @@ def _samples(image, inside, world, count: int, seed: int):
     pick = np.sort(np.random.default_rng(seed).choice(flat, size=count, replace=False))
     weight = inside.reshape(-1)[pick]
   else:
-    size = max(1024, 1 << int(np.ceil(np.log2(flat.size))))
+    size = SMALL_SAMPLES if flat.size <= SMALL_SAMPLES else count
     pick = np.concatenate([flat, np.full(size - flat.size, flat[0])])
     weight = np.where(np.arange(size) < flat.size, inside.reshape(-1)[pick], 0.0)
   return image.reshape(-1)[pick], weight.astype(np.float32), world.reshape(-1, 3)[pick]

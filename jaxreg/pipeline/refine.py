@@ -238,11 +238,13 @@ def body_grid(fixed: Volume, *, threshold_hu: float = -500.0, margin_mm: float =
 def level_grids(fixed: Volume | Grid, levels_mm: Sequence[float],
                 mask: np.ndarray | None = None) -> list[Grid]:
   """One RAS-aligned isotropic grid per level over ``fixed``'s field of view (a volume's
-  body box inside ``mask``, :func:`body_grid`; or a given grid), shapes multiples of 16
-  (:func:`jaxreg.io.resample.model_grid`), each moved onto the fixed voxel lattice where
+  body box inside ``mask``, :func:`body_grid`; or a given grid), shapes rounded up to
+  shape buckets of 16 (:func:`jaxreg.io.resample.bucket_size`: 16, 32, 64, then multiples
+  of 16), each moved onto the fixed voxel lattice where
   it can be (:func:`on_lattice`)."""
   region = body_grid(fixed, mask=mask) if isinstance(fixed, Volume) else fixed
-  return [on_lattice(_preprocess.model_grid(region, spacing=float(s), divisor=_DIVISOR), region)
+  return [on_lattice(_preprocess.model_grid(region, spacing=float(s), divisor=_DIVISOR,
+                                             bucket=True), region)
           for s in levels_mm]
 
 

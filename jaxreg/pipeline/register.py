@@ -179,7 +179,7 @@ def to_model_grid(fixed: Volume, moving: Volume, config, *, fixed_labels: Volume
   pair = _preprocess.prepare_pair(
       fixed, moving, fixed_labels if needs else None, moving_labels if needs else None,
       spacing=config.data.spacing, divisor=_model.unet_stride(config.model.widths),
-      max_shape=shape,
+      max_shape=shape, bucket=True,
       hu_window=tuple(config.data.hu_window), names=names, fixed_mask=fixed_mask,
       moving_mask=moving_mask)
   both = (_preprocess.data_on(fixed, pair.grid, fixed_mask)
