@@ -116,6 +116,30 @@ def test_refine_recovers_a_known_smooth_deformation(pair, similarity, left):
   assert _error(result, fixed, field) < left * start
 
 
+def test_levels_laid_out_longest_axis_first_give_the_field_of_the_image_order(pair,
+                                                                              monkeypatch):
+  """The level grids' axes are ordered by size (shared programs for permuted sizes); the
+  refinement treats the axes alike, so the field equals the one computed on grids in the
+  image's axis order up to float rounding (here the pair is transposed so that the order
+  differs)."""
+  fixed, moving, _ = pair
+  fixed, moving = (Volume(np.ascontiguousarray(np.transpose(v.array, (2, 1, 0))), v.affine)
+                   for v in (fixed, moving))  # 32 x 36 x 40 voxels along x, y, z
+  zero = np.zeros(fixed.shape + (3,), np.float32)
+  options = RefineOptions(levels_mm=(4.0, 2.0), steps=(30, 10), lr=0.3)
+  grids = refine.level_grids(fixed, options.levels_mm)
+  assert all(list(g.shape) == sorted(g.shape, reverse=True) for g in grids)
+  assert any(g.shape != preprocess.model_grid(fixed, spacing=s, divisor=16, bucket=True).shape
+             for g, s in zip(grids, options.levels_mm))  # the layout did change something
+  sorted_ = refine.refine(fixed, moving, zero, Grid.of(fixed), options)
+  monkeypatch.setattr(preprocess, "longest_first", lambda grid: grid)
+  plain = refine.refine(fixed, moving, zero, Grid.of(fixed), options)
+  assert sorted_.grid.shape != plain.grid.shape
+  a, b = (preprocess.field_to_world(r.disp, r.grid, Grid.of(fixed)) for r in (sorted_, plain))
+  body = fixed.array > -500
+  assert np.abs(a - b)[body].max() < 1e-3 * SPACING, np.abs(a - b)[body].max()
+
+
 def test_default_levels_follow_the_fixed_spacing_with_a_2_mm_floor():
   assert RefineOptions().checked([2.5, 2.5, 2.5]).levels_mm == (10.0, 5.0, 2.5)
   assert RefineOptions().checked([0.7, 0.7, 2.5]).levels_mm == (8.0, 4.0, 2.0)

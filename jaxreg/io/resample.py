@@ -32,6 +32,7 @@ __all__ = [
     "PreparedPair",
     "bucket_shape",
     "bucket_size",
+    "longest_first",
     "model_grid",
     "check_overlap",
     "resample",
@@ -93,6 +94,21 @@ def model_grid(fixed: Grid | Volume, *, spacing: float = 2.0, divisor: int = 16,
   affine = np.diag([spacing, spacing, spacing, 1.0])
   affine[:3, 3] = centre - (np.array(shape) - 1) / 2 * spacing
   return Grid(tuple(shape), affine)
+
+
+def longest_first(grid: Grid) -> Grid:
+  """The same voxels with the grid's axes reordered so that its shape does not increase
+  (stable for equal sizes): the voxel ``(i, j, k)`` of the result is the voxel of ``grid``
+  whose indices are permuted back; world positions are unchanged.
+
+  For computations that treat the three axes alike (a warp sampled by world coordinates,
+  an isotropic regulariser, a cubic window), so pairs of permuted sizes share one
+  compiled program.
+  """
+  order = np.argsort([-n for n in grid.shape], kind="stable")
+  affine = np.array(grid.affine, np.float64)
+  affine[:, :3] = affine[:, :3][:, order]
+  return Grid(tuple(int(grid.shape[a]) for a in order), affine)
 
 
 def _voxel_map(source_affine: np.ndarray, target: Grid) -> np.ndarray:

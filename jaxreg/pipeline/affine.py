@@ -153,13 +153,17 @@ def field_of_view(world, volume_shape, world_to_voxel):
 
 
 def _level(volume: Volume, spacing: float, hu_window, mask: np.ndarray | None = None,
-           other: Volume | None = None):
+           other: Volume | None = None, longest_first: bool = False):
   """The image windowed to [0, 1] on its RAS grid at ``spacing`` (shape rounded up to a
   shape bucket, :func:`jaxreg.io.resample.bucket_size`, the margin zeros), where it has data on that grid (1 where every trilinear corner lies
   inside its voxel box and ``mask``, else 0: the level voxels at its edge, blended with
   the air outside, do not count), and the grid. Filtered for ``spacing``, or for
-  ``other``'s resolution along each axis where that is coarser (a thick-slice scan)."""
+  ``other``'s resolution along each axis where that is coarser (a thick-slice scan).
+  ``longest_first``: the grid's axes ordered by size (the moving level, which is only
+  sampled at world points: permuted sizes then share the stage's program)."""
   grid = _preprocess.model_grid(volume, spacing=spacing, divisor=16, bucket=True)
+  if longest_first:
+    grid = _preprocess.longest_first(grid)
   lo, hi = hu_window
   to = np.full(3, float(spacing))
   if other is not None:
@@ -301,7 +305,8 @@ def align(fixed: Volume, moving: Volume, *, model: str = "affine", similarity: s
   losses = []
   for level, (spacing, n) in enumerate(zip(levels, steps)):
     f, f_inside, fgrid = _level(fixed, float(spacing), hu_window, fixed_mask, moving)
-    m, m_inside, mgrid = _level(moving, float(spacing), hu_window, moving_mask, fixed)
+    m, m_inside, mgrid = _level(moving, float(spacing), hu_window, moving_mask, fixed,
+                                longest_first=True)
     world = _grid_world(fgrid)
     if samples:
       f, f_inside, world = _samples(f, f_inside, world, int(samples), seed + level)

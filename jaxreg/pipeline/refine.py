@@ -240,11 +240,12 @@ def level_grids(fixed: Volume | Grid, levels_mm: Sequence[float],
   """One RAS-aligned isotropic grid per level over ``fixed``'s field of view (a volume's
   body box inside ``mask``, :func:`body_grid`; or a given grid), shapes rounded up to
   shape buckets of 16 (:func:`jaxreg.io.resample.bucket_size`: 16, 32, 64, then multiples
-  of 16), each moved onto the fixed voxel lattice where
+  of 16) with the longest axis first (:func:`jaxreg.io.resample.longest_first`: the level's
+  computation treats its axes alike, so permuted sizes share programs), each moved onto the fixed voxel lattice where
   it can be (:func:`on_lattice`)."""
   region = body_grid(fixed, mask=mask) if isinstance(fixed, Volume) else fixed
-  return [on_lattice(_preprocess.model_grid(region, spacing=float(s), divisor=_DIVISOR,
-                                             bucket=True), region)
+  return [_preprocess.longest_first(on_lattice(
+      _preprocess.model_grid(region, spacing=float(s), divisor=_DIVISOR, bucket=True), region))
           for s in levels_mm]
 
 
