@@ -114,3 +114,130 @@ def test_reports_draw_without_pyplot_after_a_background_import(tmp_path):
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-2000:]
   assert matplotlib.image.imread(tmp_path / "r.png").shape[0] > 100
+
+
+def _oblique_flipped():
+  """An affine ~20 degrees off the axes, with permuted, flipped, anisotropic axes."""
+  c, s = np.cos(np.radians(20.0)), np.sin(np.radians(20.0))
+  rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+  out = np.eye(4)
+  out[:3, :3] = rotation @ np.array([[0, 0, 3.0], [-2.0, 0, 0], [0, -1.5, 0]])
+  out[:3, 3] = (5.0, 7.0, 1.0)
+  return out
+
+
+AFFINES = [LAS, OBLIQUE_PERMUTED, _oblique_flipped()]
+
+
+def _field(shape, scale, seed=5):
+  return np.random.default_rng(seed).normal(size=tuple(shape) + (3,)) * scale
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (11, 9, 7)])
+def test_jacobian_slice_equals_the_whole_field_determinant_at_that_slice(shape):
+  from jaxreg import metrics
+  disp = _field(shape, 0.6)  # folds in places: det J of both signs
+  want = metrics.jacobian_determinant(disp)
+  assert (want <= 0).any() and (want > 1).any()
+  for axis in range(3):
+    n = shape[axis]
+    for index in sorted({0, 1, n // 2, n - 2, n - 1}):  # one-sided at both borders
+      got = R._jacobian_slice(disp, axis, index)
+      assert got.dtype == np.float32
+      np.testing.assert_allclose(got, np.take(want, index, axis), rtol=1e-5, atol=1e-5,
+                                 err_msg=f"axis {axis} index {index}")
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("shape", [SHAPE, (11, 9, 7)])
+def test_report_slices_are_the_central_display_slices_of_the_whole_volumes(affine, shape):
+  """Slicing first then orienting equals plane_slices of the whole oriented volumes,
+  det J included, on permuted / flipped / oblique anisotropic grids (odd sizes: the
+  central RAS slice of a flipped axis is n - 1 - n // 2 in the array)."""
+  from jaxreg import metrics
+  rng = np.random.default_rng(2)
+  fixed = rng.normal(size=shape) * 300
+  warped = rng.normal(size=shape) * 300
+  labels = rng.integers(0, 30, size=shape)
+  disp = _field(shape, 0.6)
+  views = R._plane_images(fixed, fixed + 1, warped, disp, affine, labels)
+  whole = {name: R.plane_slices(*R.to_ras(a, affine))
+           for name, a in (("fixed", fixed), ("warped", warped), ("labels", labels),
+                           ("det", metrics.jacobian_determinant(disp)),
+                           ("index", np.moveaxis(np.indices(shape), 0, -1)))}
+  for plane in R.PLANES:
+    v = views[plane]
+    np.testing.assert_array_equal(v["fixed"], whole["fixed"][plane][0])
+    np.testing.assert_array_equal(v["warped"], whole["warped"][plane][0])
+    np.testing.assert_array_equal(v["labels"], whole["labels"][plane][0])
+    np.testing.assert_array_equal(v["diff"], whole["fixed"][plane][0] - whole["warped"][plane][0])
+    np.testing.assert_allclose(v["det"], whole["det"][plane][0], rtol=1e-5, atol=1e-5)
+    # phi: the two in-plane deformed coordinates (index + displacement) of those pixels
+    index = whole["index"][plane][0]
+    normal = [c for c in range(3) if np.ptp(index[..., c]) == 0]
+    assert len(normal) == 1
+    in_plane = [c for c in range(3) if c != normal[0]]
+    shown_disp = R.plane_slices(*R.to_ras(disp, affine))[plane][0]
+    want_phi = index[..., in_plane] + shown_disp[..., in_plane]
+    np.testing.assert_allclose(v["phi"], want_phi, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine", [LAS, _oblique_flipped()])
+def test_fixed_panel_pixels_are_the_gray_colormap_of_the_windowed_fixed_slice(tmp_path, affine):
+  import matplotlib
+  rng = np.random.default_rng(3)
+  fixed = rng.uniform(-1200, 800, size=SHAPE)
+  disp = _field(SHAPE, 0.3)
+  window = (-1000.0, 600.0)
+  path = tmp_path / "r.png"
+  R.save_report(str(path), fixed, fixed, fixed - 50, disp, affine, window=window)
+  png = np.round(matplotlib.image.imread(path)[..., :3] * 255).astype(np.uint8)
+  columns = ("fixed", "moving", "warped", "fixed - warped", "checkerboard",
+             "deformation grid", "det J")
+  raster, layout = R._render(R._plane_images(fixed, fixed, fixed - 50, disp, affine), columns,
+                             window=window, grid_every=6, diff_range=400.0)
+  assert png.shape == raster.shape[:2] + (3,)
+  gray = matplotlib.colormaps["gray"]
+  for plane, (image, aspect) in R.plane_slices(*R.to_ras(fixed, affine)).items():
+    top, left, height, width = layout["panels"][plane, "fixed"]
+    # square display pixels: the panel's shape follows the slice's size in mm
+    assert abs(height - width * aspect * image.shape[0] / image.shape[1]) <= 1.0
+    # nearest neighbour: display pixel y shows the voxel row floor((y + 0.5) * rows / height)
+    rows = ((np.arange(height) + 0.5) * image.shape[0] / height).astype(int)
+    cols = ((np.arange(width) + 0.5) * image.shape[1] / width).astype(int)
+    voxels = image[rows[:, None], cols[None, :]]
+    want = gray(np.clip((voxels - window[0]) / (window[1] - window[0]), 0, 1), bytes=True)
+    panel = np.s_[top:top + height, left:left + width]
+    np.testing.assert_array_equal(raster[panel][..., :3], want[..., :3])
+    np.testing.assert_array_equal(png[panel], want[..., :3])  # drawn 1:1 in the PNG
+    assert height > 100 and width > 100
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_grid_lines_of_a_zero_field_are_where_the_index_crosses_multiples(affine, zoom):
+  every = 3
+  views = R._plane_images(np.zeros(SHAPE), np.zeros(SHAPE), np.zeros(SHAPE),
+                          np.zeros(SHAPE + (3,)), affine)
+  whole = R.plane_slices(*R.to_ras(np.moveaxis(np.indices(SHAPE), 0, -1).astype(float), affine))
+  for plane in R.PLANES:
+    index = whole[plane][0]  # [rows, cols, 3] array index of each displayed voxel
+    rows, cols = index.shape[:2]
+    size = (rows * zoom, cols * zoom)
+    # the index at the display pixel centres: linear in the pixel position, clamped at
+    # the ends (at zoom 2: (y + 0.5) / 2 - 0.5 voxels, never a whole number)
+    sy = np.clip((np.arange(size[0]) + 0.5) / zoom - 0.5, 0, rows - 1)[:, None, None]
+    sx = np.clip((np.arange(size[1]) + 0.5) / zoom - 0.5, 0, cols - 1)[None, :, None]
+    coords = index[0, 0] + (index[1, 0] - index[0, 0]) * sy + (index[0, 1] - index[0, 0]) * sx
+    q = np.floor(coords / every)
+    want = np.zeros(size, bool)  # the pixel on the larger side of each change of q
+    want[1:] |= (q[1:] > q[:-1]).any(-1)
+    want[:-1] |= (q[:-1] > q[1:]).any(-1)
+    want[:, 1:] |= (q[:, 1:] > q[:, :-1]).any(-1)
+    want[:, :-1] |= (q[:, :-1] > q[:, 1:]).any(-1)
+    got = R._grid_lines(R._bilinear(views[plane]["phi"], size), every)
+    np.testing.assert_array_equal(got, want, err_msg=plane)
+    if zoom == 1:  # the voxels whose in-plane index is a positive multiple of `every`
+      moves = [c for c in range(3) if np.ptp(index[..., c]) > 0]
+      on = (index[..., moves] % every == 0) & (index[..., moves] > 0)
+      np.testing.assert_array_equal(got, on.any(-1), err_msg=plane)
