@@ -17,8 +17,6 @@ Agg backend (no display needed).
 from __future__ import annotations
 
 import functools
-import importlib
-import threading
 from collections.abc import Mapping, Sequence
 
 import nibabel as nib
@@ -28,7 +26,7 @@ from jaxreg import io as _io
 from jaxreg.ops import grid as _grid
 
 __all__ = ["to_ras", "plane_slices", "checkerboard", "label_edges", "save_report",
-           "save_box_plot", "import_in_background"]
+           "save_box_plot"]
 
 PLANES = ("axial", "coronal", "sagittal")
 _IN_PLANE = {"axial": (0, 1), "coronal": (0, 2), "sagittal": (1, 2)}  # RAS axes shown
@@ -98,15 +96,6 @@ def label_edges(labels: np.ndarray) -> np.ndarray:
   differs = ((centre != lab[:-2, 1:-1]) | (centre != lab[2:, 1:-1])
              | (centre != lab[1:-1, :-2]) | (centre != lab[1:-1, 2:]))
   return differs & (centre != 0)
-
-
-def import_in_background() -> threading.Thread:
-  """Start importing matplotlib (~0.3 s) on a daemon thread, so a caller that will draw
-  a report later (``jaxreg register``) overlaps it with reading and registering."""
-  thread = threading.Thread(target=importlib.import_module, args=("matplotlib.figure",),
-                            name="jaxreg-import-matplotlib", daemon=True)
-  thread.start()
-  return thread
 
 
 def _figure(**kwargs):
