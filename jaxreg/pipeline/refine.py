@@ -94,6 +94,7 @@ SIMILARITIES = ("lncc", "mind", "mse")
 DEFAULT_REG_WEIGHTS = {"lncc": 0.1, "mind": 0.1, "mse": 0.003}
 REGULARISERS = ("diffusion", "bending")  # built in; any name registered in jaxreg.ops.losses too
 _DIVISOR = 16  # level grids: multiples of 16 voxels (even, for the control grid; shape buckets)
+_SMALL_LEVEL = 32  # a level grid of at most this many voxels an axis is this cube
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,13 +241,19 @@ def level_grids(fixed: Volume | Grid, levels_mm: Sequence[float],
   """One RAS-aligned isotropic grid per level over ``fixed``'s field of view (a volume's
   body box inside ``mask``, :func:`body_grid`; or a given grid), shapes rounded up to
   shape buckets of 16 (:func:`jaxreg.io.resample.bucket_size`: 16, 32, 64, then multiples
-  of 16) with the longest axis first (:func:`jaxreg.io.resample.longest_first`: the level's
+  of 16; a level of at most 32 voxels an axis is 32³, cheap at any size) with the longest
+  axis first (:func:`jaxreg.io.resample.longest_first`: the level's
   computation treats its axes alike, so permuted sizes share programs), each moved onto the fixed voxel lattice where
   it can be (:func:`on_lattice`)."""
   region = body_grid(fixed, mask=mask) if isinstance(fixed, Volume) else fixed
-  return [_preprocess.longest_first(on_lattice(
-      _preprocess.model_grid(region, spacing=float(s), divisor=_DIVISOR, bucket=True), region))
-          for s in levels_mm]
+
+  def level(spacing):
+    grid = _preprocess.model_grid(region, spacing=spacing, divisor=_DIVISOR, bucket=True)
+    if max(grid.shape) <= _SMALL_LEVEL:  # a coarse level of a small image: one shape for all
+      grid = _preprocess.model_grid(region, spacing=spacing, divisor=_DIVISOR,
+                                    shape=(_SMALL_LEVEL,) * 3)
+    return _preprocess.longest_first(on_lattice(grid, region))
+  return [level(float(s)) for s in levels_mm]
 
 
 def on_lattice(grid: Grid, lattice: Grid) -> Grid:
