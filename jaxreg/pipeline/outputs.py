@@ -70,8 +70,6 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
     raise InputError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
   ext = OUTPUT_FORMATS[fmt]
   metrics = dict(result.metrics)
-  if fixed_labels is not None and moving_labels is not None:
-    metrics.update(label_scores(result, fixed_labels, moving_labels, label_ids=label_ids))
   with _io.atomic_dir(folder) as tmp, concurrent.futures.ThreadPoolExecutor(2) as pool:
     out = lambda name: os.path.join(tmp, name)
     to_vox = lambda mm: (mm @ np.linalg.inv(result.affine[:3, :3]).T).astype(np.float32)
@@ -84,7 +82,8 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
       save = itkio.write
       save_field = lambda path, mm, vox=None: itkio.write_displacement(path, mm, result.affine)
     # The volumes are written by two threads (zlib compresses without the GIL) while the
-    # report is drawn here; any error is raised below, before the folder appears.
+    # scores and the report are computed here; any error is raised below, before the
+    # folder appears.
     writes = [pool.submit(save, out("warped" + ext), result.warped.astype(np.float32),
                           result.affine)]
     if result.warped_labels is not None:
@@ -98,6 +97,9 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
     if result.inverse_mm is not None:
       writes.append(pool.submit(save_field, out("inverse_displacement" + ext),
                                 result.inverse_mm))
+    # scored, and the report drawn, while the volumes are written
+    if fixed_labels is not None and moving_labels is not None:
+      metrics.update(label_scores(result, fixed_labels, moving_labels, label_ids=label_ids))
     if metrics.get("affine", "none") != "none":
       _affine.save_itk(out("affine.txt"), result.affine_matrix)
     with open(out("metrics.json"), "w", encoding="utf-8") as f:
