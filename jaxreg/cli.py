@@ -206,6 +206,23 @@ def _register_one(args, pair, kwargs, write) -> int:
   return 0
 
 
+def _apply(args: argparse.Namespace) -> int:
+  """Resample --moving through the registration folder; one output file, written atomically."""
+  from jaxreg import io
+  from jaxreg.pipeline import apply
+  from jaxreg.types import Grid
+  transform = apply.load_registration(args.registration)
+  moving = (io.load_labels(args.moving) if args.labels else io.load(args.moving))
+  reference = Grid.of(io.load(args.reference)) if args.reference else None
+  order = {"linear": 1, "nearest": 0, None: 0 if args.labels else 1}[args.order]
+  out = apply.apply(transform, moving, reference=reference, order=order, cval=args.cval,
+                    name=args.moving)
+  apply.save(args.out, out, reference or transform.grid)
+  print(f"jaxreg apply: {args.out} ({'x'.join(map(str, out.shape))}, "
+        f"{'nearest' if order == 0 else 'linear'})")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="jaxreg",
@@ -282,6 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--jax-cache", help="JAX compilation cache folder, or 'off' (default: "
                    "$JAXREG_JAX_CACHE or ~/.cache/jaxreg/jax)")
   reg.set_defaults(func=_register)
+  app = sub.add_parser("apply", help="apply a registration folder to another image or label map",
+                       description="Resample an image or label map of the moving scan (any "
+                       "grid) through the total transform a `jaxreg register` folder holds "
+                       "(displacement.nii.gz), in one interpolation, onto the fixed grid or "
+                       "--reference's.")
+  app.add_argument("--registration", required=True, metavar="DIR",
+                   help="a folder written by jaxreg register")
+  app.add_argument("--moving", required=True, help="the image or label map to resample (NIfTI, "
+                   "or NRRD / MetaImage / DICOM with the itk extra), on any grid")
+  app.add_argument("--out", required=True, help="output file: .nii.gz or .nii (.nrrd, .mha with "
+                   "the itk extra), written atomically")
+  app.add_argument("--labels", action="store_true",
+                   help="--moving is a label map: nearest neighbour, integer values kept")
+  app.add_argument("--reference", help="an image whose grid the output takes (default: the "
+                   "registration's fixed grid)")
+  app.add_argument("--order", choices=("linear", "nearest"),
+                   help="interpolation (default: linear; nearest with --labels)")
+  app.add_argument("--cval", type=float, default=0.0,
+                   help="value where a point maps outside --moving (default 0; -1024 for CT)")
+  app.set_defaults(func=_apply)
   train = sub.add_parser("train", help="train a model from a config (as train.py)",
                          add_help=False)
   train.set_defaults(func=None)

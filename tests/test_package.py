@@ -36,6 +36,7 @@ CONTRACT = {
     "jaxreg.eval.demons": ["run", "available", "to_sitk"],
     "jaxreg.pipeline.compilation": ["enable_cache", "cache_dir", "CompileCounter"],
     "jaxreg.pipeline.outputs": ["write_registration", "label_scores"],
+    "jaxreg.pipeline.apply": ["load_registration", "apply", "save", "Transform"],
     "jaxreg.nn.inputs": ["class_lut", "to_classes", "num_classes", "label_channels"],
     "jaxreg.ops.points": ["transform_points"],
     "jaxreg.eval.evaluation": ["evaluate", "case_metrics", "summarise", "load_cases", "run_method",
