@@ -47,6 +47,8 @@ _LAZY = {
     "sum_all": ("jaxreg.ops.decompose", "sum_all"),
     "identity_grid": ("jaxreg.ops.grid", "identity_grid"),
     "transform_points": ("jaxreg.ops.points", "transform_points"),
+    "apply": ("jaxreg.pipeline.apply", "apply"),
+    "map_points": ("jaxreg.pipeline.apply", "map_points"),
     "load_kernel": ("jaxreg.ops.warp_kernel", "load"),
     "InputError": ("jaxreg.types", "InputError"),
     "Volume": ("jaxreg.types", "Volume"),
@@ -91,4 +93,5 @@ if TYPE_CHECKING:  # static tools (type checkers, IDEs) see the names directly
   from jaxreg.ops.points import transform_points  # noqa: F401
   from jaxreg.ops.warp import sample, warp, warp_batch  # noqa: F401
   from jaxreg.ops.warp_kernel import load as load_kernel  # noqa: F401
+  from jaxreg.pipeline.apply import apply, map_points  # noqa: F401
   from jaxreg.types import Grid, InputError, Volume  # noqa: F401

@@ -211,7 +211,21 @@ def _apply(args: argparse.Namespace) -> int:
   from jaxreg import io
   from jaxreg.pipeline import apply
   from jaxreg.types import Grid
+  if (args.moving is None) == (args.points is None):
+    raise UserError("give --moving IMAGE or --points FILE (one of them)")
+  if args.points is not None and (args.labels or args.reference or args.order):
+    raise UserError("--labels, --reference and --order are for --moving images, not --points")
   transform = apply.load_registration(args.registration)
+  if args.points is not None:
+    from jaxreg.io import landmarks
+    points = landmarks.read_landmarks(args.points, space=args.space)
+    mapped = apply.map_points(transform, points.ras, inverse=args.inverse)
+    landmarks.write_landmarks(args.out, points, mapped)
+    print(f"jaxreg apply: {args.out} ({len(mapped)} points, "
+          f"{'moving -> fixed' if args.inverse else 'fixed -> moving'})")
+    return 0
+  if args.inverse:
+    raise UserError("--inverse maps --points; images go moving -> fixed already")
   moving = (io.load_labels(args.moving) if args.labels else io.load(args.moving))
   reference = Grid.of(io.load(args.reference)) if args.reference else None
   order = {"linear": 1, "nearest": 0, None: 0 if args.labels else 1}[args.order]
@@ -299,15 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--jax-cache", help="JAX compilation cache folder, or 'off' (default: "
                    "$JAXREG_JAX_CACHE or ~/.cache/jaxreg/jax)")
   reg.set_defaults(func=_register)
-  app = sub.add_parser("apply", help="apply a registration folder to another image or label map",
+  app = sub.add_parser("apply", help="apply a registration folder to an image, a label map or "
+                       "points",
                        description="Resample an image or label map of the moving scan (any "
                        "grid) through the total transform a `jaxreg register` folder holds "
                        "(displacement.nii.gz), in one interpolation, onto the fixed grid or "
-                       "--reference's.")
+                       "--reference's; or map world points through it.")
   app.add_argument("--registration", required=True, metavar="DIR",
                    help="a folder written by jaxreg register")
-  app.add_argument("--moving", required=True, help="the image or label map to resample (NIfTI, "
+  app.add_argument("--moving", help="the image or label map to resample (NIfTI, "
                    "or NRRD / MetaImage / DICOM with the itk extra), on any grid")
+  app.add_argument("--points", help="world points to map instead: a CSV with columns x, y, z "
+                   "(--space says RAS or LPS; other columns kept) or a 3D Slicer .mrk.json; "
+                   "fixed -> moving, or moving -> fixed with --inverse; --out in the same form")
+  app.add_argument("--space", type=str.upper, choices=("RAS", "LPS"),
+                   help="the frame of a CSV's x, y, z (required for a CSV)")
+  app.add_argument("--inverse", action="store_true",
+                   help="map --points from the moving scan to the fixed one")
   app.add_argument("--out", required=True, help="output file: .nii.gz or .nii (.nrrd, .mha with "
                    "the itk extra), written atomically")
   app.add_argument("--labels", action="store_true",

@@ -100,3 +100,73 @@ def test_bad_apply_inputs_give_one_line_and_write_nothing(registered, tmp_path, 
   assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
   assert str(folder if case != "far away" else moving) in err[0]
   assert not os.path.exists(out)
+
+
+def _fixed_points(d, n=40, seed=0):
+  """World points (RAS mm) inside the fixed image's labelled voxels."""
+  fixed = io.load_labels(d / "fixed_labels.nii.gz")
+  rng = np.random.default_rng(seed)
+  idx = np.argwhere(fixed.array > 0)
+  idx = idx[rng.choice(len(idx), n, replace=False)] + rng.uniform(-0.4, 0.4, (n, 3))
+  return idx @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
+
+
+def test_points_through_the_folder_agree_with_simpleitk_and_invert(registered, tmp_path):
+  """Fixed -> moving as SimpleITK's DisplacementFieldTransform maps them (LPS) within
+  0.01 mm, from a CSV in LPS and from a Slicer markups file in RAS; moving -> fixed inverts
+  it within 0.01 mm; the CSV's other columns are kept."""
+  import csv
+  import json
+  d = registered
+  ras = _fixed_points(d)
+  field = sitk.ReadImage(str(d / "reg" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+  t = sitk.DisplacementFieldTransform(field)
+  lps = ras * [-1, -1, 1]
+  want = np.array([t.TransformPoint(tuple(p)) for p in lps])  # LPS
+  with open(tmp_path / "in.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["name", "X", "y", "z"])
+    w.writerows([[f"p{i}", *p] for i, p in enumerate(lps)])
+  assert cli.main(["apply", "--registration", str(d / "reg"), "--points",
+                   str(tmp_path / "in.csv"), "--space", "lps", "--out",
+                   str(tmp_path / "out.csv")]) == 0
+  rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+  assert [r["name"] for r in rows] == [f"p{i}" for i in range(len(lps))]
+  got = np.array([[float(r[c]) for c in ("X", "y", "z")] for r in rows])
+  np.testing.assert_allclose(got, want, atol=0.01)
+  assert np.abs(got - lps).max() > 1.0  # the registration moved them
+  doc = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/"
+         "Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+         "markups": [{"type": "Fiducial", "coordinateSystem": "RAS", "controlPoints": [
+             {"id": str(i), "label": f"F-{i}", "position": p.tolist()} for i, p in enumerate(ras)]}]}
+  (tmp_path / "in.mrk.json").write_text(json.dumps(doc))
+  assert cli.main(["apply", "--registration", str(d / "reg"), "--points",
+                   str(tmp_path / "in.mrk.json"), "--out", str(tmp_path / "moved.mrk.json")]) == 0
+  moved = json.loads((tmp_path / "moved.mrk.json").read_text())
+  assert moved["markups"][0]["controlPoints"][3]["label"] == "F-3"
+  got = np.array([cp["position"] for cp in moved["markups"][0]["controlPoints"]])
+  np.testing.assert_allclose(got * [-1, -1, 1], want, atol=0.01)
+  assert cli.main(["apply", "--registration", str(d / "reg"), "--points",
+                   str(tmp_path / "moved.mrk.json"), "--inverse", "--out",
+                   str(tmp_path / "back.mrk.json")]) == 0
+  back = json.loads((tmp_path / "back.mrk.json").read_text())
+  np.testing.assert_allclose([cp["position"] for cp in back["markups"][0]["controlPoints"]],
+                             ras, atol=0.01)
+  import jaxreg
+  np.testing.assert_allclose(jaxreg.map_points(str(d / "reg"), ras) * [-1, -1, 1], want,
+                             atol=0.01)
+
+
+@pytest.mark.parametrize("content, flags, match", [
+    ("a,b,c\n1,2,3\n", ["--space", "ras"], "columns x, y, z"),
+    ("x,y,z\n1,2,3\n", [], "RAS or LPS"),
+    ("x,y,z\n1,two,3\n", ["--space", "ras"], "must be numbers"),
+])
+def test_bad_points_files_give_one_line_and_write_nothing(registered, tmp_path, capsys,
+                                                          content, flags, match):
+  (tmp_path / "p.csv").write_text(content)
+  rc = cli.main(["apply", "--registration", str(registered / "reg"), "--points",
+                 str(tmp_path / "p.csv"), "--out", str(tmp_path / "o.csv"), *flags])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and match in err[0] and str(tmp_path / "p.csv") in err[0]
+  assert not (tmp_path / "o.csv").exists()

@@ -8,7 +8,8 @@ any image on any grid through it in one interpolation from that image's own voxe
 the fixed grid or onto another reference grid (where the field is read trilinearly, its edge
 value repeated beyond the fixed grid): what ``register`` does to the moving image and its
 labels (:func:`jaxreg.pipeline.register.warp_outputs`), for a dose grid, a PET scan or
-another label map of the moving scan.
+another label map of the moving scan. :func:`map_points` maps world points through it, fixed
+to moving, or moving to fixed by inverting it point by point.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jaxreg import io as _io
 from jaxreg.io import resample as _preprocess
 from jaxreg.types import Grid, InputError, Volume
 
-__all__ = ["Transform", "FIELD", "load_registration", "apply", "save"]
+__all__ = ["Transform", "FIELD", "load_registration", "apply", "map_points", "save"]
 
 FIELD = "displacement.nii.gz"  # the total transform in a registration folder
 
@@ -58,12 +59,18 @@ def load_registration(folder: str) -> Transform:
   return Transform(disp_mm.astype(np.float32), Grid(tuple(vox.shape[:3]), affine))
 
 
-def apply(transform: Transform, moving: Volume, *, reference: Grid | None = None,
+def _as_transform(registration) -> Transform:
+  return registration if isinstance(registration, Transform) else load_registration(registration)
+
+
+def apply(registration, moving: Volume, *, reference: Grid | None = None,
           order: int = 1, cval: float = 0.0, name: str = "moving") -> np.ndarray:
-  """``moving`` (any grid) resampled through ``transform`` onto ``reference``.
+  """``moving`` (any grid) resampled through a registration onto ``reference``
+  (``jaxreg.apply``; ``jaxreg apply --moving``).
 
   Args:
-    transform: from :func:`load_registration` (or a :class:`Transform` built in Python).
+    registration: a folder written by ``jaxreg register``, or its :class:`Transform`
+      (:func:`load_registration`).
     moving: an image or label map of the moving scan's space, with its own affine.
     reference: the output grid (default: the transform's, the fixed image's); the field is
       read there trilinearly, its edge value repeated beyond its grid.
@@ -80,6 +87,7 @@ def apply(transform: Transform, moving: Volume, *, reference: Grid | None = None
   """
   if order not in (0, 1):
     raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+  transform = _as_transform(registration)
   target = transform.grid if reference is None else reference
   disp = transform.disp_mm
   if reference is not None:  # world mm read at the reference voxels
@@ -99,6 +107,61 @@ def _check_lands(moving: Volume, target: Grid, disp: np.ndarray, name: str) -> N
   if not inside.any():
     raise InputError(f"{name}: does not overlap the registration's fixed space in world "
                      "coordinates (check that it belongs to the moving scan)")
+
+
+def _field_at(transform: Transform, points: np.ndarray) -> np.ndarray:
+  """``[N, 3]`` world displacement (mm) at world points ``[N, 3]`` (RAS mm): trilinear in
+  float64, the edge value repeated beyond the grid (as :func:`jaxreg.transform_points`)."""
+  import scipy.ndimage as ndi
+  inv = np.linalg.inv(np.asarray(transform.grid.affine, np.float64))
+  vox = (points @ inv[:3, :3].T + inv[:3, 3]).T
+  field = np.asarray(transform.disp_mm, np.float64)
+  return np.stack([ndi.map_coordinates(field[..., k], vox, order=1, mode="nearest")
+                   for k in range(3)], -1)
+
+
+def map_points(registration, points_ras, *, inverse: bool = False,
+               tol_mm: float = 1e-4, max_iterations: int = 200) -> np.ndarray:
+  """World points through a registration (``jaxreg.map_points``; ``jaxreg apply --points``):
+  fixed to moving, ``p + d(p)`` (as
+  ``transform_points``); with ``inverse``, moving to fixed: the ``p`` with ``p + d(p) = q``,
+  solved for each point by the fixed-point iteration ``p <- q - d(p)`` until it moves less
+  than ``tol_mm`` (it converges where the map is invertible and ``d`` changes by less than
+  its distance: no folds, moderate rotations).
+
+  Args:
+    registration: a folder written by ``jaxreg register``, or its :class:`Transform`.
+    points_ras: ``[N, 3]`` world points, RAS+ mm.
+    inverse: map moving points to fixed ones.
+    tol_mm: convergence tolerance of the inverse (mm).
+    max_iterations: of the inverse.
+
+  Returns:
+    ``[N, 3]`` float64 RAS mm.
+
+  Raises:
+    ValueError: not ``[N, 3]`` finite points.
+    InputError: the inverse did not converge for some points (the message counts them).
+  """
+  q = np.asarray(points_ras, np.float64)
+  if q.ndim != 2 or q.shape[1] != 3 or not np.all(np.isfinite(q)):
+    raise ValueError(f"points must be [N, 3] finite RAS mm, got shape {q.shape}")
+  transform = _as_transform(registration)
+  if not inverse:
+    return q + _field_at(transform, q)
+  p = q.copy()
+  for _ in range(max_iterations):
+    new = q - _field_at(transform, p)
+    step = np.abs(new - p).max() if len(p) else 0.0
+    p = new
+    if step < tol_mm:
+      break
+  residual = np.linalg.norm(p + _field_at(transform, p) - q, axis=1)
+  bad = int(np.sum(residual > 10 * tol_mm))
+  if bad:
+    raise InputError(f"the inverse map did not converge for {bad} of {len(q)} points (worst "
+                     f"{residual.max():.3g} mm): a folded field there, or points far outside")
+  return p
 
 
 def save(path: str, array: np.ndarray, grid: Grid) -> None:
