@@ -167,7 +167,7 @@ def _register_locked(args: argparse.Namespace) -> int:
                 io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse,
                 mesh=_mesh.inference_mesh(args.mesh), implementation=settings.implementation)
   write = functools.partial(outputs.write_registration, fmt=args.output_format,
-                            learn2reg=args.learn2reg)
+                            learn2reg=args.learn2reg, itk_h5=args.itk_h5)
   with stages.enabled(settings.stage_folder):
     if specs is not None:
       return _register_pairs(args, specs, kwargs, write)
@@ -213,9 +213,16 @@ def _apply(args: argparse.Namespace) -> int:
   from jaxreg.types import Grid
   if (args.moving is None) == (args.points is None):
     raise UserError("give --moving IMAGE or --points FILE (one of them)")
-  if args.points is not None and (args.labels or args.reference or args.order):
-    raise UserError("--labels, --reference and --order are for --moving images, not --points")
-  transform = apply.load_registration(args.registration)
+  if args.points is not None and (args.labels or args.order):
+    raise UserError("--labels and --order are for --moving images, not --points")
+  if os.path.isfile(args.registration):  # an ITK / ANTs / elastix transform file
+    if not args.reference:
+      raise UserError(f"{args.registration}: a transform file needs --reference (the grid "
+                      "to apply it on)")
+    grid = Grid.of(io.load(args.reference))
+    transform = apply.load_transform_file(args.registration, grid)
+  else:
+    transform = apply.load_registration(args.registration)
   if args.points is not None:
     from jaxreg.io import landmarks
     points = landmarks.read_landmarks(args.points, space=args.space)
@@ -296,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--learn2reg", action="store_true",
                    help="also write displacement_voxel.nii.gz: the same field as Learn2Reg "
                    "stores it ([X, Y, Z, 3] displacements in fixed voxels, array axis order)")
+  reg.add_argument("--itk-h5", action="store_true",
+                   help="also write transform.h5: the same map as one ITK composite transform "
+                   "(affine + displacement field; SimpleITK, 3D Slicer, antsApplyTransforms)")
   reg.add_argument("--series", metavar="UID",
                    help="DICOM series instance UID, for an image folder holding several series")
   reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",
@@ -319,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "grid) through the total transform a `jaxreg register` folder holds "
                        "(displacement.nii.gz), in one interpolation, onto the fixed grid or "
                        "--reference's; or map world points through it.")
-  app.add_argument("--registration", required=True, metavar="DIR",
-                   help="a folder written by jaxreg register")
+  app.add_argument("--registration", required=True, metavar="DIR|FILE",
+                   help="a folder written by jaxreg register, or a transform file ITK reads "
+                   "(.h5, .tfm, .txt, .mat: jaxreg's transform.h5, ANTs' or elastix's affine; "
+                   "with --reference, the grid it is applied on)")
   app.add_argument("--moving", help="the image or label map to resample (NIfTI, "
                    "or NRRD / MetaImage / DICOM with the itk extra), on any grid")
   app.add_argument("--points", help="world points to map instead: a CSV with columns x, y, z "

@@ -25,7 +25,8 @@ import numpy as np
 
 from jaxreg.ops.grid import LPS
 
-__all__ = ["SUFFIXES", "is_itk_path", "read", "write", "write_displacement", "dicom_series"]
+__all__ = ["SUFFIXES", "is_itk_path", "read", "write", "write_displacement", "dicom_series",
+           "write_composite", "read_transform"]
 
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -171,6 +172,68 @@ def write(path, array: np.ndarray, affine: np.ndarray) -> None:
   sitk.WriteImage(image, os.fspath(path), useCompression=True)
 
 
+def _vector_image(sitk, disp_mm: np.ndarray, affine: np.ndarray):
+  """A float64 ITK vector image of LPS millimetre vectors on the grid of ``affine``."""
+  affine = np.asarray(affine, np.float64)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  lps = np.asarray(disp_mm, np.float64) * np.array([-1.0, -1.0, 1.0])
+  image = sitk.GetImageFromArray(np.transpose(lps, (2, 1, 0, 3)), isVector=True)
+  image.SetSpacing(spacing.tolist())
+  image.SetDirection((LPS @ affine[:3, :3] / spacing).ravel().tolist())
+  image.SetOrigin((LPS @ affine[:3, 3]).tolist())
+  return image
+
+
+@_keep_locale
+def write_composite(path, matrix: np.ndarray, deformable_mm: np.ndarray,
+                    affine: np.ndarray) -> None:
+  """Write ``p -> M (p + u(p))`` as one ITK composite transform file (``.h5``), atomically:
+  an ``AffineTransform`` (``matrix``, world RAS+ ``[4, 4]``, stored in LPS) and a
+  ``DisplacementFieldTransform`` (``deformable_mm``: ``[X, Y, Z, 3]`` RAS+ mm ``u`` on the
+  grid of ``affine``, stored as LPS vectors), the field applied first, as ITK applies the
+  last transform of a composite first. SimpleITK's ``ReadTransform``, 3D Slicer and ANTs
+  (``antsApplyTransforms -t file.h5``) read it.
+  """
+  from jaxreg.io.atomic import atomic_path
+  sitk = _sitk(path)
+  flip = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, homogeneous
+  m = flip @ np.asarray(matrix, np.float64) @ flip
+  linear = sitk.AffineTransform(3)
+  linear.SetMatrix(m[:3, :3].ravel().tolist())
+  linear.SetTranslation(m[:3, 3].tolist())
+  field = sitk.DisplacementFieldTransform(_vector_image(sitk, deformable_mm, affine))
+  with atomic_path(path, suffix=".h5") as tmp:
+    sitk.WriteTransform(sitk.CompositeTransform([linear, field]), tmp)
+
+
+@_keep_locale
+def read_transform(path, grid_affine: np.ndarray, shape) -> np.ndarray:
+  """Any transform file ITK reads (``.h5``, ``.tfm``, ``.txt``, ``.mat``: ANTs' and
+  elastix's affine files included) made dense on a grid: ``[*shape, 3]`` world RAS+ mm
+  displacement, fixed point ``p`` -> ``p + d(p)``.
+
+  Raises:
+    InputError: a file ITK cannot read as a transform (the message names it).
+  """
+  sitk = _sitk(path)
+  from jaxreg.types import InputError
+  try:
+    transform = sitk.ReadTransform(os.fspath(path))
+  except RuntimeError as e:
+    raise InputError(f"{path}: not a transform file ITK reads "
+                     f"({str(e).strip().splitlines()[-1]})") from None
+  affine = np.asarray(grid_affine, np.float64)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  to_field = sitk.TransformToDisplacementFieldFilter()
+  to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+  to_field.SetSize([int(n) for n in shape])
+  to_field.SetOutputSpacing(spacing.tolist())
+  to_field.SetOutputDirection((LPS @ affine[:3, :3] / spacing).ravel().tolist())
+  to_field.SetOutputOrigin((LPS @ affine[:3, 3]).tolist())
+  lps = np.transpose(sitk.GetArrayFromImage(to_field.Execute(transform)), (2, 1, 0, 3))
+  return (lps * np.array([-1.0, -1.0, 1.0])).astype(np.float32)
+
+
 @_keep_locale
 def write_displacement(path, disp_mm: np.ndarray, affine: np.ndarray) -> None:
   """Write a displacement as an ITK vector image (NRRD/MetaImage) in ITK's convention.
@@ -180,11 +243,4 @@ def write_displacement(path, disp_mm: np.ndarray, affine: np.ndarray) -> None:
   ``DisplacementFieldTransform`` and 3D Slicer read (fixed point ``p`` -> ``p + d(p)``).
   """
   sitk = _sitk(path)
-  affine = np.asarray(affine, np.float64)
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
-  lps = np.asarray(disp_mm, np.float64) * np.array([-1.0, -1.0, 1.0])
-  image = sitk.GetImageFromArray(np.transpose(lps, (2, 1, 0, 3)), isVector=True)
-  image.SetSpacing(spacing.tolist())
-  image.SetDirection((LPS @ affine[:3, :3] / spacing).ravel().tolist())
-  image.SetOrigin((LPS @ affine[:3, 3]).tolist())
-  sitk.WriteImage(image, os.fspath(path), useCompression=True)
+  sitk.WriteImage(_vector_image(sitk, disp_mm, affine), os.fspath(path), useCompression=True)

@@ -23,7 +23,8 @@ from jaxreg import io as _io
 from jaxreg.io import resample as _preprocess
 from jaxreg.types import Grid, InputError, Volume
 
-__all__ = ["Transform", "FIELD", "load_registration", "apply", "map_points", "save"]
+__all__ = ["Transform", "FIELD", "load_registration", "load_transform_file", "apply",
+           "map_points", "save"]
 
 FIELD = "displacement.nii.gz"  # the total transform in a registration folder
 
@@ -57,6 +58,18 @@ def load_registration(folder: str) -> Transform:
   vox, affine = _io.load_displacement(path, convention="itk")
   disp_mm = np.asarray(vox, np.float64) @ np.asarray(affine, np.float64)[:3, :3].T
   return Transform(disp_mm.astype(np.float32), Grid(tuple(vox.shape[:3]), affine))
+
+
+def load_transform_file(path: str, grid: Grid) -> Transform:
+  """A transform file ITK reads (``.h5``, ``.tfm``, ``.txt``, ``.mat``: ``register
+  --itk-h5``'s ``transform.h5``, an ANTs or elastix affine), made dense on ``grid``
+  (:func:`jaxreg.io.itk.read_transform`; the ``itk`` extra).
+
+  Raises:
+    InputError: a file ITK cannot read as a transform.
+  """
+  from jaxreg.io import itk as itkio
+  return Transform(itkio.read_transform(path, grid.affine, grid.shape), grid)
 
 
 def _as_transform(registration) -> Transform:

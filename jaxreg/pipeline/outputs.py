@@ -5,7 +5,8 @@ All on the fixed image's grid and affine: ``warped.nii.gz``,
 total transform for ITK/ANTs/3D Slicer: vector NIfTI, mm, LPS),
 ``displacement_voxel.nii.gz`` (on request, ``learn2reg=True``: the same field as
 Learn2Reg stores it, ``[X, Y, Z, 3]`` fixed voxels), ``affine.txt`` (the affine
-stage alone, ITK format), ``inverse_displacement.nii.gz`` (with an inverse),
+stage alone, ITK format), ``inverse_displacement.nii.gz`` (with an inverse), ``transform.h5`` (on request:
+the same map as one ITK composite transform),
 ``metrics.json`` (runtime per stage, XLA compilations, field quality and, with
 both label maps, Dice/HD95 from :func:`jaxreg.metrics.score`) and
 ``report.png``.
@@ -48,10 +49,23 @@ def label_scores(result, fixed_labels: Volume, moving_labels: Volume, *,
                         label_ids=ids, before=before)
 
 
+def _write_h5(path: str, result) -> None:
+  """``transform.h5``: ``p -> M (p + u(p))`` with ``u = M^-1 (p + d(p)) - p`` (world mm) from
+  the total displacement ``d`` and the affine stage's ``M``."""
+  from nibabel.affines import apply_affine
+
+  from jaxreg.io import itk as itkio
+  shape = result.displacement_mm.shape[:3]
+  world = apply_affine(result.affine, np.moveaxis(np.indices(shape), 0, -1))
+  matrix = np.asarray(result.affine_matrix, np.float64)
+  rest = apply_affine(np.linalg.inv(matrix), world + result.displacement_mm) - world
+  itkio.write_composite(path, matrix, rest, result.affine)
+
+
 def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
                        fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
                        title: str = "", label_ids=None, fmt: str = "nifti",
-                       learn2reg: bool = False) -> dict:
+                       learn2reg: bool = False, itk_h5: bool = False) -> dict:
   """Write ``result`` (a :class:`jaxreg.pipeline.register.Registration`) into ``folder``.
 
   The folder appears only when complete (:func:`jaxreg.io.atomic_dir`). ``fmt``
@@ -60,6 +74,9 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
   write ``displacement_voxel.nii.gz`` (Learn2Reg's form of the same field, NIfTI in every
   case; off by default: it is the displacement a second time). The fields are written
   uncompressed inside their ``.gz`` (:data:`jaxreg.io.nifti.FIELD_COMPRESSLEVEL`).
+  ``itk_h5``: also write ``transform.h5``, the same map as one ITK composite transform (the
+  affine stage and the deformable rest, :func:`jaxreg.io.itk.write_composite`; needs the
+  ``itk`` extra).
 
   Returns:
     the metrics written to ``metrics.json`` (the registration's, plus scores).
@@ -97,6 +114,8 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
     if result.inverse_mm is not None:
       writes.append(pool.submit(save_field, out("inverse_displacement" + ext),
                                 result.inverse_mm))
+    if itk_h5:
+      writes.append(pool.submit(_write_h5, out("transform.h5"), result))
     # scored, and the report drawn, while the volumes are written
     if fixed_labels is not None and moving_labels is not None:
       metrics.update(label_scores(result, fixed_labels, moving_labels, label_ids=label_ids))
