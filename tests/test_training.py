@@ -492,3 +492,44 @@ def test_resuming_with_another_network_is_refused_and_loses_nothing(tmp_path):
   assert (workdir / "config.json").read_text() == config_text
   step, _, _, _ = training.restore_latest(str(workdir))
   assert step == 2
+
+
+def test_init_fine_tunes_the_shipped_model_and_records_it(tmp_path, capsys):
+  """--init shipped: the run starts from the shipped weights (2 steps move them little, a
+  random start is far), init.json names them (their sha256, computed here), the exported
+  model's info.json too; a config of another network: one line, exit 2, nothing written."""
+  import hashlib
+
+  from flax import nnx
+
+  from jaxreg.io import weights
+  from jaxreg.training import checkpoint, main
+  work = tmp_path / "ft"
+  rc = main.main(["--config", "demo_6mm", "--workdir", str(work), "--steps", "2",
+                  "--init", "shipped", "--no-progress", "--config.data.shape=(32, 32, 32)",
+                  "--config.data.val_pairs=1", "--config.train.eval_every=2",
+                  "--config.train.checkpoint_every=2", "--config.optim.warmup_steps=1",
+                  "--config.train.devices=1"])
+  assert rc == 0, capsys.readouterr().err
+  with open(os.path.join(weights.DEMO_MODEL, "params.msgpack"), "rb") as f:
+    want = hashlib.sha256(f.read()).hexdigest()
+  record = json.loads((work / "init.json").read_text())
+  assert record["init"] == "shipped" and record["params_sha256"] == want
+  shipped, _ = weights.demo_model()
+  start = nnx.to_pure_dict(nnx.state(shipped))
+  step, state, _, config = checkpoint.restore_latest(str(work))
+  assert step == 2
+  _, _, fresh = state_lib.init_state(config)
+  dist = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  moved, random_start = dist(state.params, start), dist(fresh.params, start)
+  assert 0 < moved < 0.01 and random_start > 10 * moved, (moved, random_start)
+  checkpoint.export_checkpoint(str(work), str(tmp_path / "model"))
+  info = json.loads((tmp_path / "model" / "info.json").read_text())
+  assert info["init"]["params_sha256"] == want and info["step"] == 2
+  capsys.readouterr()
+  rc = main.main(["--config", "test", "--workdir", str(tmp_path / "other"), "--steps", "1",
+                  "--init", "shipped", "--no-progress", "--config.train.devices=1"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "--init shipped: its network differs" in err[0]
+  assert not (tmp_path / "other").exists()

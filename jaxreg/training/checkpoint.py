@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -167,12 +168,18 @@ def restore_latest(workdir: str):
 
 def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:
   """Write the latest checkpoint of a training run as a model folder
-  (:func:`jaxreg.io.weights.save_weights`: what ``jaxreg register --checkpoint`` reads).
+  (:func:`jaxreg.io.weights.save_weights`: what ``jaxreg register --checkpoint`` reads);
+  a run started with ``--init`` records those weights in its ``info.json`` (``init``).
 
   Returns:
     the step exported.
   """
   from jaxreg.io import weights
   step, state, _, config = restore_latest(workdir)
-  weights.save_weights(path, config, state.params, info=dict(info or {}, step=int(step)))
+  info = dict(info or {}, step=int(step))
+  origin = os.path.join(workdir, "init.json")  # a fine-tuned run: the weights it started from
+  if os.path.isfile(origin):
+    with open(origin, encoding="utf-8") as f:
+      info["init"] = json.load(f)
+  weights.save_weights(path, config, state.params, info=info)
   return int(step)

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxreg import data as _data
+from jaxreg import io as _io
 from jaxreg.io import configjson as _configjson
 from jaxreg.io import progress as _progress
 from jaxreg.ops import sharding as _mesh
@@ -135,9 +136,42 @@ def evaluate(config: ml_collections.ConfigDict, params) -> dict[str, float]:
   return out
 
 
+INIT_FILE = "init.json"  # where a run started from existing weights records them
+
+
+def init_params(init: str, params) -> tuple[dict, dict]:
+  """The parameters of a model folder (:func:`jaxreg.io.weights.save_weights`'s; ``"shipped"``:
+  the shipped model) for a run whose network has ``params``' structure, and a record of them.
+
+  Raises:
+    InputError: not a model folder, or another network (the message names the first
+      parameter that differs).
+  """
+  import hashlib
+
+  from flax import nnx
+
+  from jaxreg.io import weights as _weights
+  path = _weights.DEMO_MODEL if init == "shipped" else init
+  net, _ = _weights.load_weights(path)
+  loaded = nnx.to_pure_dict(nnx.state(net))
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  mine, theirs = shapes(params), shapes(loaded)
+  if mine != theirs:
+    k = (sorted(set(mine) ^ set(theirs)) or sorted(k for k in mine if mine[k] != theirs[k]))[0]
+    raise InputError(f"--init {init}: its network differs from the config's ({k.strip('[]')}: "
+                     f"{theirs.get(k, 'absent')} there, {mine.get(k, 'absent')} here); train "
+                     "with the config it was trained with (the shipped model: demo_6mm)")
+  with open(os.path.join(path, "params.msgpack"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  record = {"init": init, "path": os.path.abspath(path), "params_sha256": digest}
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded), record
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        progress: bool = True, log: Callable[[str], None] = print,
-                       stop_at: int | None = None) -> dict[str, float]:
+                       stop_at: int | None = None, init: str | None = None) -> dict[str, float]:
   """Train (or resume training) a registration network; see the module docstring.
 
   Args:
@@ -150,6 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log: where one-line messages go.
     stop_at: stop after this step, with a checkpoint, as a preempted run would
       (the schedule still follows ``config.train.steps``); run again to resume.
+    init: start a new run from these weights (a model folder, or ``"shipped"``; see
+      :func:`init_params`) instead of a random initialisation; recorded in
+      ``workdir/init.json`` and in an exported model's ``info.json``. A run that resumes
+      from its own checkpoint keeps its weights.
 
   Returns:
     the final validation metrics, with ``step`` and ``train_seconds``.
@@ -176,13 +214,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if tc.batch_size % n_proc:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by {n_proc} processes")
   graphdef, template, state = _state.init_state(config)
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):  # resuming: the same network?
+  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if resuming:  # the same network?
     probe = _checkpoint.Checkpoints(workdir)
     try:
       probe.check_compatible(state.params)
     finally:
       probe.close()
+  record = None
+  if init is not None and not resuming:
+    params, record = init_params(init, state.params)
+    state = state.replace(params=params, opt_state=_state.make_optimizer(config).init(params))
   os.makedirs(workdir, exist_ok=True)  # only once every check has passed
+  if record is not None and pid == 0:
+    with _io.atomic_path(os.path.join(workdir, INIT_FILE), suffix=".json") as tmp:
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    log(f"starting from {init} ({record['path']})")
   config_dict = json.loads(_configjson.to_json(config))
   if pid == 0:
     _configjson.write_config(config, os.path.join(workdir, "config.json"))

@@ -3,6 +3,7 @@
 ``--config FILE[:ARG] --workdir DIR [--steps N] [--config.section.field=VALUE ...]``
 ``[--import MODULE ...]`` (modules that register losses, imported before the config is checked)
 ``[--distributed [--coordinator HOST:PORT --num-processes N --process-id I]] [--no-progress]``
+``[--init PATH|shipped]`` (fine-tune from a model folder's weights)
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="output folder; an existing run is resumed")
   p.add_argument("--steps", type=int, help="shorthand for --config.train.steps")
   p.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
+  p.add_argument("--init", metavar="PATH|shipped",
+                 help="fine-tune: start from these weights (a model folder as jaxreg writes "
+                      "it, or 'shipped' for the shipped model; its network must be the "
+                      "config's) instead of a random initialisation")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                  help="import a module (dotted name, or a .py file) first, e.g. one that calls "
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
       overrides.append(f"train.steps={args.steps}")
     config = config_lib.override(config, overrides)
     result = train_and_evaluate(config, args.workdir, progress=not args.no_progress,
-                                stop_at=args.stop_at)
+                                stop_at=args.stop_at, init=args.init)
   except (InputError, ValueError, KernelError, checkpoint.NonFiniteError) as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
