@@ -190,6 +190,13 @@ def test_register_writes_nrrd_or_mha_that_simpleitk_applies(tmp_path, capsys, fm
   lps = np.transpose(sitk.GetArrayFromImage(field), (2, 1, 0, 3))
   ras_mm = lps * [-1, -1, 1]
   np.testing.assert_allclose(ras_mm, d_vox @ affine[:3, :3].T, atol=1e-4)
+  # jaxreg apply reads the folder's NRRD / MetaImage field and reproduces the warped labels
+  rc = cli.main(["apply", "--registration", str(out), "--moving",
+                 str(tmp_path / "moving_labels.nii.gz"), "--labels", "--out",
+                 str(tmp_path / "applied.nii.gz")])
+  assert rc == 0
+  applied = io.load_labels(tmp_path / "applied.nii.gz").array
+  assert (applied == io.load_labels(out / f"warped_labels{ext}").array).mean() >= 0.999
 
 
 def test_reading_dicom_leaves_the_process_locale_alone(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 from jaxreg.ops.grid import LPS
 
 __all__ = ["SUFFIXES", "is_itk_path", "read", "write", "write_displacement", "dicom_series",
-           "write_composite", "read_transform"]
+           "write_composite", "read_transform", "read_displacement"]
 
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -154,6 +154,33 @@ def read(path, series: str | None = None):
   affine[:3, :3] = LPS @ direction @ np.diag(image.GetSpacing())
   affine[:3, 3] = LPS @ np.asarray(image.GetOrigin(), np.float64)
   return array, affine
+
+
+@_keep_locale
+def read_displacement(path) -> tuple[np.ndarray, np.ndarray]:
+  """``(disp_mm [X, Y, Z, 3] float32 world RAS+ mm, affine [4, 4])`` of an ITK vector image of
+  LPS millimetre vectors (what :func:`write_displacement` writes: NRRD, MetaImage).
+
+  Raises:
+    jaxreg.types.InputError: unreadable, or not a 3-D field of 3-vectors.
+  """
+  sitk = _sitk(path)
+  path = os.fspath(path)
+  try:
+    image = sitk.ReadImage(path, sitk.sitkVectorFloat64)
+  except RuntimeError as e:
+    _fail(path, f"ITK cannot read it as a vector field ({str(e).strip().splitlines()[-1][:200]})")
+  if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
+    _fail(path, f"expected a 3-D field of 3-vectors, got {image.GetDimension()}-D with "
+                f"{image.GetNumberOfComponentsPerPixel()} components")
+  lps = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0, 3))
+  direction = np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
+  affine = np.eye(4)
+  affine[:3, :3] = LPS @ direction @ np.diag(image.GetSpacing())
+  affine[:3, 3] = LPS @ np.asarray(image.GetOrigin(), np.float64)
+  if not np.all(np.isfinite(lps)):
+    _fail(path, "displacement field has NaN or infinite values")
+  return (lps * np.array([-1.0, -1.0, 1.0])).astype(np.float32), affine
 
 
 @_keep_locale

@@ -43,7 +43,8 @@ class Transform:
 
 
 def load_registration(folder: str) -> Transform:
-  """The total transform of a folder written by ``jaxreg register``.
+  """The total transform of a folder written by ``jaxreg register`` (``displacement.nii.gz``,
+  or ``displacement.nrrd`` / ``.mha`` written with ``--output-format nrrd|mha``).
 
   Raises:
     InputError: not a folder, or no readable ``displacement.nii.gz`` in it (the message
@@ -53,8 +54,14 @@ def load_registration(folder: str) -> Transform:
   if not os.path.isdir(folder):
     raise InputError(f"{folder}: not a registration folder (no such folder)")
   path = os.path.join(folder, FIELD)
+  others = [os.path.join(folder, f"displacement{ext}") for ext in (".nrrd", ".mha")]
   if not os.path.isfile(path):
-    raise InputError(f"{folder}: not a jaxreg registration folder ({FIELD} is missing)")
+    found = [p for p in others if os.path.isfile(p)]
+    if not found:  # neither --output-format nifti's file nor nrrd's / mha's
+      raise InputError(f"{folder}: not a jaxreg registration folder ({FIELD} is missing)")
+    from jaxreg.io import itk as itkio
+    disp_mm, affine = itkio.read_displacement(found[0])
+    return Transform(disp_mm, Grid(tuple(disp_mm.shape[:3]), affine))
   vox, affine = _io.load_displacement(path, convention="itk")
   disp_mm = np.asarray(vox, np.float64) @ np.asarray(affine, np.float64)[:3, :3].T
   return Transform(disp_mm.astype(np.float32), Grid(tuple(vox.shape[:3]), affine))
