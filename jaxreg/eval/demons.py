@@ -135,7 +135,8 @@ def to_sitk(volume: Volume):
       np.asarray(volume.array, np.float32).transpose(2, 1, 0)))
   image.SetOrigin([float(v) for v in LPS @ affine[:3, 3]])
   image.SetSpacing([float(v) for v in spacing])
-  image.SetDirection([float(v) for v in (lin / spacing).ravel()])
+  from jaxreg.io.itk import direction
+  image.SetDirection(direction(affine))  # denormal cosines zeroed: ITK's SVD fails on them
   return image
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from jaxreg.ops.grid import LPS
 
 __all__ = ["SUFFIXES", "is_itk_path", "read", "write", "write_displacement", "dicom_series",
+           "direction",
            "write_composite", "read_transform", "read_displacement"]
 
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -194,9 +195,20 @@ def write(path, array: np.ndarray, affine: np.ndarray) -> None:
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
   image = sitk.GetImageFromArray(np.transpose(np.asarray(array), (2, 1, 0)))
   image.SetSpacing(spacing.tolist())
-  image.SetDirection((LPS @ affine[:3, :3] / spacing).ravel().tolist())
+  image.SetDirection(direction(affine))
   image.SetOrigin((LPS @ affine[:3, 3]).tolist())
   sitk.WriteImage(image, os.fspath(path), useCompression=True)
+
+
+def direction(affine: np.ndarray) -> list[float]:
+  """ITK's direction cosines (LPS, row-major) of a RAS affine, with entries below 1e-12 set to
+  exactly 0: ITK inverts the direction matrix by SVD, which fails on denormal entries (an
+  affine built from a rotation by 90 degrees holds values like 5e-308), and then maps
+  physical points wrongly."""
+  affine = np.asarray(affine, np.float64)
+  cosines = LPS @ affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+  cosines[np.abs(cosines) < 1e-12] = 0.0
+  return cosines.ravel().tolist()
 
 
 def _vector_image(sitk, disp_mm: np.ndarray, affine: np.ndarray):
@@ -206,7 +218,7 @@ def _vector_image(sitk, disp_mm: np.ndarray, affine: np.ndarray):
   lps = np.asarray(disp_mm, np.float64) * np.array([-1.0, -1.0, 1.0])
   image = sitk.GetImageFromArray(np.transpose(lps, (2, 1, 0, 3)), isVector=True)
   image.SetSpacing(spacing.tolist())
-  image.SetDirection((LPS @ affine[:3, :3] / spacing).ravel().tolist())
+  image.SetDirection(direction(affine))
   image.SetOrigin((LPS @ affine[:3, 3]).tolist())
   return image
 
@@ -255,7 +267,7 @@ def read_transform(path, grid_affine: np.ndarray, shape) -> np.ndarray:
   to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
   to_field.SetSize([int(n) for n in shape])
   to_field.SetOutputSpacing(spacing.tolist())
-  to_field.SetOutputDirection((LPS @ affine[:3, :3] / spacing).ravel().tolist())
+  to_field.SetOutputDirection(direction(affine))
   to_field.SetOutputOrigin((LPS @ affine[:3, 3]).tolist())
   lps = np.transpose(sitk.GetArrayFromImage(to_field.Execute(transform)), (2, 1, 0, 3))
   return (lps * np.array([-1.0, -1.0, 1.0])).astype(np.float32)
