@@ -150,11 +150,23 @@ def read(path, series: str | None = None):
   if image.GetDimension() != 3:
     _fail(path, f"expected a 3-D image, got {image.GetDimension()}-D of size {image.GetSize()}")
   array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))  # (k, j, i) -> (i, j, k)
-  direction = np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
+  return array, _affine_of(image)
+
+
+def _affine_of(image) -> np.ndarray:
+  """The ``[4, 4]`` RAS+ affine of an ITK image (LPS origin, direction and spacing)."""
   affine = np.eye(4)
-  affine[:3, :3] = LPS @ direction @ np.diag(image.GetSpacing())
+  cosines = np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
+  affine[:3, :3] = LPS @ cosines @ np.diag(image.GetSpacing())
   affine[:3, 3] = LPS @ np.asarray(image.GetOrigin(), np.float64)
-  return array, affine
+  return affine
+
+
+def _geometry(affine) -> tuple[list[float], list[float], list[float]]:
+  """ITK's ``(spacing, direction, origin)`` (LPS) of a RAS+ ``[4, 4]`` affine without shear."""
+  affine = np.asarray(affine, np.float64)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  return spacing.tolist(), direction(affine), (LPS @ affine[:3, 3]).tolist()
 
 
 @_keep_locale
@@ -175,13 +187,9 @@ def read_displacement(path) -> tuple[np.ndarray, np.ndarray]:
     _fail(path, f"expected a 3-D field of 3-vectors, got {image.GetDimension()}-D with "
                 f"{image.GetNumberOfComponentsPerPixel()} components")
   lps = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0, 3))
-  direction = np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
-  affine = np.eye(4)
-  affine[:3, :3] = LPS @ direction @ np.diag(image.GetSpacing())
-  affine[:3, 3] = LPS @ np.asarray(image.GetOrigin(), np.float64)
   if not np.all(np.isfinite(lps)):
     _fail(path, "displacement field has NaN or infinite values")
-  return (lps * np.array([-1.0, -1.0, 1.0])).astype(np.float32), affine
+  return (lps * np.diag(LPS)).astype(np.float32), _affine_of(image)
 
 
 @_keep_locale
@@ -191,12 +199,7 @@ def write(path, array: np.ndarray, affine: np.ndarray) -> None:
   The affine's columns give spacing (their norms) and direction; it must have no shear.
   """
   sitk = _sitk(path)
-  affine = np.asarray(affine, np.float64)
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
-  image = sitk.GetImageFromArray(np.transpose(np.asarray(array), (2, 1, 0)))
-  image.SetSpacing(spacing.tolist())
-  image.SetDirection(direction(affine))
-  image.SetOrigin((LPS @ affine[:3, 3]).tolist())
+  image = _placed(sitk.GetImageFromArray(np.transpose(np.asarray(array), (2, 1, 0))), affine)
   sitk.WriteImage(image, os.fspath(path), useCompression=True)
 
 
@@ -213,13 +216,16 @@ def direction(affine: np.ndarray) -> list[float]:
 
 def _vector_image(sitk, disp_mm: np.ndarray, affine: np.ndarray):
   """A float64 ITK vector image of LPS millimetre vectors on the grid of ``affine``."""
-  affine = np.asarray(affine, np.float64)
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
-  lps = np.asarray(disp_mm, np.float64) * np.array([-1.0, -1.0, 1.0])
-  image = sitk.GetImageFromArray(np.transpose(lps, (2, 1, 0, 3)), isVector=True)
-  image.SetSpacing(spacing.tolist())
-  image.SetDirection(direction(affine))
-  image.SetOrigin((LPS @ affine[:3, 3]).tolist())
+  lps = np.asarray(disp_mm, np.float64) * np.diag(LPS)
+  return _placed(sitk.GetImageFromArray(np.transpose(lps, (2, 1, 0, 3)), isVector=True), affine)
+
+
+def _placed(image, affine):
+  """``image`` with the spacing, direction and origin of ``affine`` (:func:`_geometry`)."""
+  spacing, cosines, origin = _geometry(affine)
+  image.SetSpacing(spacing)
+  image.SetDirection(cosines)
+  image.SetOrigin(origin)
   return image
 
 
@@ -261,16 +267,15 @@ def read_transform(path, grid_affine: np.ndarray, shape) -> np.ndarray:
   except RuntimeError as e:
     raise InputError(f"{path}: not a transform file ITK reads "
                      f"({str(e).strip().splitlines()[-1]})") from None
-  affine = np.asarray(grid_affine, np.float64)
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  spacing, cosines, origin = _geometry(grid_affine)
   to_field = sitk.TransformToDisplacementFieldFilter()
   to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
   to_field.SetSize([int(n) for n in shape])
-  to_field.SetOutputSpacing(spacing.tolist())
-  to_field.SetOutputDirection(direction(affine))
-  to_field.SetOutputOrigin((LPS @ affine[:3, 3]).tolist())
+  to_field.SetOutputSpacing(spacing)
+  to_field.SetOutputDirection(cosines)
+  to_field.SetOutputOrigin(origin)
   lps = np.transpose(sitk.GetArrayFromImage(to_field.Execute(transform)), (2, 1, 0, 3))
-  return (lps * np.array([-1.0, -1.0, 1.0])).astype(np.float32)
+  return (lps * np.diag(LPS)).astype(np.float32)
 
 
 @_keep_locale
