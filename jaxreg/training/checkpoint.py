@@ -92,19 +92,13 @@ class Checkpoints:
           lambda: _state.build_model(config_from_dict(saved["config"])))))
     except Exception:  # an unreadable step: restore_latest_good handles it
       return
-    mine = {jax.tree_util.keystr(k): tuple(v.shape)
-            for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    theirs = {jax.tree_util.keystr(k): tuple(v.shape)
-              for k, v in jax.tree_util.tree_leaves_with_path(saved_params)}
-    if mine != theirs:
-      names = sorted(set(mine) ^ set(theirs)) or sorted(
-          k for k in mine if mine[k] != theirs[k])
-      k = names[0]
+    diff = _state.first_difference(params, saved_params)
+    if diff is not None:
+      k, here, saved_shape = diff
       raise InputError(
           f"{os.path.dirname(self.directory)}: its checkpoint (step {step}) holds another "
-          f"network than {what} ({k.strip('[]')}: saved {theirs.get(k, 'absent')}, here "
-          f"{mine.get(k, 'absent')}); resume with the config it was trained with, or train "
-          "in a new --workdir")
+          f"network than {what} ({k}: saved {saved_shape}, here {here}); resume with the "
+          "config it was trained with, or train in a new --workdir")
 
   def restore_latest_good(self, like, log=print) -> tuple[int, object, dict | None]:
     """Restore the newest step that reads back; move unreadable newer ones aside.

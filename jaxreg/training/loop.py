@@ -155,14 +155,12 @@ def init_params(init: str, params) -> tuple[dict, dict]:
   path = _weights.DEMO_MODEL if init == "shipped" else init
   net, _ = _weights.load_weights(path)
   loaded = nnx.to_pure_dict(nnx.state(net))
-  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
-                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-  mine, theirs = shapes(params), shapes(loaded)
-  if mine != theirs:
-    k = (sorted(set(mine) ^ set(theirs)) or sorted(k for k in mine if mine[k] != theirs[k]))[0]
-    raise InputError(f"--init {init}: its network differs from the config's ({k.strip('[]')}: "
-                     f"{theirs.get(k, 'absent')} there, {mine.get(k, 'absent')} here); train "
-                     "with the config it was trained with (the shipped model: demo_6mm)")
+  diff = _state.first_difference(params, loaded)
+  if diff is not None:
+    k, here, there = diff
+    raise InputError(f"--init {init}: its network differs from the config's ({k}: {there} "
+                     f"there, {here} here); train with the config it was trained with (the "
+                     "shipped model: demo_6mm)")
   with open(os.path.join(path, "params.msgpack"), "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()
   record = {"init": init, "path": os.path.abspath(path), "params_sha256": digest}

@@ -8,12 +8,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from jaxreg.nn import model as _model
 
-__all__ = ["TrainState", "build_model", "make_optimizer", "init_state", "merge"]
+__all__ = ["TrainState", "build_model", "make_optimizer", "init_state", "merge", "first_difference"]
 
 
 @flax.struct.dataclass
@@ -66,3 +67,16 @@ def merge(graphdef: nnx.GraphDef, template: nnx.State, params) -> _model.Registr
   state = jax.tree.map(lambda x: x, template)  # a copy: replace_by_pure_dict mutates
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
+
+
+def first_difference(params, other) -> tuple[str, object, object] | None:
+  """The first parameter (by name) whose shape differs between two parameter trees, as
+  ``(name, shape in params, shape in other)`` (``"absent"`` where one lacks it), or None
+  when they describe the same network."""
+  shapes = lambda tree: {jax.tree_util.keystr(k).strip("[]"): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  mine, theirs = shapes(params), shapes(other)
+  if mine == theirs:
+    return None
+  k = (sorted(set(mine) ^ set(theirs)) or sorted(k for k in mine if mine[k] != theirs[k]))[0]
+  return k, mine.get(k, "absent"), theirs.get(k, "absent")
