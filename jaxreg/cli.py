@@ -167,7 +167,7 @@ def _register_locked(args: argparse.Namespace) -> int:
                 io_steps=args.io_steps, reg_weight=args.reg_weight, inverse=args.inverse,
                 mesh=_mesh.inference_mesh(args.mesh), implementation=settings.implementation)
   write = functools.partial(outputs.write_registration, fmt=args.output_format,
-                            learn2reg=args.learn2reg, itk_h5=args.itk_h5)
+                            learn2reg=args.learn2reg, itk_h5=args.itk_h5, ants=args.ants)
   with stages.enabled(settings.stage_folder):
     if specs is not None:
       return _register_pairs(args, specs, kwargs, write)
@@ -207,7 +207,8 @@ def _register_one(args, pair, kwargs, write) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-  """Resample --moving through the registration folder; one output file, written atomically."""
+  """Resample --moving through the registration (a jaxreg folder, an ANTs pair, elastix
+  parameter files, a field or an ITK transform file); one output file, written atomically."""
   from jaxreg import io
   from jaxreg.pipeline import apply
   from jaxreg.types import Grid
@@ -215,14 +216,12 @@ def _apply(args: argparse.Namespace) -> int:
     raise UserError("give --moving IMAGE or --points FILE (one of them)")
   if args.points is not None and (args.labels or args.order):
     raise UserError("--labels and --order are for --moving images, not --points")
-  if os.path.isfile(args.registration):  # an ITK / ANTs / elastix transform file
-    if not args.reference:
-      raise UserError(f"{args.registration}: a transform file needs --reference (the grid "
-                      "to apply it on)")
-    grid = Grid.of(io.load(args.reference))
-    transform = apply.load_transform_file(args.registration, grid)
-  else:
-    transform = apply.load_registration(args.registration)
+  reference = Grid.of(io.load(args.reference)) if args.reference else None
+  which, _ = apply.kind(args.registration)  # a missing path or folder: one line, now
+  if which == "itk" and reference is None:
+    raise UserError(f"{args.registration}: a transform file needs --reference (the grid to "
+                    "apply it on)")
+  transform = apply.load_any(args.registration, reference)
   if args.points is not None:
     from jaxreg.io import landmarks
     points = landmarks.read_landmarks(args.points, space=args.space)
@@ -234,7 +233,6 @@ def _apply(args: argparse.Namespace) -> int:
   if args.inverse:
     raise UserError("--inverse maps --points; images go moving -> fixed already")
   moving = (io.load_labels(args.moving) if args.labels else io.load(args.moving))
-  reference = Grid.of(io.load(args.reference)) if args.reference else None
   order = {"linear": 1, "nearest": 0, None: 0 if args.labels else 1}[args.order]
   out = apply.apply(transform, moving, reference=reference, order=order, cval=args.cval,
                     name=args.moving)
@@ -306,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--itk-h5", action="store_true",
                    help="also write transform.h5: the same map as one ITK composite transform "
                    "(affine + displacement field; SimpleITK, 3D Slicer, antsApplyTransforms)")
+  reg.add_argument("--ants", action="store_true",
+                   help="also write the ANTs pair ants_0GenericAffine.mat + ants_1Warp.nii.gz "
+                   "(and ants_1InverseWarp.nii.gz with --inverse), as antsRegistration names "
+                   "them: antsApplyTransforms -t ants_1Warp.nii.gz -t ants_0GenericAffine.mat")
   reg.add_argument("--series", metavar="UID",
                    help="DICOM series instance UID, for an image folder holding several series")
   reg.add_argument("--reg-weight", type=float, metavar="LAMBDA",
@@ -323,16 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
   reg.add_argument("--jax-cache", help="JAX compilation cache folder, or 'off' (default: "
                    "$JAXREG_JAX_CACHE or ~/.cache/jaxreg/jax)")
   reg.set_defaults(func=_register)
-  app = sub.add_parser("apply", help="apply a registration folder to an image, a label map or "
-                       "points",
+  app = sub.add_parser("apply", help="apply a registration (jaxreg, ANTs, elastix) to an image, "
+                       "a label map or points",
                        description="Resample an image or label map of the moving scan (any "
-                       "grid) through the total transform a `jaxreg register` folder holds "
-                       "(displacement.nii.gz), in one interpolation, onto the fixed grid or "
-                       "--reference's; or map world points through it.")
-  app.add_argument("--registration", required=True, metavar="DIR|FILE",
-                   help="a folder written by jaxreg register, or a transform file ITK reads "
-                   "(.h5, .tfm, .txt, .mat: jaxreg's transform.h5, ANTs' or elastix's affine; "
-                   "with --reference, the grid it is applied on)")
+                       "grid) through the total transform of a registration (a `jaxreg "
+                       "register` folder's displacement.nii.gz, an ANTs pair, elastix parameter "
+                       "files), in one interpolation, onto the fixed grid or --reference's; or "
+                       "map world points through it.")
+  app.add_argument("--registration", required=True, metavar="DIR|FILE|PREFIX",
+                   help="a folder written by jaxreg register; an ANTs pair (a folder or prefix "
+                   "with *0GenericAffine.mat + *1Warp.nii.gz); elastix's TransformParameters.N.txt "
+                   "(its initial transforms followed) or its output folder; a displacement "
+                   "field (transformix's deformationField, ITK convention); or a transform "
+                   "file ITK reads (.h5, .tfm, .txt, .mat; needs --reference, the grid it is "
+                   "applied on)")
   app.add_argument("--moving", help="the image or label map to resample (NIfTI, "
                    "or NRRD / MetaImage / DICOM with the itk extra), on any grid")
   app.add_argument("--points", help="world points to map instead: a CSV with columns x, y, z "

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from jaxreg import io
+from jaxreg.data import PairSpec
 from jaxreg.io import itk as itkio
 from jaxreg.pipeline import register
-from jaxreg.data import PairSpec
 from jaxreg.types import InputError
 
 EXAMPLES = 100

@@ -1,21 +1,37 @@
-"""Use a registration again: resample any image or label map through a folder that
-``jaxreg register`` wrote (``jaxreg apply``).
+"""Use a registration again: resample any image or label map through a registration, and
+map points through it (``jaxreg apply``).
 
-The folder's ``displacement.nii.gz`` is the total transform, the affine and deformable parts
-composed, on the fixed image's grid in ITK's convention (a vector NIfTI of LPS millimetre
-vectors: the fixed point ``p`` maps to the moving point ``p + d(p)``). :func:`apply` pulls
-any image on any grid through it in one interpolation from that image's own voxels, onto
-the fixed grid or onto another reference grid (where the field is read trilinearly, its edge
-value repeated beyond the fixed grid): what ``register`` does to the moving image and its
-labels (:func:`jaxreg.pipeline.register.warp_outputs`), for a dose grid, a PET scan or
-another label map of the moving scan. :func:`map_points` maps world points through it, fixed
-to moving, or moving to fixed by inverting it point by point.
+A registration here is any of (:func:`load_any`):
+
+* a folder written by ``jaxreg register``: its ``displacement.nii.gz`` is the total transform,
+  the affine and deformable parts composed, on the fixed image's grid in ITK's convention (a
+  vector NIfTI of LPS millimetre vectors: the fixed point ``p`` maps to the moving point
+  ``p + d(p)``);
+* an ANTs pair, a folder holding ``*0GenericAffine.mat`` + ``*1Warp.nii.gz`` or their prefix
+  (written by ANTs or by ``register --ants``): ``p -> A(p + u(p))``
+  (:mod:`jaxreg.io.ants`);
+* elastix output: a ``TransformParameters.N.txt`` (with its chain of initial transforms), or a
+  folder of them (the highest ``N``), made dense by transformix (:mod:`jaxreg.io.elastix_files`);
+* a displacement field file in ITK's convention (transformix's ``deformationField.nii``,
+  ``.mha``, an ANTs warp alone) or a folder holding ``deformationField.*``;
+* another transform file ITK reads (``.h5``, ``.tfm``, ``.txt``, ``.mat``), made dense on a
+  grid the caller gives.
+
+:func:`apply` pulls any image on any grid through it in one interpolation from that image's
+own voxels, onto the fixed grid or onto another reference grid (where the field is read
+trilinearly, its edge value repeated beyond the fixed grid): what ``register`` does to the
+moving image and its labels (:func:`jaxreg.pipeline.register.warp_outputs`), for a dose grid,
+a PET scan or another label map of the moving scan. :func:`map_points` maps world points
+through it, fixed to moving, or moving to fixed by inverting it point by point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import re
+from typing import Callable
 
 import numpy as np
 
@@ -23,10 +39,13 @@ from jaxreg import io as _io
 from jaxreg.io import resample as _preprocess
 from jaxreg.types import Grid, InputError, Volume
 
-__all__ = ["Transform", "FIELD", "load_registration", "load_transform_file", "apply",
-           "map_points", "save"]
+__all__ = ["Transform", "FIELD", "KINDS", "kind", "load_any", "load_registration",
+           "load_transform_file", "apply", "map_points", "save"]
 
 FIELD = "displacement.nii.gz"  # the total transform in a registration folder
+KINDS = ("jaxreg", "ants", "elastix", "field", "itk")
+_FIELD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_ELASTIX = re.compile(r"TransformParameters\.(\d+)\.txt$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,50 +56,150 @@ class Transform:
     disp_mm: ``[*grid.shape, 3]`` float32 world displacement (RAS+ mm, array axis order of
       ``grid``): the fixed point ``p`` corresponds to the moving point ``p + d(p)``.
     grid: the fixed image's grid the field lives on.
+    points: the map's own evaluation at world points, ``[N, 3]`` RAS mm -> ``[N, 3]`` RAS mm
+      (fixed -> moving), where the file defines one finer than ``disp_mm`` read trilinearly
+      (elastix: transformix at the points); None: ``disp_mm`` read trilinearly.
   """
   disp_mm: np.ndarray
   grid: Grid
+  points: Callable[[np.ndarray], np.ndarray] | None = dataclasses.field(default=None,
+                                                                         compare=False)
 
 
-def load_registration(folder: str) -> Transform:
-  """The total transform of a folder written by ``jaxreg register`` (``displacement.nii.gz``,
-  or ``displacement.nrrd`` / ``.mha`` written with ``--output-format nrrd|mha``).
+def _jaxreg_field(folder: str) -> str | None:
+  """The total transform's file of a ``jaxreg register`` folder, or None."""
+  for name in (FIELD, "displacement.nrrd", "displacement.mha"):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  return None
+
+
+def _elastix_file(folder: str) -> str | None:
+  """The last ``TransformParameters.N.txt`` of an elastix output folder (highest ``N``)."""
+  found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := _ELASTIX.match(f))]
+  return os.path.join(folder, max(found)[1]) if found else None
+
+
+def _field_file(folder: str) -> str | None:
+  """transformix's ``deformationField.*`` in a folder, or None."""
+  found = sorted(glob.glob(os.path.join(glob.escape(folder), "deformationField.*")))
+  found = [f for f in found if f.lower().endswith(_FIELD_SUFFIXES)]
+  return found[0] if found else None
+
+
+def kind(path) -> tuple[str, tuple[str, ...]]:
+  """What the registration at ``path`` is: ``(kind, files)`` with ``kind`` one of
+  :data:`KINDS` (see the module docstring) and the file(s) that hold it.
 
   Raises:
-    InputError: not a folder, or no readable ``displacement.nii.gz`` in it (the message
-      names the folder or the file).
+    InputError: nothing at ``path``, a folder holding no registration, or half an ANTs pair
+      (the message names the path or the missing file).
   """
-  folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise InputError(f"{folder}: not a registration folder (no such folder)")
-  path = os.path.join(folder, FIELD)
-  others = [os.path.join(folder, f"displacement{ext}") for ext in (".nrrd", ".mha")]
+  from jaxreg.io import ants, elastix_files
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    found = _jaxreg_field(path)
+    if found:
+      return "jaxreg", (found,)
+    pair = ants.find_pair(path)
+    if pair:
+      return "ants", pair
+    found = _elastix_file(path)
+    if found:
+      return "elastix", (found,)
+    found = _field_file(path)
+    if found:
+      return "field", (found,)
+    raise InputError(f"{path}: not a registration folder (no {FIELD}, no ANTs pair "
+                     f"*{ants.AFFINE} + *{ants.WARP}, no elastix TransformParameters.N.txt, "
+                     "no transformix deformationField)")
   if not os.path.isfile(path):
-    found = [p for p in others if os.path.isfile(p)]
-    if not found:  # neither --output-format nifti's file nor nrrd's / mha's
-      raise InputError(f"{folder}: not a jaxreg registration folder ({FIELD} is missing)")
-    from jaxreg.io import itk as itkio
-    disp_mm, affine = itkio.read_displacement(found[0])
+    pair = ants.find_pair(path)  # a prefix: out/ants_
+    if pair:
+      return "ants", pair
+    raise InputError(f"{path}: not a registration folder or file (no such file or folder)")
+  lower = path.lower()
+  if lower.endswith(_FIELD_SUFFIXES):
+    return "field", (path,)
+  if lower.endswith(".txt") and elastix_files.is_parameter_file(path):
+    return "elastix", (path,)
+  return "itk", (path,)
+
+
+def _read_field(path: str) -> Transform:
+  """A displacement field file in ITK's convention (LPS mm vectors, fixed -> moving)."""
+  if path.lower().endswith((".nii", ".nii.gz")):
+    vox, affine = _io.load_displacement(path, convention="itk")
+    disp_mm = np.asarray(vox, np.float64) @ np.asarray(affine, np.float64)[:3, :3].T
+    return Transform(disp_mm.astype(np.float32), Grid(tuple(vox.shape[:3]), affine))
+  from jaxreg.io import itk as itkio
+  disp_mm, affine = itkio.read_displacement(path)
+  return Transform(disp_mm, Grid(tuple(disp_mm.shape[:3]), affine))
+
+
+def load_any(path, grid: Grid | None = None) -> Transform:
+  """The total transform of any registration jaxreg reads (:func:`kind`: a ``jaxreg
+  register`` folder, an ANTs pair, elastix parameter files, a displacement field, an ITK
+  transform file).
+
+  Args:
+    path: the folder, file or ANTs prefix.
+    grid: where to make a transform file dense: needed for an ITK transform file; an elastix
+      file is made dense there by transformix (default: its fixed grid); folders, ANTs pairs
+      and fields have their own grid and ignore it.
+
+  Raises:
+    InputError: :func:`kind`'s, an unreadable or unsupported file (the message names it), or
+      an ITK transform file without ``grid``.
+  """
+  which, files = kind(path)
+  if which in ("jaxreg", "field"):
+    return _read_field(files[0])
+  if which == "ants":
+    from jaxreg.io import ants
+    disp_mm, affine = ants.read_pair(*files)
     return Transform(disp_mm, Grid(tuple(disp_mm.shape[:3]), affine))
-  vox, affine = _io.load_displacement(path, convention="itk")
-  disp_mm = np.asarray(vox, np.float64) @ np.asarray(affine, np.float64)[:3, :3].T
-  return Transform(disp_mm.astype(np.float32), Grid(tuple(vox.shape[:3]), affine))
+  if which == "elastix":
+    import functools
+
+    from jaxreg.io import elastix_files
+    shape, affine = (None, None) if grid is None else (grid.shape, grid.affine)
+    disp_mm, affine = elastix_files.displacement(files[0], shape, affine)
+    return Transform(disp_mm, Grid(tuple(disp_mm.shape[:3]), affine),
+                     points=functools.partial(elastix_files.map_points, files[0]))
+  if grid is None:
+    raise InputError(f"{files[0]}: a transform file needs a reference grid to be made dense on "
+                     "(--reference)")
+  from jaxreg.io import itk as itkio
+  return Transform(itkio.read_transform(files[0], grid.affine, grid.shape), grid)
+
+
+def load_registration(folder) -> Transform:
+  """The total transform of a registration folder (or ANTs prefix, or a file that carries
+  its own grid): :func:`load_any` without a grid. A ``jaxreg register`` folder holds
+  ``displacement.nii.gz``, or ``displacement.nrrd`` / ``.mha`` written with ``--output-format
+  nrrd|mha``.
+
+  Raises:
+    InputError: not a registration (the message names the folder or the file).
+  """
+  return load_any(folder)
 
 
 def load_transform_file(path: str, grid: Grid) -> Transform:
-  """A transform file ITK reads (``.h5``, ``.tfm``, ``.txt``, ``.mat``: ``register
-  --itk-h5``'s ``transform.h5``, an ANTs or elastix affine), made dense on ``grid``
-  (:func:`jaxreg.io.itk.read_transform`; the ``itk`` extra).
+  """A transform file made dense on ``grid``: one ITK reads (``.h5``, ``.tfm``, ``.txt``,
+  ``.mat``: ``register --itk-h5``'s ``transform.h5``, an ANTs affine;
+  :func:`jaxreg.io.itk.read_transform`, the ``itk`` extra), or an elastix parameter file
+  (:func:`load_any`).
 
   Raises:
-    InputError: a file ITK cannot read as a transform.
+    InputError: a file that is no transform jaxreg reads.
   """
-  from jaxreg.io import itk as itkio
-  return Transform(itkio.read_transform(path, grid.affine, grid.shape), grid)
+  return load_any(path, grid)
 
 
 def _as_transform(registration) -> Transform:
-  return registration if isinstance(registration, Transform) else load_registration(registration)
+  return registration if isinstance(registration, Transform) else load_any(registration)
 
 
 def apply(registration, moving: Volume, *, reference: Grid | None = None,
@@ -89,8 +208,8 @@ def apply(registration, moving: Volume, *, reference: Grid | None = None,
   (``jaxreg.apply``; ``jaxreg apply --moving``).
 
   Args:
-    registration: a folder written by ``jaxreg register``, or its :class:`Transform`
-      (:func:`load_registration`).
+    registration: a registration folder, file or ANTs prefix (:func:`load_any`), or its
+      :class:`Transform`.
     moving: an image or label map of the moving scan's space, with its own affine.
     reference: the output grid (default: the transform's, the fixed image's); the field is
       read there trilinearly, its edge value repeated beyond its grid.
@@ -143,14 +262,15 @@ def _field_at(transform: Transform, points: np.ndarray) -> np.ndarray:
 def map_points(registration, points_ras, *, inverse: bool = False,
                tol_mm: float = 1e-4, max_iterations: int = 200) -> np.ndarray:
   """World points through a registration (``jaxreg.map_points``; ``jaxreg apply --points``):
-  fixed to moving, ``p + d(p)`` (as
-  ``transform_points``); with ``inverse``, moving to fixed: the ``p`` with ``p + d(p) = q``,
-  solved for each point by the fixed-point iteration ``p <- q - d(p)`` until it moves less
-  than ``tol_mm`` (it converges where the map is invertible and ``d`` changes by less than
-  its distance: no folds, moderate rotations).
+  fixed to moving, ``T(p) = p + d(p)`` (as ``transform_points``; an elastix transform as
+  transformix maps the points, :attr:`Transform.points`); with ``inverse``, moving to fixed:
+  the ``p`` with ``T(p) = q``, solved for each point by the fixed-point iteration
+  ``p <- p - (T(p) - q)`` until it moves less than ``tol_mm`` (it converges where the map is
+  invertible and ``d`` changes by less than its distance: no folds, moderate rotations).
 
   Args:
-    registration: a folder written by ``jaxreg register``, or its :class:`Transform`.
+    registration: a registration folder, file or ANTs prefix (:func:`load_any`), or its
+      :class:`Transform`.
     points_ras: ``[N, 3]`` world points, RAS+ mm.
     inverse: map moving points to fixed ones.
     tol_mm: convergence tolerance of the inverse (mm).
@@ -167,16 +287,17 @@ def map_points(registration, points_ras, *, inverse: bool = False,
   if q.ndim != 2 or q.shape[1] != 3 or not np.all(np.isfinite(q)):
     raise ValueError(f"points must be [N, 3] finite RAS mm, got shape {q.shape}")
   transform = _as_transform(registration)
+  forward = transform.points or (lambda p: p + _field_at(transform, p))
   if not inverse:
-    return q + _field_at(transform, q)
+    return np.asarray(forward(q), np.float64)
   p = q.copy()
   for _ in range(max_iterations):
-    new = q - _field_at(transform, p)
+    new = p - (forward(p) - q)
     step = np.abs(new - p).max() if len(p) else 0.0
     p = new
     if step < tol_mm:
       break
-  residual = np.linalg.norm(p + _field_at(transform, p) - q, axis=1)
+  residual = np.linalg.norm(forward(p) - q, axis=1) if len(p) else np.zeros(0)
   bad = int(np.sum(residual > 10 * tol_mm))
   if bad:
     raise InputError(f"the inverse map did not converge for {bad} of {len(q)} points (worst "

@@ -6,7 +6,9 @@ total transform for ITK/ANTs/3D Slicer: vector NIfTI, mm, LPS),
 ``displacement_voxel.nii.gz`` (on request, ``learn2reg=True``: the same field as
 Learn2Reg stores it, ``[X, Y, Z, 3]`` fixed voxels), ``affine.txt`` (the affine
 stage alone, ITK format), ``inverse_displacement.nii.gz`` (with an inverse), ``transform.h5`` (on request:
-the same map as one ITK composite transform),
+the same map as one ITK composite transform), ``ants_0GenericAffine.mat`` +
+``ants_1Warp.nii.gz`` (+ ``ants_1InverseWarp.nii.gz`` with an inverse; on request: the same
+map as the pair antsRegistration writes, :mod:`jaxreg.io.ants`),
 ``metrics.json`` (runtime per stage, XLA compilations, field quality and, with
 both label maps, Dice/HD95 from :func:`jaxreg.metrics.score`) and
 ``report.png``.
@@ -26,9 +28,10 @@ from jaxreg.io import resample as _preprocess
 from jaxreg.pipeline import affine as _affine
 from jaxreg.types import Grid, InputError, Volume
 
-__all__ = ["write_registration", "label_scores", "OUTPUT_FORMATS"]
+__all__ = ["write_registration", "label_scores", "OUTPUT_FORMATS", "ANTS_PREFIX"]
 
 OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+ANTS_PREFIX = "ants_"  # register --ants: ants_0GenericAffine.mat, ants_1Warp.nii.gz, ...
 
 
 def label_scores(result, fixed_labels: Volume, moving_labels: Volume, *,
@@ -62,10 +65,20 @@ def _write_h5(path: str, result) -> None:
   itkio.write_composite(path, matrix, rest, result.affine)
 
 
+def _write_ants(folder: str, result) -> None:
+  """The ANTs pair (:data:`ANTS_PREFIX`) of the total displacement and the affine stage, with
+  the inverse warp where ``result`` has an inverse (:func:`jaxreg.io.ants.write_pair`)."""
+  from jaxreg.io import ants
+  ants.write_pair(os.path.join(folder, ANTS_PREFIX), result.displacement_mm,
+                  np.asarray(result.affine_matrix, np.float64), result.affine,
+                  inverse_mm=result.inverse_mm)
+
+
 def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
                        fixed_labels: Volume | None = None, moving_labels: Volume | None = None,
                        title: str = "", label_ids=None, fmt: str = "nifti",
-                       learn2reg: bool = False, itk_h5: bool = False) -> dict:
+                       learn2reg: bool = False, itk_h5: bool = False,
+                       ants: bool = False) -> dict:
   """Write ``result`` (a :class:`jaxreg.pipeline.register.Registration`) into ``folder``.
 
   The folder appears only when complete (:func:`jaxreg.io.atomic_dir`). ``fmt``
@@ -76,7 +89,10 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
   uncompressed inside their ``.gz`` (:data:`jaxreg.io.nifti.FIELD_COMPRESSLEVEL`).
   ``itk_h5``: also write ``transform.h5``, the same map as one ITK composite transform (the
   affine stage and the deformable rest, :func:`jaxreg.io.itk.write_composite`; needs the
-  ``itk`` extra).
+  ``itk`` extra). ``ants``: also write the ANTs pair ``ants_0GenericAffine.mat`` +
+  ``ants_1Warp.nii.gz`` (NIfTI whatever ``fmt``; ``ants_1InverseWarp.nii.gz`` with an
+  inverse): ``antsApplyTransforms -t ants_1Warp.nii.gz -t ants_0GenericAffine.mat`` maps as
+  ``displacement.nii.gz`` (:mod:`jaxreg.io.ants`).
 
   Returns:
     the metrics written to ``metrics.json`` (the registration's, plus scores).
@@ -116,6 +132,8 @@ def write_registration(result, folder: str, *, fixed: Volume, moving: Volume,
                                 result.inverse_mm))
     if itk_h5:
       writes.append(pool.submit(_write_h5, out("transform.h5"), result))
+    if ants:
+      writes.append(pool.submit(_write_ants, tmp, result))
     # scored, and the report drawn, while the volumes are written
     if fixed_labels is not None and moving_labels is not None:
       metrics.update(label_scores(result, fixed_labels, moving_labels, label_ids=label_ids))
