@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxreg import data
+from jaxreg import data, io
 from jaxreg.eval import elastix
-from jaxreg import io
 from jaxreg.eval import evaluation as E
 from jaxreg.types import Volume
 
@@ -66,6 +65,43 @@ def test_summarise_matches_numpy_and_drops_nan():
   assert s["a"]["tre"] == {"mean": None, "std": None, "p30": None, "n": 0}
   table = E.markdown_table(s)
   assert table.count("\n") == 4 and "| a | 0.675 ± 0.148 |" in table and "n/a" in table
+
+
+def test_summarise_learn2reg_metrics_by_the_challenge_rules():
+  """--scoring learn2reg rows: the "30" column is the 0.3 quantile of Dice and HD95 and the
+  0.7 quantile of SDlogJ and TRE; an infinite HD95 (a lost label) is kept; NaN dropped.
+  Rows without them summarise and print exactly as before."""
+  vals = {"l2r_dice": [0.5, 0.7, 0.9, 0.6], "l2r_hd95": [3.0, np.nan, 5.0, 4.0],
+          "l2r_sdlogj": [0.1, 0.3, 0.2, 0.4], "l2r_tre": [2.0, 1.0, 4.0, 3.0]}
+  rows = [{"pair": str(i), "method": "a", **{m: np.nan for m in E.METRICS},
+           **{m: v[i] for m, v in vals.items()}} for i in range(4)]
+  s = E.summarise(rows)["a"]
+  assert list(s) == [*E.METRICS, *vals]
+  for m, q in (("l2r_dice", 0.3), ("l2r_hd95", 0.3), ("l2r_sdlogj", 0.7), ("l2r_tre", 0.7)):
+    v = np.array(vals[m])
+    v = v[~np.isnan(v)]
+    assert s[m] == {"mean": pytest.approx(v.mean()), "std": pytest.approx(v.std()),
+                    "p30": pytest.approx(np.quantile(v, q)), "n": len(v)}, m
+  table = E.markdown_table({"a": s})
+  assert "Learn2Reg scoring" in table and "| a | 0.675 ± 0.148 [30: 0.590] |" in table
+  rows[1]["l2r_hd95"] = np.inf
+  assert E.summarise(rows)["a"]["l2r_hd95"]["mean"] == np.inf
+  plain = [{k: v for k, v in r.items() if not k.startswith("l2r_")} for r in rows]
+  assert list(E.summarise(plain)["a"]) == list(E.METRICS)
+  assert "Learn2Reg" not in E.markdown_table(E.summarise(plain))
+
+
+def test_failed_evaluation_writes_no_submission(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(E, "run_method", lambda method, case, **_: np.full(
+      case.fixed.shape + (3,), np.nan, np.float32))
+  rc = E.main(["--data", "demo", "--pairs", "1", "--methods", "identity", "--out",
+               str(tmp_path / "ev"), "--learn2reg-submission", str(tmp_path / "sub")])
+  assert rc == 2 and "non-finite displacement" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == []
+  assert E.main(["--data", "demo", "--out", str(tmp_path / "ev"),
+                 "--learn2reg-submission", str(tmp_path / "ev")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "must be another folder than --out" in err[0]
 
 
 def _write_pair(folder, shift=(0.0, 0.0, 0.0), shape=SHAPE):

@@ -27,11 +27,18 @@ grid, with exact keypoints from the known deformation), a Learn2Reg folder
 Outputs in ``--out`` (written atomically): ``per_pair.csv``, ``summary.md``,
 ``summary.json`` (mean, std and 30th percentile over pairs of each metric per
 method) and ``box_<metric>.png``.
+
+Learn2Reg (:mod:`jaxreg.eval.learn2reg`): ``--scoring learn2reg`` adds the challenge's own
+figures beside these (``l2r_dice``, ``l2r_hd95`` in voxels, ``l2r_sdlogj``, ``l2r_tre``
+in mm, and its summary: mean, std and the "30" column), computed from the field as the
+submission stores it; ``--learn2reg-submission DIR`` writes that submission,
+``DIR/<method>/disp_*.npz`` (or ``.nii.gz``) for every pair, and ``DIR/pairs.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -45,6 +52,7 @@ import numpy as np
 from jaxreg import data as _data
 from jaxreg import io as _io
 from jaxreg import metrics as _metrics
+from jaxreg.eval import learn2reg as _l2r
 from jaxreg.io import resample as _preprocess
 from jaxreg.ops import grid as _grid
 from jaxreg.ops import points as _points
@@ -74,6 +82,8 @@ class Case:
     fixed_points: ``[N, 3]`` keypoints in the fixed image, world mm (RAS+), or None.
     moving_points: ``[N, 3]`` the corresponding keypoints in the moving image, world
       mm (RAS+), or None.
+    spec: the files the case was read from (None for demo pairs): the Learn2Reg file
+      ids of a submission, and the fixed mask of ``--learn2reg-mask``.
   """
   name: str
   fixed: Volume
@@ -82,6 +92,7 @@ class Case:
   moving_labels: Volume | None = None
   fixed_points: np.ndarray | None = None
   moving_points: np.ndarray | None = None
+  spec: _data.PairSpec | None = None
 
 
 def _demo_keypoints(pair: _data.SyntheticPair, label_ids, count: int, seed: int):
@@ -145,7 +156,8 @@ def file_cases(specs: Sequence[_data.PairSpec]) -> list[Case]:
                          f"{s.fixed_keypoints} has {len(kf)}")
       pts = [_points.voxel_points_to_world(kf, fixed.affine),
              _points.voxel_points_to_world(km, moving.affine)]
-    out.append(Case(f"{_stem(s.fixed)}__{_stem(s.moving)}", fixed, moving, *labels, *pts))
+    out.append(Case(f"{_stem(s.fixed)}__{_stem(s.moving)}", fixed, moving, *labels, *pts,
+                    spec=s))
   return out
 
 
@@ -220,20 +232,60 @@ def case_metrics(case: Case, disp_mm: np.ndarray, label_ids: Sequence[int] | Non
   return row
 
 
+def _world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  inv = np.linalg.inv(np.asarray(affine, np.float64))
+  return np.asarray(points, np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def learn2reg_metrics(case: Case, field: np.ndarray, label_ids: Sequence[int] | None = None,
+                      *, masked: bool = False) -> dict:
+  """The challenge's per-case figures (:func:`jaxreg.eval.learn2reg.case_scores`) of a
+  submission field ``[X, Y, Z, 3]`` (voxels, :func:`jaxreg.eval.learn2reg.submission_field`):
+  the labels of ``label_ids`` (default: every non-zero label of either map), the keypoints
+  back in voxels of their images, and with ``masked`` SDlogJ over the fixed mask of a
+  Learn2Reg/CSV pair where it has one (as the official code, without one where not).
+
+  Raises:
+    InputError: the mask is unreadable or off the fixed image's grid.
+  """
+  mask = None
+  if masked and case.spec is not None and case.spec.fixed_mask is not None:
+    mask = _io.load_labels(case.spec.fixed_mask, like=case.fixed, like_path=case.spec.fixed,
+                           allow_empty=True).array
+  points = {}
+  if case.fixed_points is not None:
+    points = {"fixed_points": _world_to_voxel(case.fixed_points, case.fixed.affine),
+              "moving_points": _world_to_voxel(case.moving_points, case.moving.affine),
+              "moving_spacing": case.moving.spacing}
+  labels = {}
+  if case.fixed_labels is not None and case.moving_labels is not None:
+    labels = {"fixed_labels": case.fixed_labels.array, "moving_labels": case.moving_labels.array,
+              "labels": label_ids}
+  return _l2r.case_scores(field, mask=mask, **labels, **points)
+
+
 def evaluate(cases: Sequence[Case], methods: Sequence[str], *, net=None, config=None,
              io_steps: int = 50, affine: str = "none", label_ids: Sequence[int] | None = None,
-             mesh=None, log: Callable[[str], None] = print) -> list[dict]:
+             mesh=None, log: Callable[[str], None] = print, scoring: str = "default",
+             l2r_format: str = "npz", l2r_masked: bool = False,
+             on_field: Callable[[str, int, Case, np.ndarray], None] | None = None) -> list[dict]:
   """Every method on every case; one row per (case, method) with every metric.
 
   ``affine`` is the jaxreg methods' pre-alignment (see :func:`jaxreg.pipeline.register.register`).
+  ``scoring="learn2reg"`` adds :data:`jaxreg.eval.learn2reg.METRICS` to each row
+  (:func:`learn2reg_metrics`, ``l2r_masked``: its ``masked``), scored on the field as a
+  ``l2r_format`` submission stores it; ``on_field(method, case index, case, field)`` gets
+  that field ``[X, Y, Z, 3]`` (voxels) of every result (to write a submission).
   """
+  if scoring not in ("default", "learn2reg"):
+    raise ValueError(f"scoring must be 'default' or 'learn2reg', got {scoring!r}")
   rows = []
   run = lambda method, case: run_method(method, case, net=net, config=config,
                                         io_steps=io_steps, affine=affine, mesh=mesh)
   for method in methods:
     if method.startswith("jaxreg") and cases:  # compile once, untimed
       run(method, cases[0])
-    for case in cases:
+    for index, case in enumerate(cases):
       t0 = time.time()
       disp = run(method, case)
       seconds = time.time() - t0
@@ -241,27 +293,46 @@ def evaluate(cases: Sequence[Case], methods: Sequence[str], *, net=None, config=
         raise InputError(f"{case.name}: {method} produced a non-finite displacement")
       row = {"pair": case.name, "method": method, **case_metrics(case, disp, label_ids),
              "seconds": seconds}
+      if scoring == "learn2reg" or on_field is not None:
+        field = _l2r.submission_field(disp, case.fixed.affine, case.moving.affine,
+                                      dtype=_l2r.FORMATS[l2r_format])
+        if scoring == "learn2reg":
+          row.update(learn2reg_metrics(case, field, label_ids, masked=l2r_masked))
+        if on_field is not None:
+          on_field(method, index, case, field)
       log(f"{method:10s} {case.name}: " + ", ".join(
-          f"{k} {row[k]:.4g}" for k in METRICS if np.isfinite(row[k])))
+          f"{k} {row[k]:.4g}" for k in (*METRICS, *_l2r.METRICS)  # a lost label's l2r_hd95: inf
+          if k in row and (np.isfinite(row[k]) if k in METRICS else not np.isnan(row[k]))))
       rows.append(row)
   return rows
+
+
+def _l2r_metrics(rows: Sequence[dict]) -> list[str]:
+  """The Learn2Reg metrics the rows have (``--scoring learn2reg``), in table order."""
+  return [m for m in _l2r.METRICS if any(m in r for r in rows)]
 
 
 def summarise(rows: Sequence[dict]) -> dict:
   """``{method: {metric: {"mean", "std", "p30", "n"}}}`` over pairs (NaNs dropped).
 
   ``p30`` is the 30th percentile over pairs (Learn2Reg reports DSC30 as a
-  robustness figure: the level the worst 30% of results fall below).
+  robustness figure: the level the worst 30% of results fall below). Rows scored the
+  Learn2Reg way also get their ``l2r_*`` metrics as the challenge summarises them
+  (:func:`jaxreg.eval.learn2reg.summary_stats`: ``p30`` is its "30" column, the 0.7
+  quantile for SDlogJ and TRE, and an infinite HD95 is kept).
   """
   out = {}
+  extra = _l2r_metrics(rows)
   for method in dict.fromkeys(r["method"] for r in rows):
-    out[method] = {}
+    out[method] = {m: _l2r.summary_stats([r[m] for r in rows if r["method"] == method], m)
+                   for m in extra}
     for metric in METRICS:
       v = np.array([r[metric] for r in rows if r["method"] == method], np.float64)
       v = v[np.isfinite(v)]
       out[method][metric] = ({"mean": float(v.mean()), "std": float(v.std()),
                               "p30": float(np.percentile(v, 30)), "n": int(v.size)}
                              if v.size else {"mean": None, "std": None, "p30": None, "n": 0})
+    out[method] = {m: out[method][m] for m in (*METRICS, *extra)}
   return out
 
 
@@ -278,6 +349,28 @@ def markdown_table(summary: dict) -> str:
       cells.append("n/a" if not s["n"] else f"{f.format(s['mean'])} ± {f.format(s['std'])}")
     cells.append("n/a" if not stats["dice"]["n"] else f"{stats['dice']['p30']:.3f}")
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n" + _l2r_table(summary)
+
+
+def _l2r_table(summary: dict) -> str:
+  """The Learn2Reg figures of ``--scoring learn2reg`` (empty without them): ``mean ± std``
+  and the challenge's "30" column per metric."""
+  extra = [m for m in _l2r.METRICS if any(m in s for s in summary.values())]
+  if not extra:
+    return ""
+  head = ["method"] + [f"{m} ({_l2r.METRICS[m][0]})" if _l2r.METRICS[m][0] else m
+                       for m in extra]
+  lines = ["", "Learn2Reg scoring (the challenge's rules): mean ± std [30: the 0.3 quantile "
+           "of Dice and HD95, the 0.7 quantile of SDlogJ and TRE]", "",
+           "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(extra)]
+  fmt = {"l2r_dice": "{:.3f}", "l2r_sdlogj": "{:.4f}"}
+  for method, stats in summary.items():
+    cells = [method]
+    for m in extra:
+      s, f = stats[m], fmt.get(m, "{:.2f}")
+      cells.append("n/a" if not s["n"] else
+                   f"{f.format(s['mean'])} ± {f.format(s['std'])} [30: {f.format(s['p30'])}]")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -285,14 +378,16 @@ def write_outputs(folder: str, rows: Sequence[dict], summary: dict, info: dict) 
   """per_pair.csv, summary.md, summary.json and one box plot per metric in ``folder``."""
   from jaxreg.pipeline import report
   with open(os.path.join(folder, "per_pair.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=["pair", "method", *METRICS])
+    writer = csv.DictWriter(f, fieldnames=["pair", "method", *METRICS, *_l2r_metrics(rows)])
     writer.writeheader()
     writer.writerows(rows)
   with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
     json.dump({**info, "summary": summary}, f, indent=2)
   with open(os.path.join(folder, "summary.md"), "w", encoding="utf-8") as f:
     f.write(markdown_table(summary))
-  for metric, (unit, _) in METRICS.items():
+  units = {**{m: u for m, (u, _) in METRICS.items()},
+           **{m: _l2r.METRICS[m][0] for m in _l2r_metrics(rows)}}
+  for metric, unit in units.items():
     values = {m: [r[metric] for r in rows if r["method"] == m] for m in summary}
     if any(np.isfinite(v).any() for v in values.values()):
       report.save_box_plot(os.path.join(folder, f"box_{metric}.png"), values, metric=metric,
@@ -317,6 +412,19 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                  "aligned, and elastix's B-spline map has no affine stage either)")
   p.add_argument("--mesh", metavar="space=S",
                  help="run the jaxreg methods spatially sharded over S local devices")
+  p.add_argument("--scoring", choices=("default", "learn2reg"), default="default",
+                 help="learn2reg: also score every result by the Learn2Reg challenge's own "
+                 "rules (l2r_dice, l2r_hd95 in voxels, l2r_sdlogj, l2r_tre in mm; mean, std "
+                 "and its '30' column), on the field as the submission stores it")
+  p.add_argument("--learn2reg-submission", metavar="DIR",
+                 help="write each method's Learn2Reg submission: DIR/<method>/disp_*.npz "
+                 "(fixed-voxel displacements named by the dataset's file ids; pairs of other "
+                 "data numbered from 0000) and DIR/pairs.csv")
+  p.add_argument("--learn2reg-format", choices=tuple(_l2r.FORMATS), default="npz",
+                 help="submission files: npz (float16, default) or nii.gz (float32)")
+  p.add_argument("--learn2reg-mask", action="store_true",
+                 help="l2r_sdlogj over the fixed mask only, as the challenge scores LungCT, "
+                 "NLST and AbdomenMRCT (masked_evaluation)")
   return p
 
 
@@ -351,6 +459,11 @@ def _main(args) -> int:
                      f"{','.join(METHODS)}")
   if args.io_steps < 0:
     raise InputError(f"--io-steps must be >= 0, got {args.io_steps}")
+  sub = args.learn2reg_submission
+  if sub is not None and os.path.abspath(sub) == os.path.abspath(args.out):
+    raise InputError(f"{sub}: --learn2reg-submission must be another folder than --out")
+  if sub is not None:
+    _io.check_output_dir(sub)
   from jaxreg.ops import sharding as _mesh
   mesh = _mesh.inference_mesh(args.mesh)
   net, config = (weights.load_weights(args.checkpoint) if args.checkpoint
@@ -363,15 +476,49 @@ def _main(args) -> int:
   cases = load_cases(args.data, config, pairs=args.pairs)
   label_ids = tuple(config.data.label_ids) if args.data == "demo" else None
   print(f"evaluating {', '.join(methods)} on {len(cases)} pairs of {args.data}")
-  rows = evaluate(cases, methods, net=net, config=config, io_steps=args.io_steps,
-                  affine=args.affine, label_ids=label_ids, mesh=mesh)
-  summary = summarise(rows)
   info = {"data": args.data, "pairs": len(cases), "methods": methods,
           "checkpoint": args.checkpoint or "shipped demo model", "io_steps": args.io_steps,
           "affine": args.affine, "mesh_space": _mesh.space_size(mesh),
           "labels": list(label_ids) if label_ids else "all labels in both maps"}
-  with _io.atomic_dir(args.out) as tmp:
-    write_outputs(tmp, rows, summary, info)
+  if args.scoring == "learn2reg":
+    info["scoring"] = {"name": "learn2reg", "format": args.learn2reg_format,
+                       "sdlogj_masked": args.learn2reg_mask,
+                       "units": {m: u for m, (u, _, _) in _l2r.METRICS.items()},
+                       "30_quantile": {m: q for m, (_, _, q) in _l2r.METRICS.items()}}
+  with contextlib.ExitStack() as stack:
+    on_field = None
+    if sub is not None:
+      stack.enter_context(_io.output_lock(sub))
+      on_field = _submission_writer(stack.enter_context(_io.atomic_dir(sub)), cases, methods,
+                                    args.learn2reg_format)
+      info["learn2reg_submission"] = {"folder": sub, "format": args.learn2reg_format}
+    rows = evaluate(cases, methods, net=net, config=config, io_steps=args.io_steps,
+                    affine=args.affine, label_ids=label_ids, mesh=mesh, scoring=args.scoring,
+                    l2r_format=args.learn2reg_format, l2r_masked=args.learn2reg_mask,
+                    on_field=on_field)
+    summary = summarise(rows)
+    with _io.atomic_dir(args.out) as tmp:
+      write_outputs(tmp, rows, summary, info)
   print(markdown_table(summary), end="")
-  print(f"written to {args.out}")
+  print(f"written to {args.out}" + (f"; the Learn2Reg submission to {sub}" if sub else ""))
   return 0
+
+
+def _submission_writer(folder: str, cases: Sequence[Case], methods: Sequence[str], fmt: str
+                       ) -> Callable[[str, int, Case, np.ndarray], None]:
+  """An ``on_field`` for :func:`evaluate` writing ``folder/<method>/<name>.<fmt>``, and
+  ``folder/pairs.csv`` (file, pair, fixed, moving) now: the names of every case's file
+  (:func:`jaxreg.eval.learn2reg.submission_names`)."""
+  paths = [(c.spec.fixed, c.spec.moving) if c.spec else (None, None) for c in cases]
+  names = _l2r.submission_names(paths)
+  with open(os.path.join(folder, "pairs.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file", "pair", "fixed", "moving"])
+    for name, case, (fixed, moving) in zip(names, cases, paths):
+      writer.writerow([f"{name}.{fmt}", case.name, fixed or "", moving or ""])
+  for method in methods:
+    os.makedirs(os.path.join(folder, method))
+
+  def write(method: str, index: int, case: Case, field: np.ndarray) -> None:
+    _l2r.write_field(os.path.join(folder, method), names[index], field, fmt, case.fixed.affine)
+  return write
