@@ -109,7 +109,8 @@ def evaluate() -> None:
       print(f"{name}: at step {step} of {STEPS} (still training?); skipped")
       continue
     if pairs is None:
-      _, _, val_source, num_val = sources.make_sources(config)
+      found = sources.make_sources(config)
+      val_source, num_val = found.val, found.num_val
       pairs = [val_source(i) for i in range(num_val)]
     if name.startswith("fixed_"):
       results[name] = {float(config.loss.reg_weight): score(net, config, None, pairs,

@@ -2,7 +2,6 @@
 
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import scipy.ndimage as ndi
 
 from jaxreg import data as D
 from jaxreg.data import demo_ct as demo_module
+from jaxreg.data import examples as examples_lib
 from jaxreg.ops import grid as G
 from jaxreg import io
 from jaxreg.types import InputError
@@ -171,62 +171,150 @@ def test_breathing_field_closed_form():
   np.testing.assert_allclose(u[..., :2], 0.0)
 
 
-def _counting_source(i):
-  return {"x": np.array([i, i * 10])}
+class _Counting:
+  """Example ``i`` is ``[i, 10 i]``; the ids in ``bad`` raise as an unreadable file would."""
+
+  def __init__(self, bad=()):
+    self.bad = set(bad)
+
+  def __call__(self, i):
+    if i in self.bad:
+      raise OSError(f"f{i}.nii.gz: truncated")
+    return {"x": np.array([i, i * 10])}
+
+  def describe(self, i):
+    return f"pair {i} (f{i}.nii.gz)"
 
 
-def test_loader_order_is_seeded_and_restorable():
-  batches = [b["x"][:, 0].tolist() for b, _ in zip(D.Loader(_counting_source, 3, num_examples=10,
-                                                            seed=1, prefetch=3), range(7))]
-  # epoch = 3 batches (10 // 3), each a permutation without repeats
-  for e in range(2):
-    flat = sum(batches[3 * e:3 * e + 3], [])
-    assert len(set(flat)) == 9 and set(flat) <= set(range(10))
-  assert batches[:3] != batches[3:6]
-  same = [b["x"][:, 0].tolist() for b, _ in zip(D.Loader(_counting_source, 3, num_examples=10,
-                                                         seed=1, prefetch=0, workers=1), range(7))]
-  assert same == batches
-  first = D.Loader(_counting_source, 3, num_examples=10, seed=1)
-  for _ in range(4):
-    next(first)
-  state = first.state()
-  resumed = D.Loader(_counting_source, 3, num_examples=10, seed=1)
-  resumed.restore(state)
-  assert [next(resumed)["x"][:, 0].tolist() for _ in range(3)] == batches[4:7]
-  with pytest.raises(ValueError, match="seed"):
-    D.Loader(_counting_source, 3, num_examples=10, seed=2).restore(state)
+def _firsts(batches, n):
+  return [next(batches)["x"][:, 0].tolist() for _ in range(n)]
 
 
-def test_loader_builds_examples_only_while_holding_its_guard():
-  guard, built, got = threading.Lock(), [], []
+def test_pipeline_order_is_seeded_restorable_and_the_same_with_workers():
+  from jaxreg.data import pipeline
+  with pipeline.batches(_Counting(), 3, num_examples=10, seed=1) as it:
+    batches = _firsts(it, 9)
+  # an epoch is 10 positions: each epoch's ids are a permutation of range(10)
+  flat = sum(batches, [])
+  assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+  assert flat[:10] != flat[10:20]  # reshuffled each epoch
+  with pipeline.batches(_Counting(), 3, num_examples=10, seed=2) as other:
+    assert _firsts(other, 3) != batches[:3]
+  with pipeline.batches(_Counting(), 3, num_examples=10, seed=1) as first:
+    _firsts(first, 4)
+    state = first.get_state()
+  with pipeline.batches(_Counting(), 3, num_examples=10, seed=1) as resumed:
+    resumed.set_state(state)
+    assert _firsts(resumed, 3) == batches[4:7]
+  # two worker processes prepare the same batches in the same order, and resume alike
+  with pipeline.batches(_Counting(), 3, num_examples=10, seed=1, workers=2) as par:
+    assert _firsts(par, 5) == batches[:5]
+    state = par.get_state()
+  with pipeline.batches(_Counting(), 3, num_examples=10, seed=1, workers=2) as par:
+    par.set_state(state)
+    assert _firsts(par, 2) == batches[5:7]
 
-  def source(i):
-    built.append(guard.locked())
-    return {"x": np.array([i])}
 
-  with D.Loader(source, 2, seed=0, prefetch=2, workers=2, guard=guard) as loader:
-    with guard:  # what a step does: no example may be built meanwhile
-      reader = threading.Thread(target=lambda: got.append(next(loader)))
-      reader.start()
-      reader.join(0.4)
-      assert reader.is_alive() and built == []  # the workers wait for the guard
-    reader.join(10)
-    assert got[0]["x"][:, 0].tolist() == [0, 1]
-    assert [next(loader)["x"][:, 0].tolist() for _ in range(2)] == [[2, 3], [4, 5]]
-  assert len(built) >= 6 and all(built)
+def test_pipeline_hosts_read_their_block_of_each_global_batch():
+  from jaxreg.data import pipeline
+  with pipeline.batches(_Counting(), 2, num_examples=None) as endless:  # ids 0, 1, 2, ...
+    assert _firsts(endless, 3) == [[0, 1], [2, 3], [4, 5]]
+  with pipeline.batches(_Counting(), 4, num_examples=12, seed=3) as whole:
+    glob = _firsts(whole, 4)
+  hosts = [pipeline.batches(_Counting(), 2, num_examples=12, seed=3, shard=(k, 2))
+           for k in range(2)]
+  per_host = [_firsts(h, 4) for h in hosts]
+  for h in hosts:
+    h.close()
+  assert [a + b for a, b in zip(*per_host)] == glob  # host 0 then host 1 = one process
+  with pytest.raises(ValueError, match="shard"):
+    pipeline.batches(_Counting(), 2, num_examples=12, shard=(2, 2))
 
 
-def test_loader_shards_partition_the_global_order():
-  full = D.Loader(_counting_source, 2, seed=0)  # infinite source: 0, 1, 2, ...
-  assert [next(full)["x"][:, 0].tolist() for _ in range(3)] == [[0, 1], [2, 3], [4, 5]]
-  a = D.Loader(_counting_source, 2, num_examples=12, seed=3, shard=(0, 2))
-  b = D.Loader(_counting_source, 2, num_examples=12, seed=3, shard=(1, 2))
-  g = D.Loader(_counting_source, 2, num_examples=12, seed=3)
-  glob = [next(g)["x"][:, 0].tolist() for _ in range(6)]
-  assert [next(a)["x"][:, 0].tolist() for _ in range(3)] == glob[0::2]
-  assert [next(b)["x"][:, 0].tolist() for _ in range(3)] == glob[1::2]
-  batch = next(D.Loader(_counting_source, 2, seed=0))
-  assert batch["x"].shape == (2, 2)
+def test_pipeline_skips_unreadable_examples_once_each_and_stops_past_the_fraction():
+  from jaxreg.data import pipeline
+  from jaxreg.types import InputError
+  said = []
+  with pipeline.batches(_Counting(bad={3, 7}), 2, num_examples=10, seed=0, log=said.append,
+                        max_bad_fraction=0.2) as it:
+    batches = _firsts(it, 12)  # 24 examples: more than two epochs
+    assert sorted(it.skipped) == [3, 7]
+  flat = sum(batches, [])
+  assert 3 not in flat and 7 not in flat and sorted(set(flat)) == [0, 1, 2, 4, 5, 6, 8, 9]
+  assert said == ["warning: skipping pair 3 (f3.nii.gz): OSError: f3.nii.gz: truncated",
+                  "warning: skipping pair 7 (f7.nii.gz): OSError: f7.nii.gz: truncated"] or \
+      said == ["warning: skipping pair 7 (f7.nii.gz): OSError: f7.nii.gz: truncated",
+               "warning: skipping pair 3 (f3.nii.gz): OSError: f3.nii.gz: truncated"]
+  with pipeline.batches(_Counting(bad={1, 3, 7}), 2, num_examples=10, log=lambda s: None,
+                        max_bad_fraction=0.2, manifest="pairs.csv") as it:
+    with pytest.raises(InputError, match=r"^pairs.csv: 3 of 10 pairs could not be read, more "
+                                         r"than data.max_bad_fraction=0.2 \(first: pair "):
+      _firsts(it, 10)
+  with pipeline.batches(_Counting(bad=set(range(4))), 2, num_examples=4, log=lambda s: None,
+                        max_bad_fraction=0.99) as it:  # nothing readable: stops, never spins
+    with pytest.raises(InputError, match="4 of 4 pairs could not be read"):
+      next(it)
+
+
+class _JaxState:
+  """An example that records whether this process has started a JAX backend."""
+
+  def __call__(self, i):
+    import os
+
+    from jax._src import xla_bridge
+    example = examples_lib.SyntheticPairs("train", hu_window=(-1000.0, 1000.0), lut=None,
+                                          spacing=20.0, shape=(16, 16, 16))(i)
+    return {"backend": np.array(xla_bridge.backends_are_initialized()),
+            "pid": np.array(os.getpid()), "fixed": example["fixed"]}
+
+
+def test_pipeline_workers_are_processes_that_run_no_jax():
+  import os
+
+  from jaxreg.data import pipeline
+  with pipeline.batches(_JaxState(), 2, num_examples=None, workers=1) as it:
+    batch = next(it)
+  assert batch["fixed"].shape == (2, 16, 16, 16) and np.ptp(batch["fixed"]) > 0.1
+  assert not batch["backend"].any()  # the synthetic pair was made without JAX
+  assert os.getpid() not in batch["pid"].tolist()  # in another process
+
+
+def test_augment_swaps_and_changes_intensity_reproducibly():
+  rng = np.random.default_rng(0)
+  example = {"fixed": rng.uniform(size=(4, 4, 4)).astype(np.float32),
+             "moving": rng.uniform(size=(4, 4, 4)).astype(np.float32),
+             "fixed_labels": np.zeros((4, 4, 4), np.int32),
+             "moving_labels": np.ones((4, 4, 4), np.int32)}
+  swapped = examples_lib.augment(example, np.random.default_rng(1), examples_lib.Augment(swap=1.0))
+  np.testing.assert_array_equal(swapped["fixed"], example["moving"])
+  np.testing.assert_array_equal(swapped["moving_labels"], example["fixed_labels"])
+  gamma = examples_lib.augment(example, np.random.default_rng(1), examples_lib.Augment(gamma=0.3))
+  # the same draw order as written out here: swap, then both gammas
+  draws = np.random.default_rng(1)
+  draws.uniform()
+  g = draws.uniform(-1, 1, 2) * 0.3
+  np.testing.assert_allclose(gamma["fixed"], example["fixed"] ** np.exp(g[0]), rtol=1e-6)
+  np.testing.assert_allclose(gamma["moving"], example["moving"] ** np.exp(g[1]), rtol=1e-6)
+  noisy = examples_lib.augment(example, np.random.default_rng(1), examples_lib.Augment(noise=0.05))
+  assert 0.03 < np.std(noisy["fixed"] - example["fixed"]) < 0.07
+  again = examples_lib.augment(example, np.random.default_rng(1), examples_lib.Augment(noise=0.05))
+  np.testing.assert_array_equal(noisy["fixed"], again["fixed"])
+  np.testing.assert_array_equal(example["fixed_labels"], 0)  # the input is unchanged
+
+
+def test_numpy_and_jax_engines_give_the_same_pair():
+  """The scipy path the data workers run against the compiled JAX path (independent
+  implementations of the same sampling rule)."""
+  a = D.demo_pair(2, spacing=8.0, rigid_deg=3.0, rigid_mm=3.0, crop=0.2)
+  b = D.demo_pair(2, spacing=8.0, rigid_deg=3.0, rigid_mm=3.0, crop=0.2, engine="numpy")
+  np.testing.assert_allclose(a.disp, b.disp, atol=1e-4)
+  np.testing.assert_allclose(a.fixed, b.fixed, atol=0.5)  # HU, float32 rounding
+  np.testing.assert_allclose(a.moving, b.moving, atol=0.05)  # the demo CT resampled alike
+  # labels: nearest-neighbour ties (x.5 positions) may round apart in float32 and float64
+  assert np.mean(a.fixed_labels != b.fixed_labels) < 0.01
+  with pytest.raises(ValueError, match="engine"):
+    D.demo_pair(2, spacing=8.0, engine="torch")
 
 
 def test_demo_pairs_train_and_eval_are_disjoint_and_on_the_model_grid():
@@ -306,3 +394,50 @@ def test_masks_come_from_a_csv_column_and_from_a_learn2reg_masksTr_folder(l2r, t
                                   "imgs/gone.nii.gz\n")
   with pytest.raises(InputError, match=r"q.csv: line 2: fixed_mask file .*gone.nii.gz"):
     D.read_pairs_csv(str(tmp_path / "q.csv"))
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from test_data import _JaxState
+from jaxreg.data import pipeline
+it = pipeline.batches(_JaxState(), 1, num_examples=None, workers=1)
+print(int(next(it)["pid"][0]), flush=True)
+time.sleep(600)
+"""
+
+
+def test_pipeline_workers_die_with_a_killed_training_process(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, os.path.dirname(__file__)],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    worker = int(proc.stdout.readline())
+    assert worker != proc.pid and os.path.exists(f"/proc/{worker}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.time() + 20
+    while os.path.exists(f"/proc/{worker}") and time.time() < deadline:
+      time.sleep(0.2)
+    state = open(f"/proc/{worker}/stat").read().split()[2] if os.path.exists(
+        f"/proc/{worker}") else "gone"
+    assert state in ("gone", "Z"), state  # ended (a zombie until reaped by init is ended)
+  finally:
+    proc.kill()
+
+
+def test_a_worker_that_cannot_start_is_one_line(monkeypatch):
+  from jaxreg.data import pipeline
+  from jaxreg.types import InputError
+  real = pipeline._DieWithParent.__init__
+  # the worker finds another parent than it was started by and exits at once
+  monkeypatch.setattr(pipeline._DieWithParent, "__init__",
+                      lambda self, parent: real(self, parent + 1))
+  with pipeline.batches(_Counting(), 2, num_examples=None, workers=1) as it:
+    with pytest.raises(InputError, match=r"^data.workers=1: a data worker process could not "
+                                         r"start or died \(.*\); try fewer workers, or 0$"):
+      next(it)

@@ -45,7 +45,8 @@ def test_two_processes_equal_one_process(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, *ARGS, "--workdir", str(tmp_path / "two"), "--distributed",
-       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+       "--config.data.workers=1"],  # each host's examples made by its own worker process
       cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
@@ -56,5 +57,14 @@ def test_two_processes_equal_one_process(tmp_path):
   step_1, params_1, loader_1 = _params(str(tmp_path / "one"))
   step_2, params_2, loader_2 = _params(str(tmp_path / "two"))
   assert step_1 == step_2 == 3
+  assert loader_1 == {"next_index": 3 * 2} and loader_2 is None  # one file per process there
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                params_1, params_2)
+  # resuming the two-process run in one process: one line, nothing moved aside
+  again = subprocess.run([sys.executable, *ARGS, "--workdir", str(tmp_path / "two"),
+                          "--config.train.steps=4"], cwd=ROOT, env=_env(2),
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 2
+  assert again.stderr.strip().endswith("holds the data positions of 2 process(es), this run "
+                                       "has 1: resume with as many processes"), again.stderr
+  assert not (tmp_path / "two" / "corrupt_checkpoints").exists()

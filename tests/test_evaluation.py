@@ -251,3 +251,22 @@ def test_mesh_evaluation_equals_one_device(tmp_path, capsys):
     assert float(rows["split"][k]) == pytest.approx(float(rows["one"][k]), rel=1e-4, abs=1e-5), k
   assert E.main(["--data", "demo", "--out", str(tmp_path / "bad"), "--mesh", "data=2"]) == 2
   assert "one registration has no batch to split" in capsys.readouterr().err
+
+
+def test_unreadable_pairs_are_skipped_and_reported(tmp_path, capsys):
+  _write_pair(tmp_path)
+  good = (tmp_path / "f.nii.gz").read_bytes()
+  (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])  # a truncated download
+  (tmp_path / "pairs.csv").write_text("fixed,moving\nf.nii.gz,m.nii.gz\ncut.nii.gz,m.nii.gz\n"
+                                      "gone.nii.gz,m.nii.gz\n")
+  rc = E.main(["--data", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "ev"),
+               "--methods", "identity"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 0
+  assert len(err) == 2 and all(line.startswith("warning: skipping pair ") for line in err), err
+  assert "cut.nii.gz" in err[0] and "gone.nii.gz" in err[1]
+  summary = json.load(open(tmp_path / "ev" / "summary.json"))
+  assert summary["pairs"] == 1 and [s["pair"].split(",")[0].rsplit("/", 1)[-1]
+                                    for s in summary["skipped_pairs"]] == ["cut.nii.gz",
+                                                                           "gone.nii.gz"]
+  assert "Skipped, unreadable" in (tmp_path / "ev" / "summary.md").read_text()

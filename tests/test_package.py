@@ -21,7 +21,7 @@ CONTRACT = {
     "jaxreg.io.resample": ["model_grid", "resample", "window", "prepare_pair", "field_to_world",
                           "resample_moving"],
     "jaxreg.data": ["read_learn2reg", "read_pairs_csv", "read_keypoints", "demo", "demo_pair",
-                    "synthetic_pair", "random_smooth_field", "breathing_field", "Loader"],
+                    "synthetic_pair", "random_smooth_field", "breathing_field"],
     "jaxreg.metrics": ["dice", "hd95", "tre", "sdlogj", "folding_fraction", "field_quality",
                        "jacobian_determinant", "score"],
     "jaxreg.pipeline.register": ["register", "instance_optimise", "register_many",
@@ -196,6 +196,10 @@ def test_unknown_config_name_is_an_input_error_naming_the_shipped_ones():
     config_lib.load_config("dmeo")
   assert str(e.value) == ("dmeo: no such config file, nor a shipped config "
                           "(shipped: default, demo, demo_6mm, learn2reg_abdomen, test)")
+  with pytest.raises(InputError) as e:  # the README's path, typed outside a checkout
+    config_lib.load_config(os.path.join("no-such-checkout", "configs", "demo.py"))
+  assert str(e.value).endswith("; outside a checkout of jaxreg use the shipped one: "
+                               "--config demo")
 
 
 def _train_py(*args, cwd):

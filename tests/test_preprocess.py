@@ -214,3 +214,27 @@ def test_a_bucketed_model_grid_covers_the_image_with_a_bucket_shape():
   centre = lambda g: g.affine[:3, :3] @ ((np.array(g.shape) - 1) / 2) + g.affine[:3, 3]
   np.testing.assert_allclose(centre(P.model_grid(big, spacing=2.5, divisor=16,
                                                           bucket=True)), centre(big))
+
+
+@pytest.mark.parametrize("target_affine", [
+    [[1.3137, 0.0213, 0, -12.1719], [0.0119, 1.2281, 0.1093, 1.0771],  # oblique, no x.5 ties
+     [0, 0.0217, 1.9123, 9.3337], [0, 0, 0, 1]],
+    [[0, -2, 0, 10], [2, 0, 0, -4], [0, 0, 3, 6], [0, 0, 0, 1]],         # whole voxels, axes swapped
+    [[2, 0, 0, 1.3], [0, 2, 0, -4], [0, 0, -3, 60], [0, 0, 0, 1]],       # axis-aligned, flipped
+])
+def test_numpy_engine_samples_as_the_jax_engine(target_affine):
+  """The data workers' scipy path (whole-voxel indexing, scipy's separable and general affine
+  paths) against the compiled JAX sampler: images with cval outside, labels nearest."""
+  rng = np.random.default_rng(0)
+  source = np.diag([2.0, 2.0, 3.0, 1.0])
+  image = Volume((rng.normal(size=(40, 37, 33)) * 100).astype(np.float32), source)
+  labels = Volume(rng.integers(0, 5, (40, 37, 33)).astype(np.int32), source)
+  grid = Grid((30, 34, 28), np.array(target_affine, np.float64))
+  for volume, kwargs in ((image, dict(cval=-1000.0)), (labels, dict(order=0))):
+    a = P.resample(volume, grid, **kwargs)
+    b = P.resample(volume, grid, engine="numpy", **kwargs)
+    assert a.dtype == b.dtype and a.shape == b.shape == grid.shape
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    assert np.any(b == kwargs.get("cval", 0))  # part of the grid lies outside the source
+  with pytest.raises(ValueError, match="engine"):
+    P.resample(image, grid, engine="scipy")

@@ -31,7 +31,7 @@ def _config(**overrides):
 
 
 def _batch(config, n):
-  source = sources.make_sources(config)[0]
+  source = sources.make_sources(config).train
   examples = [source(i) for i in range(n)]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 

@@ -1,5 +1,6 @@
 """The sharded step, resumable training, the NaN guard, checkpoints and train.py."""
 
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +27,7 @@ def _config(**overrides):
 
 
 def _batch(config, n):
-  source = sources.make_sources(config)[0]
+  source = sources.make_sources(config).train
   examples = [source(i) for i in range(n)]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -87,7 +88,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
   assert resumed["step"] == full["step"] == 4
   step_a, params_a, loader_a = _final_params(str(tmp_path / "full"))
   step_b, params_b, loader_b = _final_params(str(tmp_path / "part"))
-  assert step_a == step_b == 4 and loader_a == loader_b == {"position": 4, "seed": 0}
+  assert step_a == step_b == 4 and loader_a == loader_b == {"next_index": 4 * 8}  # examples
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   assert resumed["val_loss"] == full["val_loss"]
   # the resolved config is written beside the checkpoints
@@ -113,13 +114,13 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path, monkeyp
   real = sources.make_sources
 
   def poisoned(config):
-    train, n, val, nv = real(config)
+    found = real(config)
     def bad(i):
-      example = train(i)
+      example = found.train(i)
       if i >= 8:  # the second batch of 8 examples
         example["fixed"] = np.full_like(example["fixed"], np.nan)
       return example
-    return bad, n, val, nv
+    return dataclasses.replace(found, train=bad)
 
   monkeypatch.setattr(sources, "make_sources", poisoned)
   config = _config(**{"train.checkpoint_every": 1})
@@ -227,16 +228,6 @@ def test_label_inputs_feed_organ_masks_to_the_network(tmp_path):
   with pytest.raises(InputError, match="label_inputs needs data.label_ids"):
     training.train_and_evaluate(_config(**{"model.label_inputs": True, "data.label_ids": ()}),
                                 str(tmp_path), progress=False, log=lambda s: None)
-
-
-def test_steps_on_a_host_mesh_and_the_loader_take_turns():
-  from jaxreg.training import loop
-  guard = loop._step_guard(sharding.make_mesh(jax.devices()))  # the 8 CPU devices
-  assert guard.acquire(blocking=False) and not guard.acquire(blocking=False)  # one lock
-  guard.release()
-  single = loop._step_guard(sharding.make_mesh(jax.devices()[:1]))
-  with single, single:  # one device: nothing to wait for
-    pass
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
@@ -533,3 +524,85 @@ def test_init_fine_tunes_the_shipped_model_and_records_it(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and "--init shipped: its network differs" in err[0]
   assert not (tmp_path / "other").exists()
+
+
+def _nifti_pairs(folder, count, labels=True):
+  """``count`` pairs of the embedded CT at 20 mm as NIfTI files; their CSV rows."""
+  from jaxreg import data, io
+  keys = ("fixed", "moving", "fixed_labels", "moving_labels") if labels else ("fixed", "moving")
+  rows = []
+  for i in range(count):
+    pair = data.demo_pair(i, spacing=20.0, shape=(16, 16, 16))
+    row = []
+    for key in keys:
+      name = f"p{i}_{key}.nii.gz"
+      io.save(str(folder / name), getattr(pair, key).astype(
+          np.uint8 if "labels" in key else np.int16), pair.affine)
+      row.append(name)
+    rows.append(",".join(row))
+  return ",".join(keys), rows
+
+
+def test_a_manifest_with_bad_files_trains_on_the_rest_and_says_which(tmp_path):
+  """A missing, a truncated and a non-CT file in a training manifest: one warning each,
+  counted in metrics.jsonl, never retried in a loop; a bad validation pair is reported; past
+  data.max_bad_fraction the run stops with one line (exit 2 from train.py)."""
+  header, rows = _nifti_pairs(tmp_path, 6)
+  good = (tmp_path / "p0_fixed.nii.gz").read_bytes()
+  (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])  # truncated
+  (tmp_path / "notes.nii.gz").write_text("not an image")  # not a CT
+  bad = [rows[1].replace("p1_fixed", "gone"),  # a file that does not exist
+         rows[2].replace("p2_moving", "cut"), rows[3].replace("p3_fixed", "notes")]
+  # training rows: 0 and the three bad ones and 4; validation: a bad one and 5
+  lines = [header, rows[0], *bad, rows[4], rows[2].replace("p2_fixed", "gone_too"), rows[5]]
+  (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+  config = _config(**{"data.source": "csv", "data.path": str(tmp_path / "pairs.csv"),
+                      "data.val_pairs": 2, "train.batch_size": 1, "train.devices": 1,
+                      "train.steps": 6,
+                      "train.eval_every": 3, "train.checkpoint_every": 6,
+                      "data.max_bad_fraction": 0.7})
+  said = []
+  result = training.train_and_evaluate(config, str(tmp_path / "run"), progress=False,
+                                       log=said.append)
+  warnings = [m for m in said if m.startswith("warning: skipping")]
+  assert len(warnings) == 4, said  # three training files and one validation file, once each
+  for name in ("gone.nii.gz", "cut.nii.gz", "notes.nii.gz", "gone_too.nii.gz"):
+    assert sum(name in w for w in warnings) == 1, (name, warnings)
+  assert all("\n" not in w for w in warnings)
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["skipped_pairs"] for r in records if r["kind"] == "train"][-1] == 3
+  assert [r["val_skipped"] for r in records if r["kind"] == "val"] == [1, 1]
+  assert result["step"] == 6 and result["val_skipped"] == 1 and np.isfinite(result["val_loss"])
+  # more than the allowed fraction unreadable: one line, exit 2, before any step is saved
+  from jaxreg.training import main as train_main
+  import contextlib
+  import io as _io_lib
+  err = _io_lib.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io_lib.StringIO()):
+    code = train_main.main(["--config", "test", "--workdir", str(tmp_path / "strict"),
+                            "--no-progress", "--config.data.source='csv'",
+                            f"--config.data.path='{tmp_path / 'pairs.csv'}'",
+                            "--config.data.val_pairs=2", "--config.train.batch_size=1",
+                            "--config.train.devices=1",
+                            "--config.data.max_bad_fraction=0.4"])
+  assert code == 2
+  assert re.fullmatch(r"train.py: error: \S+pairs.csv: 3 of 5 pairs could not be read, more "
+                      r"than data.max_bad_fraction=0.4 \(first: pair \d .*\)\n", err.getvalue())
+
+
+def test_labels_asked_for_but_missing_from_the_manifest_is_one_line(tmp_path):
+  header, rows = _nifti_pairs(tmp_path, 3, labels=False)
+  (tmp_path / "pairs.csv").write_text("\n".join([header, *rows]) + "\n")
+  config = _config(**{"data.source": "csv", "data.path": str(tmp_path / "pairs.csv"),
+                      "data.val_pairs": 1, "train.batch_size": 1, "train.devices": 1})
+  with pytest.raises(InputError, match=r"3 of 3 pairs have no fixed_labels/moving_labels .* "
+                                       r"--config.data.label_ids='\(\)'"):
+    training.train_and_evaluate(config, str(tmp_path / "run"), progress=False,
+                                log=lambda s: None)
+  assert not (tmp_path / "run").exists()
+  # without label ids, the same manifest trains on image similarity alone
+  config = training.override(config, ["data.label_ids=()", "train.steps=1",
+                                      "train.eval_every=1", "train.checkpoint_every=1"])
+  result = training.train_and_evaluate(config, str(tmp_path / "run"), progress=False,
+                                       log=lambda s: None)
+  assert result["step"] == 1 and "val_dice" not in result

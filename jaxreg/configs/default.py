@@ -23,6 +23,8 @@ def get_config():
   c.data.label_ids = (1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 51, 52)
   c.data.val_pairs = 8
   c.data.workers = 4
+  c.data.augment.swap = 0.5
+  c.data.augment.gamma = 0.1
   c.model.widths = (16, 32, 64, 128, 128)
   c.model.convs_per_level = 2
   c.model.num_subfields = 4

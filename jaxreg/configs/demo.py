@@ -43,9 +43,17 @@ def get_config():
   c.data.crop = 0.0
   # Held-out validation pairs (evaluation seeds, disjoint from training seeds).
   c.data.val_pairs = 4
-  # Batches prepared ahead by the loader, and its worker threads.
-  c.data.prefetch = 2
+  # The data pipeline (Grain): worker processes that read and prepare examples (numpy only;
+  # 0: in the training process, between steps), and the examples each prepares ahead.
+  # Resume a run with the same number of workers.
   c.data.workers = 1
+  c.data.prefetch = 2
+  # Pairs that cannot be read (missing, truncated, not a CT) are skipped with a warning;
+  # the run stops once more than this fraction of the training pairs failed.
+  c.data.max_bad_fraction = 0.1
+  # Random changes to each training example (0: off): exchange fixed and moving with this
+  # probability, gamma exp(U[-g, g]) on each image's [0, 1] intensities, Gaussian noise.
+  c.data.augment = ml_collections.ConfigDict(dict(swap=0.0, gamma=0.0, noise=0.0))
 
   c.model = ml_collections.ConfigDict()
   # UNet channels per level (level i has 1/2**i of the resolution).

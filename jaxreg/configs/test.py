@@ -10,6 +10,7 @@ def get_config():
   c.data.label_ids = (5, 51)  # liver, heart
   c.data.val_pairs = 2
   c.data.max_disp_mm = 20.0
+  c.data.workers = 0  # 16^3 examples: a worker process would cost more than it saves
   c.model.widths = (8, 8, 8)
   c.model.num_subfields = 2
   c.loss.window = 5

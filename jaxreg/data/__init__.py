@@ -1,4 +1,4 @@
-"""Data: pair manifests, the embedded demo CT, synthetic pairs, the batch loader.
+"""Data: pair manifests, the embedded demo CT, synthetic pairs, the training data pipeline.
 
 * :mod:`jaxreg.data.manifests`: :func:`read_learn2reg` and :func:`read_pairs_csv` turn a
   dataset layout into a list of :class:`PairSpec`; :func:`read_keypoints`.
@@ -6,8 +6,12 @@
   labels) and :func:`demo_pair` (a synthetic pair made from it by seed).
 * :mod:`jaxreg.data.synthetic`: :func:`synthetic_pair` deforms one CT with a known smooth
   field (exact ground truth for training and evaluation).
-* :mod:`jaxreg.data.loader`: :class:`Loader` yields batches in a seeded, reproducible
-  order, prefetched on background threads, with a position that can be saved and restored.
+* :mod:`jaxreg.data.examples`: training examples made with numpy and scipy only
+  (:class:`~jaxreg.data.examples.FilePairs`, :class:`~jaxreg.data.examples.SyntheticPairs`),
+  random augmentation.
+* :mod:`jaxreg.data.pipeline`: :func:`~jaxreg.data.pipeline.batches`, the Grain pipeline:
+  a seeded order, examples prepared in worker processes, unreadable pairs skipped, a position
+  saved with the checkpoints.
 """
 
 from jaxreg.data.demo_ct import EVAL_SEED_BASE as EVAL_SEED_BASE
@@ -15,7 +19,6 @@ from jaxreg.data.demo_ct import TRAIN_SEED_BASE as TRAIN_SEED_BASE
 from jaxreg.data.demo_ct import Demo as Demo
 from jaxreg.data.demo_ct import demo as demo
 from jaxreg.data.demo_ct import demo_pair as demo_pair
-from jaxreg.data.loader import Loader as Loader
 from jaxreg.data.manifests import PairSpec as PairSpec
 from jaxreg.data.manifests import read_keypoints as read_keypoints
 from jaxreg.data.manifests import read_learn2reg as read_learn2reg
@@ -39,7 +42,6 @@ __all__ = [
     "rigid_field",
     "breathing_field",
     "synthetic_pair",
-    "Loader",
     "TRAIN_SEED_BASE",
     "EVAL_SEED_BASE",
 ]

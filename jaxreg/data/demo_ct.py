@@ -58,7 +58,8 @@ def demo() -> Demo:
 
 
 @functools.lru_cache(maxsize=4)
-def _demo_on_grid(spacing: float | None, divisor: int, shape: tuple[int, int, int] | None):
+def _demo_on_grid(spacing: float | None, divisor: int, shape: tuple[int, int, int] | None,
+                  engine: str = "jax"):
   from jaxreg.io import (
     resample as preprocess,  # preprocess imports io only; kept local to stay light
   )
@@ -66,14 +67,14 @@ def _demo_on_grid(spacing: float | None, divisor: int, shape: tuple[int, int, in
   if spacing is None:
     return d.ct.array.astype(np.float32), d.labels.array, d.ct.affine
   grid = preprocess.model_grid(d.ct, spacing=spacing, divisor=divisor, shape=shape)
-  ct = preprocess.resample(d.ct, grid, cval=-1024.0)
-  labels = preprocess.resample(d.labels, grid, order=0).astype(np.int32)
+  ct = preprocess.resample(d.ct, grid, cval=-1024.0, engine=engine)
+  labels = preprocess.resample(d.labels, grid, order=0, engine=engine).astype(np.int32)
   return ct, labels, grid.affine
 
 
 def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
               divisor: int = 16, shape: tuple[int, int, int] | None = None,
-              **kwargs) -> "SyntheticPair":
+              engine: str = "jax", **kwargs) -> "SyntheticPair":
   """Synthetic pair number ``index`` made from the demo CT.
 
   Training and evaluation pairs use disjoint seeds (``TRAIN_SEED_BASE + index``
@@ -87,6 +88,8 @@ def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
       own 2.5 mm grid is used.
     divisor: model-grid shape divisor.
     shape: exact model-grid shape (see :func:`jaxreg.io.resample.model_grid`).
+    engine: ``"jax"`` or ``"numpy"`` (no JAX: data worker processes), for the resampling
+      and the warps (see :func:`synthetic_pair`).
     **kwargs: passed to :func:`synthetic_pair` (magnitudes, contrast, ...).
 
   Returns:
@@ -97,5 +100,6 @@ def demo_pair(index: int, *, split: str = "train", spacing: float | None = None,
   if index < 0:
     raise ValueError(f"index must be >= 0, got {index}")
   base = TRAIN_SEED_BASE if split == "train" else EVAL_SEED_BASE
-  ct, labels, affine = _demo_on_grid(spacing, divisor, None if shape is None else tuple(shape))
-  return synthetic_pair(ct, affine, labels, seed=base + index, **kwargs)
+  ct, labels, affine = _demo_on_grid(spacing, divisor, None if shape is None else tuple(shape),
+                                     engine)
+  return synthetic_pair(ct, affine, labels, seed=base + index, engine=engine, **kwargs)

@@ -26,9 +26,10 @@ class PairSpec:
   fixed_mask: str | None = None
   moving_mask: str | None = None
 
-  def check_exist(self, manifest: str) -> "PairSpec":
+  def check_exist(self, manifest: str, check: bool = True) -> "PairSpec":
+    """``self``; with ``check``, InputError when a file it names does not exist."""
     for name, path in dataclasses.asdict(self).items():
-      if path is not None and not os.path.isfile(path):
+      if check and path is not None and not os.path.isfile(path):
         raise InputError(f"{manifest}: {name} file {path} does not exist")
     return self
 
@@ -48,7 +49,7 @@ def _find_json(folder: str) -> str:
   return os.path.join(folder, found[0])
 
 
-def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
+def read_learn2reg(folder: str, split: str = "train", *, check: bool = True) -> list[PairSpec]:
   """Pairs of a Learn2Reg-style dataset folder.
 
   Layout: ``NAME_dataset.json`` beside ``imagesTr/``, optional ``labelsTr/`` and
@@ -63,6 +64,8 @@ def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
   Args:
     folder: the dataset folder (or its JSON file).
     split: ``"train"`` or ``"val"``.
+    check: every file named must exist (else a training run skips the pairs it cannot
+      read, with a warning each).
 
   Returns:
     list of :class:`PairSpec` with absolute-or-normalised paths.
@@ -132,17 +135,19 @@ def read_learn2reg(folder: str, split: str = "train") -> list[PairSpec]:
   if not pairs:
     raise InputError(f"{path}: no {split} pairs listed")
   return [PairSpec(f, m, labels_for(f), labels_for(m), keypoints_for(f), keypoints_for(m),
-                   mask_for(f), mask_for(m)).check_exist(path) for f, m in pairs]
+                   mask_for(f), mask_for(m)).check_exist(path, check) for f, m in pairs]
 
 
-def read_pairs_csv(path: str) -> list[PairSpec]:
+def read_pairs_csv(path: str, *, check: bool = True) -> list[PairSpec]:
   """Pairs from a CSV with header ``fixed,moving`` and optional columns
   ``fixed_labels, moving_labels, fixed_keypoints, moving_keypoints, fixed_mask,
   moving_mask`` (keypoints: Learn2Reg-style CSVs of voxel coordinates, see
   :func:`read_keypoints`; masks: binary maps on their image's grid, where it may be
   compared).
 
-  Relative paths are relative to the CSV's folder; empty cells mean "none".
+  Relative paths are relative to the CSV's folder; empty cells mean "none". With
+  ``check``, every file named must exist (else a training run skips the pairs it cannot
+  read, with a warning each).
 
   Raises:
     InputError: missing file or columns, or a file named that does not exist.
@@ -164,7 +169,7 @@ def read_pairs_csv(path: str) -> list[PairSpec]:
       if not row.get("fixed") or not row.get("moving"):
         raise InputError(f"{path}: line {line} needs both fixed and moving")
       specs.append(PairSpec(*[cell(f.name) for f in dataclasses.fields(PairSpec)])
-                   .check_exist(f"{path}: line {line}"))
+                   .check_exist(f"{path}: line {line}", check))
   if not specs:
     raise InputError(f"{path}: no pairs listed")
   return specs

@@ -21,8 +21,36 @@ _compose = jax.jit(_fields.compose)
 _warp_jit = jax.jit(_warp.warp, static_argnames=("order", "padding", "cval"))
 
 
+def _warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1, cval: float = 0.0,
+                padding: str = "constant") -> np.ndarray:
+  """:func:`jaxreg.ops.warp.warp` (``image(x + disp(x))``, ``disp`` ``[X, Y, Z, 3]`` voxels)
+  by scipy's ``map_coordinates``: the same rule (``cval`` at each trilinear corner outside, or
+  the edge for ``"border"``; nearest rounds half up), float64 coordinates, no JAX."""
+  coords = np.indices(disp.shape[:3], np.float64) + np.moveaxis(disp, -1, 0)
+  mode = "grid-constant" if padding == "constant" else "nearest"
+  return ndi.map_coordinates(image, coords, order=order, mode=mode, cval=cval, prefilter=False)
+
+
+def _compose_numpy(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """:func:`jaxreg.ops.fields.compose` (``v(x) + u(x + v(x))``, border padding), numpy."""
+  return (v + np.stack([_warp_numpy(u[..., k], v, padding="border") for k in range(3)], -1)
+          ).astype(np.float32)
+
+
+def _engine(engine: str):
+  """``(compose, warp)`` of an engine: ``"jax"`` (compiled) or ``"numpy"`` (scipy, no JAX)."""
+  if engine == "jax":
+    return (lambda u, v: np.asarray(_compose(u, v))), \
+        (lambda img, d, **kw: np.asarray(_warp_jit(img, d, **kw)))
+  if engine == "numpy":
+    return _compose_numpy, _warp_numpy
+  raise ValueError(f"engine must be 'jax' or 'numpy', got {engine!r}")
+
+
 def _world_to_voxel_vectors(vec_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
-  return np.asarray(_grid.disp_mm_to_voxel(vec_mm, affine))
+  """``[..., 3]`` world vectors (mm) as voxel vectors of ``affine``'s grid (float32)."""
+  lin = np.asarray(affine, np.float64)[:3, :3]
+  return (np.asarray(vec_mm, np.float64) @ np.linalg.inv(lin).T).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -155,7 +183,8 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
                    noise_std: float = 10.0, lung_ids: Sequence[int] = (10, 11, 12, 13, 14),
                    background: float = -1024.0, fine_disp_mm: float = 0.0,
                    fine_spacing_mm: float = 20.0, rigid_deg: float = 0.0,
-                   rigid_mm: float = 0.0, crop: float = 0.0) -> SyntheticPair:
+                   rigid_mm: float = 0.0, crop: float = 0.0,
+                   engine: str = "jax") -> SyntheticPair:
   """Make a fixed/moving pair from one image by a known smooth deformation.
 
   The moving image is the source; the fixed image is the source warped by
@@ -189,6 +218,9 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
       it. The truth (``disp``) is unchanged: the cut voxels simply hold no image.
       The options that are 0 draw no random numbers, so the pairs of a seed do not
       change when they are off.
+    engine: ``"jax"`` (compiled warps) or ``"numpy"`` (scipy, no JAX: what data worker
+      processes use); the same pair to float32 rounding (labels may differ where a sample
+      falls on a rounding tie).
 
   Returns:
     :class:`SyntheticPair`.
@@ -198,6 +230,7 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
     raise ValueError(f"image must be [X, Y, Z], got shape {image.shape}")
   if labels is not None and np.shape(labels) != image.shape:
     raise ValueError(f"labels shape {np.shape(labels)} differs from image shape {image.shape}")
+  compose, warp = _engine(engine)
   rng = np.random.default_rng(seed)
   shape = image.shape
   disp = random_smooth_field(rng, shape, affine, max_mm=max_disp_mm,
@@ -206,16 +239,16 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
     apex, base = _lung_levels(shape, affine, labels, lung_ids)
     breath = breathing_field(shape, affine, amplitude_mm=breathing_mm * rng.uniform(0.5, 1.0),
                              diaphragm_mm=base, apex_mm=apex)
-    disp = np.asarray(_compose(disp, breath))
+    disp = compose(disp, breath)
   if fine_disp_mm > 0:
     fine = random_smooth_field(rng, shape, affine, max_mm=fine_disp_mm,
                                control_spacing_mm=fine_spacing_mm)
-    disp = np.asarray(_compose(disp, fine))
+    disp = compose(disp, fine)
   if rigid_deg > 0 or rigid_mm > 0:
     rigid = rigid_field(shape, affine, rng.uniform(-rigid_deg, rigid_deg, 3),
                         rng.uniform(-rigid_mm, rigid_mm, 3))
-    disp = np.asarray(_compose(disp, rigid))
-  fixed = np.asarray(_warp_jit(image, disp, cval=float(background)))
+    disp = compose(disp, rigid)
+  fixed = warp(image, disp, cval=float(background))
   if contrast > 0:
     lo, hi = float(image.min()), float(image.max())
     gamma = np.exp(rng.uniform(-contrast, contrast))
@@ -226,7 +259,7 @@ def synthetic_pair(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
   fixed_labels = moving_labels = None
   if labels is not None:
     moving_labels = np.asarray(labels, np.int32)
-    fixed_labels = np.asarray(_warp_jit(moving_labels, disp, order=0))
+    fixed_labels = warp(moving_labels, disp, order=0)
   if crop > 0:
     keep = np.ones(shape, bool)
     for axis, n in enumerate(shape):

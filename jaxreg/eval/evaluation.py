@@ -130,50 +130,76 @@ def _stem(path: str) -> str:
   return os.path.basename(path).split(".nii")[0]
 
 
-def file_cases(specs: Sequence[_data.PairSpec]) -> list[Case]:
+def file_cases(specs: Sequence[_data.PairSpec], *, skipped: list[dict] | None = None,
+               log: Callable[[str], None] = print) -> list[Case]:
   """Load the pairs of a manifest; keypoint CSVs (voxels) become world mm.
+
+  Args:
+    specs: the pairs.
+    skipped: where given, a pair that cannot be loaded is left out with one warning and
+      recorded here (``{"pair", "reason"}``) instead of raising.
+    log: where the warnings go.
 
   Raises:
     InputError: unreadable files, labels off their image's grid, keypoints in
-      only one image or in different numbers, or a pair without overlap.
+      only one image or in different numbers, or a pair without overlap (without
+      ``skipped``); no pair readable (with it).
   """
   out = []
   for s in specs:
-    fixed, moving = _io.load(s.fixed), _io.load(s.moving)
-    _preprocess.check_overlap(Grid.of(fixed), Grid.of(moving),
-                              (s.fixed, s.moving))
-    labels = [None if p is None else _io.load_labels(p, like=v, like_path=vp)
-              for p, v, vp in ((s.fixed_labels, fixed, s.fixed),
-                               (s.moving_labels, moving, s.moving))]
-    pts = [None, None]
-    if (s.fixed_keypoints is None) != (s.moving_keypoints is None):
-      raise InputError(f"{s.fixed_keypoints or s.moving_keypoints}: keypoints given for one "
-                       "image of the pair only")
-    if s.fixed_keypoints is not None:
-      kf, km = _data.read_keypoints(s.fixed_keypoints), _data.read_keypoints(s.moving_keypoints)
-      if len(kf) != len(km):
-        raise InputError(f"{s.moving_keypoints}: {len(km)} keypoints, but "
-                         f"{s.fixed_keypoints} has {len(kf)}")
-      pts = [_points.voxel_points_to_world(kf, fixed.affine),
-             _points.voxel_points_to_world(km, moving.affine)]
-    out.append(Case(f"{_stem(s.fixed)}__{_stem(s.moving)}", fixed, moving, *labels, *pts,
-                    spec=s))
+    try:
+      out.append(_file_case(s))
+    except (InputError, OSError, EOFError, ValueError) as e:
+      if skipped is None:
+        raise
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      skipped.append({"pair": f"{s.fixed},{s.moving}", "reason": reason})
+  if skipped and not out:
+    raise InputError(f"none of the {len(specs)} pairs could be read (first: "
+                     f"{skipped[0]['pair']}: {skipped[0]['reason']})")
+  for item in skipped or ():
+    log(f"warning: skipping pair {item['pair']}: {item['reason']}")
   return out
 
 
-def load_cases(source: str, config, *, pairs: int | None = None) -> list[Case]:
-  """``"demo"``, a Learn2Reg folder (``registration_val``) or a ``.csv`` of pairs."""
+def _file_case(s: _data.PairSpec) -> Case:
+  """One pair of a manifest, loaded (see :func:`file_cases`)."""
+  fixed, moving = _io.load(s.fixed), _io.load(s.moving)
+  _preprocess.check_overlap(Grid.of(fixed), Grid.of(moving),
+                            (s.fixed, s.moving))
+  labels = [None if p is None else _io.load_labels(p, like=v, like_path=vp)
+            for p, v, vp in ((s.fixed_labels, fixed, s.fixed),
+                             (s.moving_labels, moving, s.moving))]
+  pts = [None, None]
+  if (s.fixed_keypoints is None) != (s.moving_keypoints is None):
+    raise InputError(f"{s.fixed_keypoints or s.moving_keypoints}: keypoints given for one "
+                     "image of the pair only")
+  if s.fixed_keypoints is not None:
+    kf, km = _data.read_keypoints(s.fixed_keypoints), _data.read_keypoints(s.moving_keypoints)
+    if len(kf) != len(km):
+      raise InputError(f"{s.moving_keypoints}: {len(km)} keypoints, but "
+                       f"{s.fixed_keypoints} has {len(kf)}")
+    pts = [_points.voxel_points_to_world(kf, fixed.affine),
+           _points.voxel_points_to_world(km, moving.affine)]
+  return Case(f"{_stem(s.fixed)}__{_stem(s.moving)}", fixed, moving, *labels, *pts, spec=s)
+
+
+def load_cases(source: str, config, *, pairs: int | None = None,
+               skipped: list[dict] | None = None, log: Callable[[str], None] = print
+               ) -> list[Case]:
+  """``"demo"``, a Learn2Reg folder (``registration_val``) or a ``.csv`` of pairs; with
+  ``skipped``, pairs that cannot be read are left out and recorded (:func:`file_cases`)."""
   if pairs is not None and pairs < 1:
     raise InputError(f"--pairs must be >= 1, got {pairs}")
   if source == "demo":
     return demo_cases(pairs or config.data.val_pairs, config)
   if source.endswith(".csv"):
-    specs = _data.read_pairs_csv(source)
+    specs = _data.read_pairs_csv(source, check=skipped is None)
   elif os.path.isdir(source) or source.endswith(".json"):
-    specs = _data.read_learn2reg(source, split="val")
+    specs = _data.read_learn2reg(source, split="val", check=skipped is None)
   else:
     raise InputError(f"{source}: not 'demo', a Learn2Reg folder or a pairs .csv")
-  return file_cases(specs[:pairs] if pairs else specs)
+  return file_cases(specs[:pairs] if pairs else specs, skipped=skipped, log=log)
 
 
 def run_method(method: str, case: Case, *, net=None, config=None, io_steps: int = 50,
@@ -385,6 +411,8 @@ def write_outputs(folder: str, rows: Sequence[dict], summary: dict, info: dict) 
     json.dump({**info, "summary": summary}, f, indent=2)
   with open(os.path.join(folder, "summary.md"), "w", encoding="utf-8") as f:
     f.write(markdown_table(summary))
+    for item in info.get("skipped_pairs", ()):
+      f.write(f"\nSkipped, unreadable: {item['pair']} ({item['reason']})\n")
   units = {**{m: u for m, (u, _) in METRICS.items()},
            **{m: _l2r.METRICS[m][0] for m in _l2r_metrics(rows)}}
   for metric, unit in units.items():
@@ -473,10 +501,13 @@ def _main(args) -> int:
     if name in methods and not module.available():
       print(f"{args.data}: {name} skipped: {module.MISSING}", file=sys.stderr)
       methods.remove(name)
-  cases = load_cases(args.data, config, pairs=args.pairs)
+  skipped: list[dict] = []
+  cases = load_cases(args.data, config, pairs=args.pairs, skipped=skipped,
+                     log=lambda m: print(m, file=sys.stderr))
   label_ids = tuple(config.data.label_ids) if args.data == "demo" else None
-  print(f"evaluating {', '.join(methods)} on {len(cases)} pairs of {args.data}")
-  info = {"data": args.data, "pairs": len(cases), "methods": methods,
+  print(f"evaluating {', '.join(methods)} on {len(cases)} pairs of {args.data}" +
+        (f" ({len(skipped)} unreadable pairs skipped)" if skipped else ""))
+  info = {"data": args.data, "pairs": len(cases), "skipped_pairs": skipped, "methods": methods,
           "checkpoint": args.checkpoint or "shipped demo model", "io_steps": args.io_steps,
           "affine": args.affine, "mesh_space": _mesh.space_size(mesh),
           "labels": list(label_ids) if label_ids else "all labels in both maps"}

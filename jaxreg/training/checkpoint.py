@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state, the loader position and the resolved config."""
+"""Orbax checkpoints of the train state, the data pipeline's position and the resolved config."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import json
 import os
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as _policies
+
+from jaxreg.types import InputError
 
 __all__ = ["Checkpoints", "NonFiniteError", "restore_latest"]
 
@@ -24,12 +27,40 @@ def _all_finite(tree) -> bool:
   return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
+class _Position:
+  """What Grain's checkpoint handler restores a position into: it keeps the state (the
+  handler hands a non-Grain iterator the file's bytes, and starts its prefetch)."""
+
+  state: dict | None = None
+
+  def set_state(self, state: bytes | dict) -> None:
+    self.state = json.loads(state) if isinstance(state, bytes) else state
+
+  def start_prefetch(self) -> None:
+    pass
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+
+def _saved(loader):
+  """What Grain's handler saves: a Grain iterator (``Batches.iterator``), or a position."""
+  if hasattr(loader, "iterator"):
+    return loader.iterator
+  if hasattr(loader, "get_state"):
+    return loader
+  holder = _Position()
+  holder.state = loader
+  return holder
+
+
 class Checkpoints:
   """``workdir/checkpoints``: keeps the latest ``keep_last`` and the best ``keep_best``
   steps by validation loss (lower is better).
 
   Each step holds ``state`` (the :class:`~jaxreg.training.state.TrainState`),
-  ``loader`` (the data loader's position) and ``config`` (the resolved config).
+  ``loader`` (the data pipeline's position: Grain's iterator state, one file per process)
+  and ``config`` (the resolved config).
   Saving is Orbax's: written to a temporary folder and renamed when complete,
   from every process in a multi-process run.
   """
@@ -52,24 +83,48 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, loader: dict, config: dict,
+  def save(self, step: int, state, loader, config: dict,
            metrics: dict[str, float] | None = None) -> None:
-    """Save ``state`` at ``step``; raises :class:`NonFiniteError` instead of writing NaN/Inf."""
+    """Save ``state`` and ``loader``'s position (:class:`jaxreg.data.pipeline.Batches`, a
+    Grain iterator, or a JSON-serialisable position) at ``step``; raises :class:`NonFiniteError`
+    instead of writing NaN/Inf."""
     if not _all_finite(state):
       raise NonFiniteError(f"step {step}: the train state has NaN/Inf values; not saved")
     if metrics is not None and not np.all(np.isfinite(list(metrics.values()))):
       raise NonFiniteError(f"step {step}: validation metrics are not finite: {metrics}")
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader),
+        state=ocp.args.StandardSave(state),
+        loader=grain.checkpoint.CheckpointSave(_saved(loader)),
         config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
 
-  def restore(self, step: int, like) -> tuple[object, dict]:
-    """Restore ``(state, loader position)`` at ``step`` into the structure and shardings of ``like``."""
+  def restore(self, step: int, like, loader: bool = True) -> tuple[object, dict | None]:
+    """``(state, loader position)`` at ``step``: the state in the structure and shardings of
+    ``like``; this process's data position as ``get_state`` gave it (``set_state`` takes it
+    back), or None without ``loader`` (any process count may read the state).
+
+    Raises:
+      InputError: the step was written by another number of processes (no position for
+        this one).
+    """
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
-    return out["state"], out["loader"]
+    items = dict(state=ocp.args.StandardRestore(abstract))
+    position = _Position()
+    if loader:
+      self._check_position(step)
+      items["loader"] = grain.checkpoint.CheckpointRestore(position)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], position.state
+
+  def _check_position(self, step: int) -> None:
+    folder = os.path.join(self.directory, str(step), "loader")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    found = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else ())
+                   if f.startswith("process_") and f.endswith(".json"))
+    if found and mine not in found:
+      raise InputError(f"{os.path.dirname(self.directory)}: checkpoint step {step} holds the "
+                       f"data positions of {found[0].rsplit('-of-', 1)[-1][:-5]} process(es), "
+                       f"this run has {jax.process_count()}: resume with as many processes")
 
   def check_compatible(self, params, what: str = "this config") -> None:
     """Raise ``InputError`` when the latest checkpoint holds another network than ``params``.
@@ -82,7 +137,6 @@ class Checkpoints:
 
     from jaxreg.io.configjson import config_from_dict
     from jaxreg.training import state as _state
-    from jaxreg.types import InputError
     step = self.latest_step()
     if step is None:
       return
@@ -115,6 +169,8 @@ class Checkpoints:
       try:
         state, loader = self.restore(step, like)
         return step, state, loader
+      except InputError:
+        raise
       except Exception as e:  # Orbax/tensorstore raise many types for damaged files
         aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
         os.makedirs(aside, exist_ok=True)
@@ -138,14 +194,13 @@ def restore_latest(workdir: str):
 
   Returns:
     ``(step, state, loader_position, config)`` with the config read from
-    ``workdir/config.json``.
+    ``workdir/config.json``; the position is None for a run of several processes.
 
   Raises:
     jaxreg.types.InputError: not a training workdir, or no checkpoint in it.
   """
   from jaxreg.io.configjson import read_config_json
   from jaxreg.training import state as _state
-  from jaxreg.types import InputError
 
   config = read_config_json(os.path.join(workdir, "config.json"))
   ckpts = Checkpoints(workdir)
@@ -154,10 +209,16 @@ def restore_latest(workdir: str):
     if step is None:
       raise InputError(f"{workdir}: has no checkpoint")
     _, _, like = _state.init_state(config)
-    state, loader = ckpts.restore(step, like)
+    state, loader = ckpts.restore(step, like, loader=jax.process_count() == 1 and
+                                  _written_by_one_process(ckpts.directory, step))
   finally:
     ckpts.close()
   return step, state, loader, config
+
+
+def _written_by_one_process(directory: str, step: int) -> bool:
+  folder = os.path.join(directory, str(step), "loader")
+  return os.path.isfile(os.path.join(folder, "process_0-of-1.json"))
 
 
 def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:

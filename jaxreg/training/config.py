@@ -52,8 +52,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   elif path in shipped_configs():
     root, module_name = None, f"jaxreg.configs.{path}"
   else:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    hint = (f"; outside a checkout of jaxreg use the shipped one: --config {stem}"
+            if stem in shipped_configs() and stem != path else "")
     raise InputError(f"{path}: no such config file, nor a shipped config (shipped: "
-                     f"{', '.join(shipped_configs())})")
+                     f"{', '.join(shipped_configs())}){hint}")
   if root is not None:
     sys.path.insert(0, root)
   try:
@@ -138,6 +141,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append("model.label_inputs needs data.label_ids")
   if t.get("devices", 0) < 0:
     problems.append(f"train.devices must be >= 0 (0 = all), got {t.devices}")
+  if d.get("workers", 0) < 0:
+    problems.append(f"data.workers must be >= 0 (0: in the training process), got {d.workers}")
+  if not 0 <= d.get("max_bad_fraction", 0.1) < 1:
+    problems.append(f"data.max_bad_fraction must be in [0, 1), got {d.max_bad_fraction}")
+  a = d.get("augment", None) or {}
+  if not 0 <= a.get("swap", 0.0) <= 1 or a.get("gamma", 0.0) < 0 or a.get("noise", 0.0) < 0:
+    problems.append(f"data.augment needs swap in [0, 1], gamma >= 0 and noise >= 0, got "
+                    f"{dict(a)}")
   if d.spacing <= 0:
     problems.append(f"data.spacing must be positive, got {d.spacing}")
   stride = _model.unet_stride(m.widths)

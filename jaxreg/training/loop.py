@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the training run as a readable story.
 
 1. Check the config, build the mesh over all devices, write the resolved config.
-2. Build the data (a seeded, prefetching loader; this process reads its shard).
+2. Build the data (a Grain pipeline: a seeded order, examples prepared in worker processes,
+   unreadable pairs skipped; this process reads its shard).
 3. Initialise the state, or resume it and the loader from the latest checkpoint.
 4. Step: one jitted, sharded, donated train step per batch; stop on NaN/Inf.
 5. Every ``log_every`` steps log metrics (JSONL + TensorBoard); every
@@ -11,11 +12,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 
@@ -23,8 +22,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreg import data as _data
 from jaxreg import io as _io
+from jaxreg.data import pipeline as _pipeline
 from jaxreg.io import configjson as _configjson
 from jaxreg.io import progress as _progress
 from jaxreg.ops import sharding as _mesh
@@ -72,36 +71,26 @@ class _Writer:
       self.tb.close()
 
 
-def _step_guard(mesh) -> contextlib.AbstractContextManager:
-  """What the loader's workers and the sharded steps hold in turn: a lock on a multi-device
-  CPU mesh, nothing elsewhere.
-
-  XLA:CPU runs the devices of a host mesh (``--xla_force_host_platform_device_count``) as
-  threads on the same cores, and a collective waits until every one of them arrives. Twice
-  in CI (2026-12-04 and 2026-12-05) XLA aborted the process during a sharded step while a
-  loader worker ran op-by-op JAX work (the synthetic pairs) beside it; starving a device
-  thread past XLA's collective timeout is the suspected cause (XLA's message was lost, and
-  the abort did not reproduce in isolation). On one device, GPUs and TPUs the loader
-  overlaps the steps freely.
-  """
-  devices = list(mesh.devices.flat)
-  if len(devices) > 1 and all(d.platform == "cpu" for d in devices):
-    return threading.Lock()
-  return contextlib.nullcontext()
-
-
 def _validate(eval_step, params, val_source, num_val, mesh,
-              guard: contextlib.AbstractContextManager = contextlib.nullcontext()
-              ) -> dict[str, float]:
-  """Mean loss terms and mean Dice (network and identity) over the validation pairs."""
+              skip: _pipeline.SkipBad | None = None) -> dict[str, float]:
+  """Mean loss terms and mean Dice (network and identity) over the validation pairs;
+  ``val_skipped``: the pairs that could not be read (``skip`` warns once about each).
+
+  Raises:
+    InputError: no validation pair could be read.
+  """
   rep = _sharding.replicated(mesh)
+  skip = skip or _pipeline.SkipBad(num_val, None, "the validation pairs")
   sums: dict[str, float] = {}
   dice, identity = [], []
+  read = 0
   for i in range(num_val):
-    example = val_source(i)
+    example = _pipeline.prepare(val_source, i)
+    if not skip(example):
+      continue
+    read += 1
     batch = {k: jax.make_array_from_process_local_data(rep, v[None]) for k, v in example.items()}
-    with guard:
-      m = jax.device_get(eval_step(params, batch))
+    m = jax.device_get(eval_step(params, batch))
     for k, v in m.items():
       if k not in ("dice", "dice_identity", "present"):
         sums[k] = sums.get(k, 0.0) + float(v)
@@ -109,7 +98,12 @@ def _validate(eval_step, params, val_source, num_val, mesh,
       present = np.asarray(m["present"][0])
       dice.append(float(np.mean(np.asarray(m["dice"][0])[present])))
       identity.append(float(np.mean(np.asarray(m["dice_identity"][0])[present])))
-  out = {f"val_{k}": v / num_val for k, v in sums.items()}
+  if not read:
+    first = next(iter(skip.skipped.values()))
+    raise InputError(f"{skip.manifest}: none of the {num_val} validation pairs could be read "
+                     f"(first: {first.name}: {first.reason})")
+  out = {f"val_{k}": v / read for k, v in sums.items()}
+  out["val_skipped"] = float(num_val - read)
   if dice:
     out["val_dice"], out["val_dice_identity"] = float(np.mean(dice)), float(np.mean(identity))
   return out
@@ -127,7 +121,8 @@ def evaluate(config: ml_collections.ConfigDict, params) -> dict[str, float]:
   mesh = _sharding.make_mesh(jax.devices()[:1])
   rep = _sharding.replicated(mesh)
   params = jax.device_put(params, rep)
-  _, _, val_source, num_val = _sources.make_sources(config)
+  sources = _sources.make_sources(config)
+  val_source, num_val = sources.val, sources.num_val
   eval_step = jax.jit(_step.make_eval_step(graphdef, template, config))
   _validate(eval_step, params, val_source, 1, mesh)  # compile outside the timing
   t0 = time.time()
@@ -223,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if init is not None and not resuming:
     params, record = init_params(init, state.params)
     state = state.replace(params=params, opt_state=_state.make_optimizer(config).init(params))
+  sources = _sources.make_sources(config)  # the manifests read and checked
   os.makedirs(workdir, exist_ok=True)  # only once every check has passed
   if record is not None and pid == 0:
     with _io.atomic_path(os.path.join(workdir, INIT_FILE), suffix=".json") as tmp:
@@ -236,16 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f"(mesh data={mesh.shape['data']} x space={mesh.shape['space']}), "
       f"{jax.devices()[0].platform}; workdir {workdir}")
 
-  train_source, num_train, val_source, num_val = _sources.make_sources(config)
-  guard = _step_guard(mesh)
-  loader = _data.Loader(train_source, tc.batch_size // n_proc, num_examples=num_train,
-                        seed=config.seed, prefetch=config.data.prefetch,
-                        workers=config.data.workers, shard=(pid, n_proc), guard=guard)
   state = jax.device_put(state, _sharding.replicated(mesh))
   ckpts = _checkpoint.Checkpoints(workdir, keep_last=tc.keep_last, keep_best=tc.keep_best)
-  start, state, loader_state = ckpts.restore_latest_good(state, log)
+  try:
+    start, state, loader_state = ckpts.restore_latest_good(state, log)
+  except BaseException:
+    ckpts.close()
+    raise
   if start:
-    loader.restore(loader_state)
     log(f"resumed from step {start} ({ckpts.directory})")
   if start >= tc.steps:
     log(f"nothing to do: the run in {workdir} is at step {start} >= train.steps={tc.steps}")
@@ -264,27 +258,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   val: dict[str, float] = {}
   t0, seconds = time.time(), 0.0
   last = tc.steps if stop_at is None else min(tc.steps, stop_at)
+  d = config.data
+  loader = _pipeline.batches(
+      sources.train, tc.batch_size // n_proc, num_examples=sources.num_train, seed=config.seed,
+      workers=d.workers, buffer=d.prefetch, shard=(pid, n_proc),
+      augment=_sources.augment_of(config), max_bad_fraction=d.get("max_bad_fraction", 0.1),
+      manifest=sources.name, log=log)
+  val_skip = _pipeline.SkipBad(sources.num_val, None, f"{sources.name} (validation)", log)
+  if start:
+    loader.set_state(loader_state)
   try:
     with bar:
       for step in range(start + 1, last + 1):
         batch = _sharding.global_batch(next(loader), mesh)
-        with guard:
-          state, metrics = train_step(state, batch)
-          loss = float(metrics["loss"])
+        state, metrics = train_step(state, batch)
+        loss = float(metrics["loss"])
         if not math.isfinite(loss):
           raise _checkpoint.NonFiniteError(
               f"step {step}: training loss is {loss}; stopped without saving. Lower "
               f"optim.lr (now {config.optim.lr}) or check the data.")
         bar.update(task, advance=1, info=f"loss {loss:.4f}")
         if step % tc.log_every == 0 or step == tc.steps:
-          writer.write(step, "train", {k: float(v) for k, v in jax.device_get(metrics).items()})
+          writer.write(step, "train", {**{k: float(v) for k, v in
+                                          jax.device_get(metrics).items()},
+                                       "skipped_pairs": float(len(loader.skipped))})
         save = step % tc.checkpoint_every == 0 or step == last
         if save or step % tc.eval_every == 0:
-          val = _validate(eval_step, state.params, val_source, num_val, mesh, guard)
+          val = _validate(eval_step, state.params, sources.val, sources.num_val, mesh, val_skip)
           writer.write(step, "val", val)
           log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())))
         if save:
-          ckpts.save(step, state, loader.state(), config_dict,
+          ckpts.save(step, state, loader, config_dict,
                      metrics={"val_loss": val["val_loss"]})
     seconds = time.time() - t0
   finally:

@@ -1,4 +1,6 @@
-"""Training and validation examples for a config: ``index -> dict of numpy arrays``.
+"""Training and validation examples for a config: picklable ``index -> dict of numpy
+arrays`` (:mod:`jaxreg.data.examples`: numpy and scipy only, so data worker processes run
+them), and the pipeline's settings.
 
 Each example holds ``fixed`` and ``moving`` (``config.data.shape``, float32 in
 [0, 1]) and, when ``config.data.label_ids`` is set, ``fixed_labels`` and
@@ -7,92 +9,112 @@ Each example holds ``fixed`` and ``moving`` (``config.data.shape``, float32 in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import ml_collections
-import numpy as np
 
 from jaxreg import data as _data
-from jaxreg import io as _io
-from jaxreg.io import resample as _preprocess
+from jaxreg.data import examples as _examples
 from jaxreg.nn import model as _model
 from jaxreg.nn.inputs import class_lut, to_classes
 from jaxreg.types import InputError
 
-__all__ = ["class_lut", "to_classes", "make_sources", "demo_pair_for"]
+__all__ = ["class_lut", "to_classes", "Sources", "make_sources", "demo_pair_for", "augment_of"]
 
 
-def _example(fixed, moving, fixed_labels, moving_labels, lut) -> dict[str, np.ndarray]:
-  out = {"fixed": np.asarray(fixed, np.float32), "moving": np.asarray(moving, np.float32)}
-  if lut is not None and fixed_labels is not None and moving_labels is not None:
-    out["fixed_labels"] = to_classes(fixed_labels, lut)
-    out["moving_labels"] = to_classes(moving_labels, lut)
-  return out
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """A config's examples.
+
+  Attributes:
+    train: ``index -> example`` of the training pairs.
+    num_train: their number, or None for the endless synthetic ones.
+    val: ``index -> example`` of the validation pairs.
+    num_val: their number.
+    name: what to call the data in messages (the manifest's path, or "the demo CT").
+  """
+  train: Callable[[int], dict]
+  num_train: int | None
+  val: Callable[[int], dict]
+  num_val: int
+  name: str
+
+
+def _pair_kwargs(config: ml_collections.ConfigDict) -> dict:
+  d = config.data
+  return dict(spacing=d.spacing, divisor=_model.unet_stride(config.model.widths),
+              shape=None if d.shape is None else tuple(d.shape),
+              max_disp_mm=d.max_disp_mm, control_spacing_mm=d.control_spacing_mm,
+              breathing_mm=d.breathing_mm, contrast=d.contrast, noise_std=d.noise_hu,
+              fine_disp_mm=d.get("fine_disp_mm", 0.0),
+              fine_spacing_mm=d.get("fine_spacing_mm", 20.0),
+              rigid_deg=d.get("rigid_deg", 0.0), rigid_mm=d.get("rigid_mm", 0.0),
+              crop=d.get("crop", 0.0))
 
 
 def demo_pair_for(config: ml_collections.ConfigDict, index: int,
                   split: str = "eval") -> _data.SyntheticPair:
   """The synthetic demo pair ``index`` that ``config`` trains or validates on (HU)."""
-  d = config.data
-  return _data.demo_pair(index, split=split, spacing=d.spacing,
-                         divisor=_model.unet_stride(config.model.widths),
-                         shape=None if d.shape is None else tuple(d.shape),
-                         max_disp_mm=d.max_disp_mm, control_spacing_mm=d.control_spacing_mm,
-                         breathing_mm=d.breathing_mm, contrast=d.contrast,
-                         noise_std=d.noise_hu, fine_disp_mm=d.get("fine_disp_mm", 0.0),
-                         fine_spacing_mm=d.get("fine_spacing_mm", 20.0),
-                         rigid_deg=d.get("rigid_deg", 0.0), rigid_mm=d.get("rigid_mm", 0.0),
-                         crop=d.get("crop", 0.0))
+  return _data.demo_pair(index, split=split, **_pair_kwargs(config))
 
 
-def _demo_sources(config):
-  d = config.data
-  lut = class_lut(d.label_ids) if d.label_ids else None
-  lo, hi = d.hu_window
-
-  def make(split):
-    def source(index: int):
-      pair = demo_pair_for(config, index, split)
-      return _example(_preprocess.window(pair.fixed, lo, hi), _preprocess.window(pair.moving, lo, hi),
-                      pair.fixed_labels, pair.moving_labels, lut)
-    return source
-
-  return make("train"), None, make("eval"), d.val_pairs
+def augment_of(config: ml_collections.ConfigDict) -> _examples.Augment:
+  """``config.data.augment`` (absent: none)."""
+  a = config.data.get("augment", None)
+  return _examples.Augment() if a is None else _examples.Augment(
+      swap=float(a.get("swap", 0.0)), gamma=float(a.get("gamma", 0.0)),
+      noise=float(a.get("noise", 0.0)))
 
 
-def _file_sources(config):
+def _demo_sources(config) -> Sources:
   d = config.data
   lut = class_lut(d.label_ids) if d.label_ids else None
+  kwargs = dict(hu_window=tuple(d.hu_window), lut=lut, **_pair_kwargs(config))
+  return Sources(_examples.SyntheticPairs("train", **kwargs), None,
+                 _examples.SyntheticPairs("eval", **kwargs), d.val_pairs, "the demo CT")
+
+
+def _check_labels(specs, config, name: str) -> None:
+  """InputError when ``data.label_ids`` asks for labels that some pairs lack (the Dice
+  term would be dropped without a word)."""
+  if not config.data.label_ids:
+    return
+  missing = [s for s in specs if not (s.fixed_labels and s.moving_labels)]
+  if missing:
+    raise InputError(
+        f"{name}: {len(missing)} of {len(specs)} pairs have no fixed_labels/moving_labels "
+        f"(first: {missing[0].fixed}) but data.label_ids={tuple(config.data.label_ids)} "
+        "asks for labels; give every pair its label maps, or train on image similarity "
+        "alone with --config.data.label_ids='()'")
+
+
+def _file_sources(config) -> Sources:
+  d = config.data
   if d.source == "learn2reg":
-    train_specs = _data.read_learn2reg(d.path, "train")
-    val_specs = _data.read_learn2reg(d.path, "val")[: d.val_pairs]
+    train_specs = _data.read_learn2reg(d.path, "train", check=False)
+    val_specs = _data.read_learn2reg(d.path, "val", check=False)[: d.val_pairs]
   else:
-    specs = _data.read_pairs_csv(d.path)
+    specs = _data.read_pairs_csv(d.path, check=False)
     if len(specs) <= d.val_pairs:
-      raise InputError(f"{d.path}: {len(specs)} pairs leave none for training after "
-                           f"holding out data.val_pairs={d.val_pairs}")
+      raise InputError(f"{d.path}: {len(specs)} pairs leave none for training after holding "
+                       f"out the last data.val_pairs={d.val_pairs} rows for validation; lower "
+                       "it with --config.data.val_pairs=N")
     train_specs, val_specs = specs[: len(specs) - d.val_pairs], specs[len(specs) - d.val_pairs:]
-
-  def load(spec: _data.PairSpec):
-    fixed, moving = _io.load(spec.fixed), _io.load(spec.moving)
-    fl = _io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed) \
-        if spec.fixed_labels else None
-    ml = _io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving) \
-        if spec.moving_labels else None
-    pair = _preprocess.prepare_pair(
-        fixed, moving, fl, ml, spacing=d.spacing,
-        divisor=_model.unet_stride(config.model.widths),
-        shape=None if d.shape is None else tuple(d.shape), hu_window=tuple(d.hu_window),
-        names=(spec.fixed, spec.moving))
-    return _example(pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels, lut)
-
-  return (lambda i: load(train_specs[i])), len(train_specs), \
-         (lambda i: load(val_specs[i])), len(val_specs)
+  _check_labels(train_specs + val_specs, config, d.path)
+  kwargs = dict(spacing=d.spacing, divisor=_model.unet_stride(config.model.widths),
+                shape=None if d.shape is None else tuple(d.shape),
+                hu_window=tuple(d.hu_window), lut=class_lut(d.label_ids) if d.label_ids else None)
+  return Sources(_examples.FilePairs(train_specs, **kwargs), len(train_specs),
+                 _examples.FilePairs(val_specs, **kwargs), len(val_specs), d.path)
 
 
-def make_sources(config: ml_collections.ConfigDict
-                 ) -> tuple[Callable[[int], dict], int | None, Callable[[int], dict], int]:
-  """``(train_source, num_train or None if infinite, val_source, num_val)``."""
+def make_sources(config: ml_collections.ConfigDict) -> Sources:
+  """The config's training and validation examples.
+
+  Raises:
+    InputError: an unreadable manifest, too few pairs, or labels asked for but missing.
+  """
   if config.data.source == "demo":
     return _demo_sources(config)
   return _file_sources(config)
