@@ -12,36 +12,66 @@
 * :mod:`jaxreg.data.pipeline`: :func:`~jaxreg.data.pipeline.batches`, the Grain pipeline:
   a seeded order, examples prepared in worker processes, unreadable pairs skipped, a position
   saved with the checkpoints.
+
+Every name is imported on first use: ``jaxreg register`` reads a manifest without loading the
+synthetic pairs' modules.
 """
 
-from jaxreg.data.demo_ct import EVAL_SEED_BASE as EVAL_SEED_BASE
-from jaxreg.data.demo_ct import TRAIN_SEED_BASE as TRAIN_SEED_BASE
-from jaxreg.data.demo_ct import Demo as Demo
-from jaxreg.data.demo_ct import demo as demo
-from jaxreg.data.demo_ct import demo_pair as demo_pair
-from jaxreg.data.manifests import PairSpec as PairSpec
-from jaxreg.data.manifests import read_keypoints as read_keypoints
-from jaxreg.data.manifests import read_learn2reg as read_learn2reg
-from jaxreg.data.manifests import read_pairs_csv as read_pairs_csv
-from jaxreg.data.synthetic import SyntheticPair as SyntheticPair
-from jaxreg.data.synthetic import breathing_field as breathing_field
-from jaxreg.data.synthetic import random_smooth_field as random_smooth_field
-from jaxreg.data.synthetic import rigid_field as rigid_field
-from jaxreg.data.synthetic import synthetic_pair as synthetic_pair
+from __future__ import annotations
 
-__all__ = [
-    "PairSpec",
-    "read_learn2reg",
-    "read_pairs_csv",
-    "read_keypoints",
-    "Demo",
-    "demo",
-    "demo_pair",
-    "SyntheticPair",
-    "random_smooth_field",
-    "rigid_field",
-    "breathing_field",
-    "synthetic_pair",
-    "TRAIN_SEED_BASE",
-    "EVAL_SEED_BASE",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY = {
+    "PairSpec": "jaxreg.data.manifests",
+    "read_learn2reg": "jaxreg.data.manifests",
+    "read_pairs_csv": "jaxreg.data.manifests",
+    "read_keypoints": "jaxreg.data.manifests",
+    "Demo": "jaxreg.data.demo_ct",
+    "demo": "jaxreg.data.demo_ct",
+    "demo_pair": "jaxreg.data.demo_ct",
+    "TRAIN_SEED_BASE": "jaxreg.data.demo_ct",
+    "EVAL_SEED_BASE": "jaxreg.data.demo_ct",
+    "SyntheticPair": "jaxreg.data.synthetic",
+    "random_smooth_field": "jaxreg.data.synthetic",
+    "rigid_field": "jaxreg.data.synthetic",
+    "breathing_field": "jaxreg.data.synthetic",
+    "synthetic_pair": "jaxreg.data.synthetic",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'jaxreg.data' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_LAZY[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # static tools see the names directly
+  from jaxreg.data.demo_ct import (  # noqa: F401
+    EVAL_SEED_BASE,
+    TRAIN_SEED_BASE,
+    Demo,
+    demo,
+    demo_pair,
+  )
+  from jaxreg.data.manifests import (  # noqa: F401
+    PairSpec,
+    read_keypoints,
+    read_learn2reg,
+    read_pairs_csv,
+  )
+  from jaxreg.data.synthetic import (  # noqa: F401
+    SyntheticPair,
+    breathing_field,
+    random_smooth_field,
+    rigid_field,
+    synthetic_pair,
+  )
