@@ -8,8 +8,8 @@ sagittal slices put anterior on the left. Pixel aspect follows the voxel size.
 
 :func:`save_report` reads only the three displayed slices of its volumes (and a slab
 of at most three slices of the displacement for det J), draws every panel with numpy
-into one raster (colour maps from ``matplotlib.colormaps``, nearest-neighbour
-resampling to square display pixels), and writes its text and the PNG file with Pillow
+into one raster (matplotlib's gray and RdBu_r tables, Tableau's 20 colours for labels;
+nearest-neighbour resampling to square display pixels), and writes its text and the PNG file with Pillow
 (matplotlib's figure machinery costs a process 0.3-0.5 s to import). Box plots are drawn
 with matplotlib's Agg backend (no display needed, no pyplot).
 """
@@ -105,11 +105,32 @@ def _figure(**kwargs):
   return Figure(**kwargs)
 
 
+# ColorBrewer's 11-class RdBu (blue end first: matplotlib's "RdBu_r") and Tableau's 20
+# categorical colours, as published (sRGB hex); importing matplotlib for three colour maps
+# cost a register process 0.1-0.15 s.
+_RDBU_R = ("053061", "2166ac", "4393c3", "92c5de", "d1e5f0", "f7f7f7", "fddbc7", "f4a582",
+           "d6604d", "b2182b", "67001f")
+TAB20 = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in (
+    "1f77b4", "aec7e8", "ff7f0e", "ffbb78", "2ca02c", "98df8a", "d62728", "ff9896", "9467bd",
+    "c5b0d5", "8c564b", "c49c94", "e377c2", "f7b6d2", "7f7f7f", "c7c7c7", "bcbd22", "dbdb8d",
+    "17becf", "9edae5")], np.uint8)
+
+
 @functools.lru_cache(maxsize=None)
-def _colormap(name: str):
-  """``matplotlib.colormaps[name]``, once (each look-up copies it and rebuilds its table)."""
-  import matplotlib
-  return matplotlib.colormaps[name]
+def _lut(name: str) -> np.ndarray:
+  """``[256, 3]`` uint8 colour table of ``"gray"`` or ``"RdBu_r"`` (anchors evenly spaced,
+  linear between them), as matplotlib tabulates its maps: 256 entries at ``linspace(0, 1)``,
+  each channel times 255 truncated to uint8."""
+  x = np.linspace(0.0, 1.0, 256)
+  if name == "gray":
+    table = np.stack([x] * 3, -1)
+  elif name == "RdBu_r":
+    anchors = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in _RDBU_R]) / 255.0
+    at = np.linspace(0.0, 1.0, len(anchors))
+    table = np.stack([np.interp(x, at, anchors[:, c]) for c in range(3)], -1)
+  else:
+    raise ValueError(f"no colour map {name!r}")
+  return (table * 255).astype(np.uint8)
 
 
 def _orientation(affine: np.ndarray) -> np.ndarray:
@@ -260,10 +281,11 @@ def _grid_lines(coords: np.ndarray, every: float) -> np.ndarray:
 
 
 def _colour(image: np.ndarray, cmap: str, lo: float, hi: float) -> np.ndarray:
-  """``[.., 3]`` uint8: ``image`` through a matplotlib colour map scaled to ``lo..hi``
-  (clipped at the ends; NaN black)."""
+  """``[.., 3]`` uint8: ``image`` through a colour map (:func:`_lut`) scaled to ``lo..hi``
+  (clipped at the ends), entry ``floor(256 x)`` (the last for ``x = 1``), as matplotlib
+  indexes its tables."""
   x = np.clip((np.asarray(image, np.float64) - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
-  return _colormap(cmap)(x, bytes=True)[..., :3]
+  return _lut(cmap)[np.minimum((x * 256).astype(np.intp), 255)]
 
 
 _CELL = 224  # display pixels along the longest side (in mm) of the three slices
@@ -337,7 +359,7 @@ def _render(views: dict[str, dict], columns: Sequence[str], *, window, grid_ever
   image = np.full((total_h, total_w, 4), 255, np.uint8)
   layout = {"panels": {}, "rows": {}, "keys": {},
             "columns": {c: (_LEFT + n * (width + _GAP), width) for n, c in enumerate(columns)}}
-  tab20 = _colormap("tab20")(np.arange(20), bytes=True)[:, :3]
+  tab20 = TAB20
   top = _TOP
   for plane in PLANES:
     v, size = views[plane], sizes[plane]
