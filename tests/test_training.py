@@ -506,6 +506,9 @@ def test_init_fine_tunes_the_shipped_model_and_records_it(tmp_path, capsys):
     want = hashlib.sha256(f.read()).hexdigest()
   record = json.loads((work / "init.json").read_text())
   assert record["init"] == "shipped" and record["params_sha256"] == want
+  ckpts = checkpoint.Checkpoints(str(work))  # and in the checkpoint itself
+  assert ckpts.origin(2) == record
+  ckpts.close()
   shipped, _ = weights.demo_model()
   start = nnx.to_pure_dict(nnx.state(shipped))
   step, state, _, config = checkpoint.restore_latest(str(work))

@@ -84,18 +84,29 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, loader, config: dict,
-           metrics: dict[str, float] | None = None) -> None:
+           metrics: dict[str, float] | None = None, origin: dict | None = None) -> None:
     """Save ``state`` and ``loader``'s position (:class:`jaxreg.data.pipeline.Batches`, a
     Grain iterator, or a JSON-serialisable position) at ``step``; raises :class:`NonFiniteError`
-    instead of writing NaN/Inf."""
+    instead of writing NaN/Inf; ``origin``: what a fine-tuned run started from (the
+    ``init.json`` record), saved with every step."""
     if not _all_finite(state):
       raise NonFiniteError(f"step {step}: the train state has NaN/Inf values; not saved")
     if metrics is not None and not np.all(np.isfinite(list(metrics.values()))):
       raise NonFiniteError(f"step {step}: validation metrics are not finite: {metrics}")
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        loader=grain.checkpoint.CheckpointSave(_saved(loader)),
-        config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
+    items = dict(state=ocp.args.StandardSave(state),
+                 loader=grain.checkpoint.CheckpointSave(_saved(loader)),
+                 config=ocp.args.JsonSave(config))
+    if origin is not None:  # a fine-tuned run: the weights it started from
+      items["origin"] = ocp.args.JsonSave(origin)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def origin(self, step: int) -> dict | None:
+    """The weights a fine-tuned run started from (``train.py --init``), as saved at
+    ``step``, or None for a run from a random initialisation."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "origin")):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(
+        origin=ocp.args.JsonRestore()))["origin"]
 
   def restore(self, step: int, like, loader: bool = True) -> tuple[object, dict | None]:
     """``(state, loader position)`` at ``step``: the state in the structure and shardings of

@@ -241,6 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise
   if start:
     log(f"resumed from step {start} ({ckpts.directory})")
+  origin_file = os.path.join(workdir, INIT_FILE)
+  if record is None and os.path.isfile(origin_file):  # a resumed fine-tuning run
+    with open(origin_file, encoding="utf-8") as f:
+      record = json.load(f)
   if start >= tc.steps:
     log(f"nothing to do: the run in {workdir} is at step {start} >= train.steps={tc.steps}")
 
@@ -289,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())))
         if save:
           ckpts.save(step, state, loader, config_dict,
-                     metrics={"val_loss": val["val_loss"]})
+                     metrics={"val_loss": val["val_loss"]}, origin=record)
     seconds = time.time() - t0
   finally:
     ckpts.wait()
