@@ -11,11 +11,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["InputError", "Volume", "Grid", "spacing_of"]
+__all__ = ["InputError", "Volume", "Grid", "spacing_of", "one_line"]
 
 
 class InputError(ValueError):
   """Bad user input (a file, a grid, a value): the message names it and the problem."""
+
+
+def one_line(error: BaseException) -> str:
+  """``"TypeName: first line of its message"``: an exception as one line of a warning or a
+  summary table (a pair skipped, a batch row that failed)."""
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def spacing_of(affine) -> np.ndarray:

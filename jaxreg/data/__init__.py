@@ -1,7 +1,7 @@
 """Data: pair manifests, the embedded demo CT, synthetic pairs, the training data pipeline.
 
 * :mod:`jaxreg.data.manifests`: :func:`read_learn2reg` and :func:`read_pairs_csv` turn a
-  dataset layout into a list of :class:`PairSpec`; :func:`read_keypoints`.
+  dataset layout into a list of :class:`PairSpec`; :func:`read_keypoints`; :func:`load_pair` reads a pair's images and label maps.
 * :mod:`jaxreg.data.demo_ct`: :func:`demo` (the embedded chest/abdomen CT with its organ
   labels) and :func:`demo_pair` (a synthetic pair made from it by seed).
 * :mod:`jaxreg.data.synthetic`: :func:`synthetic_pair` deforms one CT with a known smooth
@@ -27,6 +27,7 @@ _LAZY = {
     "read_learn2reg": "jaxreg.data.manifests",
     "read_pairs_csv": "jaxreg.data.manifests",
     "read_keypoints": "jaxreg.data.manifests",
+    "load_pair": "jaxreg.data.manifests",
     "Demo": "jaxreg.data.demo_ct",
     "demo": "jaxreg.data.demo_ct",
     "demo_pair": "jaxreg.data.demo_ct",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:  # static tools see the names directly
   )
   from jaxreg.data.manifests import (  # noqa: F401
     PairSpec,
+    load_pair,
     read_keypoints,
     read_learn2reg,
     read_pairs_csv,

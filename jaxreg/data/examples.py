@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxreg import io as _io
 from jaxreg.data.demo_ct import demo_pair
-from jaxreg.data.manifests import PairSpec
+from jaxreg.data.manifests import PairSpec, load_pair
 from jaxreg.io import resample as _resample
 from jaxreg.nn.inputs import to_classes
 
@@ -63,12 +62,7 @@ class FilePairs:
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     spec = self.specs[index]
-    fixed, moving = _io.load(spec.fixed), _io.load(spec.moving)
-    labels = self.lut is not None
-    fl = _io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed) \
-        if labels and spec.fixed_labels else None
-    ml = _io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving) \
-        if labels and spec.moving_labels else None
+    fixed, moving, fl, ml = load_pair(spec, labels=self.lut is not None)
     pair = _resample.prepare_pair(fixed, moving, fl, ml, spacing=self.spacing,
                                   divisor=self.divisor, shape=self.shape,
                                   hu_window=self.hu_window, names=(spec.fixed, spec.moving),

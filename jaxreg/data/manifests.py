@@ -184,3 +184,21 @@ def read_keypoints(path: str) -> np.ndarray:
   if pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
     raise InputError(f"{path}: expected N rows of 3 finite voxel coordinates, got {pts.shape}")
   return pts
+
+
+def load_pair(spec: PairSpec, series: str | None = None, *, labels: bool = True):
+  """``(fixed, moving, fixed_labels, moving_labels)`` Volumes of a :class:`PairSpec`;
+  each label map is checked to lie on its image's grid (labels absent, or ``labels``
+  False: None). Any format :func:`jaxreg.io.load` reads; ``series``: a DICOM series UID,
+  for an image folder that holds several.
+
+  Raises:
+    InputError: an unreadable file, or labels on another grid (the message names the file).
+  """
+  from jaxreg import io as _io
+  fixed, moving = _io.load(spec.fixed, series=series), _io.load(spec.moving, series=series)
+  fl = (_io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed)
+        if labels and spec.fixed_labels else None)
+  ml = (_io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving)
+        if labels and spec.moving_labels else None)
+  return fixed, moving, fl, ml

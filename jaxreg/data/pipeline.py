@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from jaxreg.data.examples import Augment, augment
-from jaxreg.types import InputError
+from jaxreg.types import InputError, one_line
 
 __all__ = ["Skipped", "SkipBad", "Batches", "batches", "host_order", "prepare"]
 
@@ -100,8 +100,7 @@ class _Prepare:
       example = self.source(index)
     except Exception as e:  # an unreadable file: the main process decides (SkipBad)
       name = getattr(self.source, "describe", lambda i: f"example {i}")(index)
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-      return Skipped(int(index), name, reason)
+      return Skipped(int(index), name, one_line(e))
     if self.augment is not None and self.augment.active:
       example = augment(example, np.random.default_rng([self.seed, position]), self.augment)
     return example
@@ -193,9 +192,8 @@ class Batches:
     except Exception as e:
       if not self._workers:
         raise
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
       raise InputError(f"data.workers={self._workers}: a data worker process could not start "
-                       f"or died ({type(e).__name__}: {first}); try fewer workers, or 0") from e
+                       f"or died ({one_line(e)}); try fewer workers, or 0") from e
 
   def get_state(self) -> dict[str, Any]:
     return self._it.get_state()

@@ -56,7 +56,7 @@ from jaxreg.eval import learn2reg as _l2r
 from jaxreg.io import resample as _preprocess
 from jaxreg.ops import grid as _grid
 from jaxreg.ops import points as _points
-from jaxreg.types import Grid, InputError, Volume
+from jaxreg.types import Grid, InputError, Volume, one_line
 
 __all__ = ["Case", "METHODS", "METRICS", "demo_cases", "file_cases", "load_cases",
            "run_method", "case_metrics", "evaluate", "summarise", "write_outputs", "main"]
@@ -152,8 +152,7 @@ def file_cases(specs: Sequence[_data.PairSpec], *, skipped: list[dict] | None = 
     except (InputError, OSError, EOFError, ValueError) as e:
       if skipped is None:
         raise
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-      skipped.append({"pair": f"{s.fixed},{s.moving}", "reason": reason})
+      skipped.append({"pair": f"{s.fixed},{s.moving}", "reason": one_line(e)})
   if skipped and not out:
     raise InputError(f"none of the {len(specs)} pairs could be read (first: "
                      f"{skipped[0]['pair']}: {skipped[0]['reason']})")
@@ -164,12 +163,9 @@ def file_cases(specs: Sequence[_data.PairSpec], *, skipped: list[dict] | None = 
 
 def _file_case(s: _data.PairSpec) -> Case:
   """One pair of a manifest, loaded (see :func:`file_cases`)."""
-  fixed, moving = _io.load(s.fixed), _io.load(s.moving)
+  fixed, moving, *labels = _data.load_pair(s)
   _preprocess.check_overlap(Grid.of(fixed), Grid.of(moving),
                             (s.fixed, s.moving))
-  labels = [None if p is None else _io.load_labels(p, like=v, like_path=vp)
-            for p, v, vp in ((s.fixed_labels, fixed, s.fixed),
-                             (s.moving_labels, moving, s.moving))]
   pts = [None, None]
   if (s.fixed_keypoints is None) != (s.moving_keypoints is None):
     raise InputError(f"{s.fixed_keypoints or s.moving_keypoints}: keypoints given for one "

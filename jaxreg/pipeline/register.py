@@ -45,6 +45,7 @@ import optax
 from nibabel.affines import apply_affine
 
 from jaxreg import metrics as _metrics
+from jaxreg.data.manifests import load_pair  # noqa: F401 -- part of this module's API
 from jaxreg.io import configjson as _configjson
 from jaxreg.io import resample as _preprocess
 from jaxreg.nn import inputs as _inputs
@@ -58,7 +59,7 @@ from jaxreg.pipeline import refine as _refine
 from jaxreg.pipeline import stages as _stages
 from jaxreg.pipeline.compilation import CompileCounter
 from jaxreg.pipeline.refine import RefineOptions
-from jaxreg.types import Grid, InputError, Volume
+from jaxreg.types import Grid, InputError, Volume, one_line
 
 __all__ = ["Registration", "RefineOptions", "register", "register_many",
            "affine_stage", "aligned", "to_model_grid", "network_stage", "refine_stage",
@@ -580,32 +581,13 @@ def register_many(specs: Sequence, out: str, *, write: Callable | None = None,
         except InputError as e:  # a bad file, no overlap, a diverging refinement, ...
           row.update(status="failed", error=str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 -- one broken pair must not stop the batch
-          row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+          row.update(status="failed", error=one_line(e))
         row["seconds"] = round(time.time() - t0, 2)
       rows.append(row)
       log(f"{name}: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
       _write_summary(out, rows)
       bar.advance(task)
   return rows
-
-
-def load_pair(spec, series: str | None = None
-              ) -> tuple[Volume, Volume, Volume | None, Volume | None]:
-  """``(fixed, moving, fixed_labels, moving_labels)`` of a :class:`jaxreg.data.PairSpec`;
-  each label map is checked to lie on its image's grid (labels absent: None).
-  Any format :func:`jaxreg.io.load` reads; ``series``: a DICOM series UID, for an
-  image folder that holds several.
-
-  Raises:
-    InputError: an unreadable file, or labels on another grid (the message names the file).
-  """
-  from jaxreg import io as _io
-  fixed, moving = _io.load(spec.fixed, series=series), _io.load(spec.moving, series=series)
-  fl = (_io.load_labels(spec.fixed_labels, like=fixed, like_path=spec.fixed)
-        if spec.fixed_labels else None)
-  ml = (_io.load_labels(spec.moving_labels, like=moving, like_path=spec.moving)
-        if spec.moving_labels else None)
-  return fixed, moving, fl, ml
 
 
 def load_masks(spec, fixed: Volume, moving: Volume

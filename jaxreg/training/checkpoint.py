@@ -27,6 +27,9 @@ def _all_finite(tree) -> bool:
   return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
+INIT_FILE = "init.json"  # where a run started from existing weights records them
+
+
 class _Position:
   """What Grain's checkpoint handler restores a position into: it keeps the state (the
   handler hands a non-Grain iterator the file's bytes, and starts its prefetch)."""
@@ -128,10 +131,8 @@ class Checkpoints:
     return out["state"], position.state
 
   def _check_position(self, step: int) -> None:
-    folder = os.path.join(self.directory, str(step), "loader")
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    found = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else ())
-                   if f.startswith("process_") and f.endswith(".json"))
+    found = _position_files(self.directory, step)
     if found and mine not in found:
       raise InputError(f"{os.path.dirname(self.directory)}: checkpoint step {step} holds the "
                        f"data positions of {found[0].rsplit('-of-', 1)[-1][:-5]} process(es), "
@@ -220,16 +221,18 @@ def restore_latest(workdir: str):
     if step is None:
       raise InputError(f"{workdir}: has no checkpoint")
     _, _, like = _state.init_state(config)
-    state, loader = ckpts.restore(step, like, loader=jax.process_count() == 1 and
-                                  _written_by_one_process(ckpts.directory, step))
+    one = _position_files(ckpts.directory, step) == ["process_0-of-1.json"]
+    state, loader = ckpts.restore(step, like, loader=jax.process_count() == 1 and one)
   finally:
     ckpts.close()
   return step, state, loader, config
 
 
-def _written_by_one_process(directory: str, step: int) -> bool:
+def _position_files(directory: str, step: int) -> list[str]:
+  """The data positions saved at ``step``: Grain's ``process_I-of-N.json``, one a process."""
   folder = os.path.join(directory, str(step), "loader")
-  return os.path.isfile(os.path.join(folder, "process_0-of-1.json"))
+  return sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else ())
+                if f.startswith("process_") and f.endswith(".json"))
 
 
 def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:
@@ -243,7 +246,7 @@ def export_checkpoint(workdir: str, path: str, info: dict | None = None) -> int:
   from jaxreg.io import weights
   step, state, _, config = restore_latest(workdir)
   info = dict(info or {}, step=int(step))
-  origin = os.path.join(workdir, "init.json")  # a fine-tuned run: the weights it started from
+  origin = os.path.join(workdir, INIT_FILE)  # a fine-tuned run: the weights it started from
   if os.path.isfile(origin):
     with open(origin, encoding="utf-8") as f:
       info["init"] = json.load(f)

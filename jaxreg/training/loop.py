@@ -131,7 +131,7 @@ def evaluate(config: ml_collections.ConfigDict, params) -> dict[str, float]:
   return out
 
 
-INIT_FILE = "init.json"  # where a run started from existing weights records them
+INIT_FILE = _checkpoint.INIT_FILE
 
 
 def init_params(init: str, params) -> tuple[dict, dict]:

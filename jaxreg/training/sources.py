@@ -41,11 +41,20 @@ class Sources:
   name: str
 
 
-def _pair_kwargs(config: ml_collections.ConfigDict) -> dict:
+def _grid_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """The model grid's arguments (spacing, divisor, shape) every example is made on."""
   d = config.data
   return dict(spacing=d.spacing, divisor=_model.unet_stride(config.model.widths),
-              shape=None if d.shape is None else tuple(d.shape),
-              max_disp_mm=d.max_disp_mm, control_spacing_mm=d.control_spacing_mm,
+              shape=None if d.shape is None else tuple(d.shape))
+
+
+def _lut(config: ml_collections.ConfigDict):
+  return class_lut(config.data.label_ids) if config.data.label_ids else None
+
+
+def _pair_kwargs(config: ml_collections.ConfigDict) -> dict:
+  d = config.data
+  return dict(**_grid_kwargs(config), max_disp_mm=d.max_disp_mm, control_spacing_mm=d.control_spacing_mm,
               breathing_mm=d.breathing_mm, contrast=d.contrast, noise_std=d.noise_hu,
               fine_disp_mm=d.get("fine_disp_mm", 0.0),
               fine_spacing_mm=d.get("fine_spacing_mm", 20.0),
@@ -69,8 +78,7 @@ def augment_of(config: ml_collections.ConfigDict) -> _examples.Augment:
 
 def _demo_sources(config) -> Sources:
   d = config.data
-  lut = class_lut(d.label_ids) if d.label_ids else None
-  kwargs = dict(hu_window=tuple(d.hu_window), lut=lut, **_pair_kwargs(config))
+  kwargs = dict(hu_window=tuple(d.hu_window), lut=_lut(config), **_pair_kwargs(config))
   return Sources(_examples.SyntheticPairs("train", **kwargs), None,
                  _examples.SyntheticPairs("eval", **kwargs), d.val_pairs, "the demo CT")
 
@@ -102,9 +110,7 @@ def _file_sources(config) -> Sources:
                        "it with --config.data.val_pairs=N")
     train_specs, val_specs = specs[: len(specs) - d.val_pairs], specs[len(specs) - d.val_pairs:]
   _check_labels(train_specs + val_specs, config, d.path)
-  kwargs = dict(spacing=d.spacing, divisor=_model.unet_stride(config.model.widths),
-                shape=None if d.shape is None else tuple(d.shape),
-                hu_window=tuple(d.hu_window), lut=class_lut(d.label_ids) if d.label_ids else None)
+  kwargs = dict(hu_window=tuple(d.hu_window), lut=_lut(config), **_grid_kwargs(config))
   return Sources(_examples.FilePairs(train_specs, **kwargs), len(train_specs),
                  _examples.FilePairs(val_specs, **kwargs), len(val_specs), d.path)
 
