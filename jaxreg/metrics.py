@@ -178,7 +178,9 @@ def hd95(a: np.ndarray, b: np.ndarray, labels: Sequence[int], spacing=(1.0, 1.0,
   """95th percentile symmetric Hausdorff distance between label surfaces, in mm.
 
   The distances from every surface voxel of A to the nearest surface voxel of
-  B, and from B to A, pooled; their 95th percentile (Learn2Reg's HD95). A
+  B, and from B to A, pooled; their 95th percentile (the Learn2Reg challenge scores
+  otherwise: :func:`jaxreg.eval.learn2reg.hd95`, the larger one-way percentile over
+  area-weighted surface elements, in voxels). A
   surface voxel is a label voxel with a 6-neighbour outside the label or
   outside the volume. Distances honour anisotropic ``spacing``.
 
@@ -316,7 +318,8 @@ def tre(fixed_points: np.ndarray, moving_points: np.ndarray, disp: np.ndarray,
 
 
 def sdlogj(disp: np.ndarray, *, clip: float = 1e-9, crop: int = 2) -> float:
-  """Standard deviation of the log Jacobian determinant (Learn2Reg's SDlogJ).
+  """Standard deviation of the log Jacobian determinant (the textbook SDlogJ; the Learn2Reg
+  challenge adds 3 to the determinant before the log: :func:`jaxreg.eval.learn2reg.sdlogj`).
 
   Determinants are clipped to ``[clip, 1e9]`` before the log (folds count as
   large negative logs, not NaN), and ``crop`` voxels are dropped at every face
